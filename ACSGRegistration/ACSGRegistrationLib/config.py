@@ -1,0 +1,150 @@
+"""Model, loss and training configuration.
+
+Every size of every network comes from here, so that tests can build tiny models and checkpoints can
+record exactly what they contain. ``paper_config()`` is the default: the sizes of Gao & Zheng (2022),
+completed where the paper is silent by the public ViT-V-Net that the design resembles (noted per field).
+
+Shapes follow NumPy/SimpleITK array order: ``input_shape = (depth, height, width) = (z, y, x)``; the
+paper's 128x128x64 crop (x, y, z) is therefore ``(64, 128, 128)`` here.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+METHODS = ("acsgregnet", "avoxelmorph")
+
+
+@dataclass
+class AffineNetConfig:
+    # Five stride-2 ConvBlocks, each followed by two stride-1 ConvBlocks (paper, Fig. 2).
+    channels: Tuple[int, ...] = (16, 32, 64, 128, 256)
+    blocks_per_level: int = 2
+
+
+@dataclass
+class ACSGNetConfig:
+    # Shared 3D U-Net encoder: one level per entry; every level after the first halves the resolution.
+    encoder_channels: Tuple[int, ...] = (16, 32, 32)
+    # Token embedding size. The paper's "k = 252"; ViT-V-Net uses the same hidden size.
+    embed_dim: int = 252
+    # Not in the paper; ViT-V-Net's values.
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    # Paper: 12 transformer encoder layers in each self-attention and in the cross-attention module.
+    num_layers: int = 12
+    # Not in the paper; ViT-V-Net embeds 1/4-resolution CNN features with patches of 8.
+    patch_size: int = 8
+    dropout: float = 0.1
+    # Decoder widths, one per x2 upsampling from the token grid to full resolution, so there are
+    # (len(encoder_channels) - 1) + log2(patch_size) of them (ViT-V-Net's decoder channels).
+    decoder_channels: Tuple[int, ...] = (96, 48, 32, 32, 16)
+    # 1: velocity at full resolution (paper); 2: half resolution, upsampled before integration (faster).
+    velocity_downsample: int = 1
+
+
+@dataclass
+class VoxelMorphConfig:
+    # VoxelMorph (Balakrishnan et al. 2019), "vm2" widths: stride-2 encoder convolutions; the first
+    # len(encoder_channels) decoder convolutions each follow a x2 upsampling and a skip connection,
+    # the rest run at full resolution.
+    encoder_channels: Tuple[int, ...] = (16, 32, 32, 32)
+    decoder_channels: Tuple[int, ...] = (32, 32, 32, 32, 32, 16, 16)
+
+
+@dataclass
+class ModelConfig:
+    method: str = "acsgregnet"
+    input_shape: Tuple[int, int, int] = (64, 128, 128)
+    affine: AffineNetConfig = field(default_factory=AffineNetConfig)
+    acsg: ACSGNetConfig = field(default_factory=ACSGNetConfig)
+    voxelmorph: VoxelMorphConfig = field(default_factory=VoxelMorphConfig)
+    # Scaling-and-squaring steps; 0 makes the deformable output a plain displacement field
+    # (the original, non-diffeomorphic VoxelMorph of the paper's baseline).
+    integration_steps: int = 7
+    # The baseline of the paper is the plain VoxelMorph; ACSGRegNet always integrates a velocity field.
+    avoxelmorph_integration_steps: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if len(self.input_shape) != 3 or min(self.input_shape) < 1:
+            raise ValueError(f"input_shape must be three positive sizes (z, y, x), got {self.input_shape}")
+
+    @property
+    def steps_for_method(self) -> int:
+        return self.integration_steps if self.method == "acsgregnet" else self.avoxelmorph_integration_steps
+
+
+@dataclass
+class LossConfig:
+    # Paper, eq. (9): lambda_1..lambda_5.
+    affine_similarity: float = 0.3
+    deformable_similarity: float = 0.7
+    smoothness: float = 0.001
+    affine_dice: float = 0.01
+    deformable_dice: float = 0.1
+    ncc_window: int = 9
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float = 1e-5
+    batch_size: int = 8
+    max_steps: int = 1000
+    checkpoint_every: int = 100
+    use_labels: bool = True
+    mixed_precision: bool = True  # used on CUDA only
+    seed: int = 0
+    num_workers: int = 0
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+def paper_config(method: str = "acsgregnet") -> ModelConfig:
+    return ModelConfig(method=method)
+
+
+def tiny_config(method: str = "acsgregnet", input_shape=(16, 32, 32)) -> ModelConfig:
+    """A model of the same structure with ~70k parameters, for tests and quick experiments."""
+    return ModelConfig(
+        method=method,
+        input_shape=tuple(input_shape),
+        affine=AffineNetConfig(channels=(4, 8, 8, 8, 8), blocks_per_level=1),
+        acsg=ACSGNetConfig(encoder_channels=(4, 8, 8), embed_dim=12, num_heads=2, mlp_dim=24, num_layers=1,
+                           patch_size=2, dropout=0.0, decoder_channels=(8, 8, 8)),
+        voxelmorph=VoxelMorphConfig(encoder_channels=(4, 8, 8), decoder_channels=(8, 8, 8, 8)),
+    )
+
+
+# --- (de)serialisation: checkpoints store plain dicts so they load without pickled classes ---------
+
+def to_dict(cfg) -> Dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _build(cls, data: Optional[Dict[str, Any]]):
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}")
+    kwargs = {}
+    nested = {"affine": AffineNetConfig, "acsg": ACSGNetConfig, "voxelmorph": VoxelMorphConfig, "loss": LossConfig}
+    for name, value in data.items():
+        if name in nested and isinstance(value, dict):
+            value = _build(nested[name], value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def model_config_from_dict(data) -> ModelConfig:
+    return _build(ModelConfig, data)
+
+
+def train_config_from_dict(data) -> TrainConfig:
+    return _build(TrainConfig, data)

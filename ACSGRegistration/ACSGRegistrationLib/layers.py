@@ -1,0 +1,108 @@
+"""Small building blocks shared by the networks: convolution block, resampling, integration.
+
+Conventions used throughout the backend:
+- volumes are tensors (B, C, D, H, W) in array order (z, y, x), as SimpleITK's GetArrayFromImage gives;
+- a *coordinate map* (B, 3, D, H, W) holds, for every output voxel, the voxel position (z, y, x) in the
+  image being sampled; a *displacement* is a coordinate map minus the identity;
+- resampling uses align_corners=True so that voxel index i sits exactly at normalised position
+  -1 + 2 i / (n - 1), which is what makes the physical-space export exact.
+"""
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class ConvBlock(nn.Module):
+    """3x3x3 convolution, batch normalisation, LeakyReLU (the paper's ConvBlock)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, norm: bool = True):
+        super().__init__()
+        self.conv = nn.Conv3d(in_channels, out_channels, 3, stride=stride, padding=1, bias=not norm)
+        self.norm = nn.BatchNorm3d(out_channels) if norm else nn.Identity()
+        self.act = nn.LeakyReLU(0.2, inplace=True)
+
+    def forward(self, x):
+        return self.act(self.norm(self.conv(x)))
+
+
+def flow_head(in_channels: int) -> nn.Conv3d:
+    """Final 3-channel convolution, initialised near zero so that training starts at the identity."""
+    conv = nn.Conv3d(in_channels, 3, 3, padding=1)
+    nn.init.normal_(conv.weight, 0.0, 1e-5)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+def identity_grid(shape: Sequence[int], device=None, dtype=torch.float32) -> torch.Tensor:
+    """(1, 3, D, H, W) map of each voxel's own (z, y, x) index."""
+    axes = [torch.arange(n, device=device, dtype=dtype) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij")).unsqueeze(0)
+
+
+def sample(image: torch.Tensor, coords: torch.Tensor, mode: str = "bilinear",
+           padding_mode: str = "zeros") -> torch.Tensor:
+    """Sample ``image`` (B, C, d, h, w) at voxel positions ``coords`` (B, 3, D, H, W)."""
+    sizes = image.shape[2:]
+    normalised = [coords[:, i] * (2.0 / max(n - 1, 1)) - 1.0 for i, n in enumerate(sizes)]
+    grid = torch.stack(normalised[::-1], dim=-1)  # grid_sample wants (x, y, z) last
+    if grid.dtype != image.dtype:
+        grid = grid.to(image.dtype)
+    return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+
+
+def warp(image: torch.Tensor, displacement: torch.Tensor, mode: str = "bilinear",
+         padding_mode: str = "zeros") -> torch.Tensor:
+    """Spatial transformer: image(x + displacement(x)) on the displacement's grid."""
+    grid = identity_grid(displacement.shape[2:], displacement.device, displacement.dtype)
+    return sample(image, grid + displacement, mode, padding_mode)
+
+
+def integrate_velocity(velocity: torch.Tensor, steps: int) -> torch.Tensor:
+    """Scaling and squaring: displacement of exp(velocity) for a stationary velocity field (voxels).
+
+    With steps == 0 the input is returned as a plain displacement field.
+    """
+    if steps <= 0:
+        return velocity
+    displacement = velocity / (2 ** steps)
+    for _ in range(steps):
+        # phi_{2t} = phi_t o phi_t; border padding keeps the field defined at the volume's faces.
+        displacement = displacement + warp(displacement, displacement, padding_mode="border")
+    return displacement
+
+
+def resize_field(field: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Trilinear resize of a displacement/velocity field, rescaling its voxel-unit vectors."""
+    old = field.shape[2:]
+    if tuple(old) == tuple(shape):
+        return field
+    resized = F.interpolate(field, size=tuple(shape), mode="trilinear", align_corners=True)
+    scale = torch.tensor([(n - 1) / max(o - 1, 1) for n, o in zip(shape, old)],
+                         device=field.device, dtype=field.dtype)
+    return resized * scale.view(1, 3, 1, 1, 1)
+
+
+def affine_coordinates(matrix: torch.Tensor, fixed_shape: Sequence[int], moving_shape: Sequence[int],
+                       points: torch.Tensor = None) -> torch.Tensor:
+    """Apply a (B, 3, 4) voxel-space affine about the volumes' centres.
+
+    y = A (x - c_fixed) + c_moving + t, with x, y voxel positions (z, y, x). ``points`` (B, 3, D, H, W)
+    defaults to the fixed grid's identity, giving the coordinate map of the affine warp.
+    """
+    if points is None:
+        points = identity_grid(fixed_shape, matrix.device, matrix.dtype)
+    c_fixed = torch.tensor([(n - 1) / 2 for n in fixed_shape], device=matrix.device, dtype=matrix.dtype)
+    c_moving = torch.tensor([(n - 1) / 2 for n in moving_shape], device=matrix.device, dtype=matrix.dtype)
+    centred = points - c_fixed.view(1, 3, 1, 1, 1)
+    linear = torch.einsum("bij,bjdhw->bidhw", matrix[:, :, :3], centred.expand(matrix.shape[0], -1, -1, -1, -1))
+    return linear + (matrix[:, :, 3] + c_moving).view(-1, 3, 1, 1, 1)
+
+
+def invert_affine(matrix: torch.Tensor) -> torch.Tensor:
+    """Inverse of a (B, 3, 4) affine of the form of ``affine_coordinates`` (fixed and moving swapped)."""
+    linear_inv = torch.linalg.inv(matrix[:, :, :3])
+    translation = -torch.einsum("bij,bj->bi", linear_inv, matrix[:, :, 3])
+    return torch.cat([linear_inv, translation.unsqueeze(-1)], dim=2)

@@ -1,0 +1,92 @@
+"""The end-to-end registration network: affine stage, then a deformable stage (ACSGRegNet or VoxelMorph)."""
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from ..config import ModelConfig
+from ..layers import (affine_coordinates, identity_grid, integrate_velocity, invert_affine, resize_field,
+                      sample, warp)
+from .acsgregnet import ACSGDeformableNet
+from .affine import AffineNet
+from .voxelmorph import VoxelMorphNet
+
+
+class RegistrationNet(nn.Module):
+    """fixed, moving (B, 1, D, H, W) -> affine matrix, fields and warped images.
+
+    The final warp samples the moving image once through the composed map
+    phi(x) = Affine(x + u(x)), so it equals what any tool gets by applying the exported field.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.affine = AffineNet(cfg.affine, cfg.input_shape)
+        if cfg.method == "acsgregnet":
+            self.deformable = ACSGDeformableNet(cfg.acsg, cfg.input_shape)
+        else:
+            self.deformable = VoxelMorphNet(cfg.voxelmorph)
+        self.integration_steps = cfg.steps_for_method
+
+    def check_inputs(self, fixed: torch.Tensor, moving: torch.Tensor):
+        for name, t in (("fixed", fixed), ("moving", moving)):
+            if t.dim() != 5 or t.shape[1] != 1:
+                raise ValueError(f"{name} image must be a (batch, 1, D, H, W) tensor, got shape {tuple(t.shape)}")
+        if fixed.shape != moving.shape:
+            raise ValueError(f"fixed and moving shapes differ: {tuple(fixed.shape)} vs {tuple(moving.shape)}")
+        if tuple(fixed.shape[2:]) != tuple(self.config.input_shape):
+            raise ValueError(f"the model takes {tuple(self.config.input_shape)} (z, y, x) volumes, got "
+                             f"{tuple(fixed.shape[2:])}; crop or resample the pair to that size first")
+
+    def deformable_displacement(self, velocity: torch.Tensor, shape, inverse: bool = False) -> torch.Tensor:
+        """Integrate a (possibly half-resolution) velocity field to a full-resolution displacement."""
+        if inverse:
+            if self.integration_steps > 0:
+                velocity = -velocity
+            else:
+                return invert_displacement(resize_field(velocity, shape))
+        return resize_field(integrate_velocity(velocity, self.integration_steps), shape)
+
+    def forward(self, fixed, moving, moving_label: Optional[torch.Tensor] = None,
+                with_inverse: bool = False) -> Dict[str, torch.Tensor]:
+        self.check_inputs(fixed, moving)
+        shape = fixed.shape[2:]
+        matrix = self.affine(fixed, moving)
+        affine_map = affine_coordinates(matrix, shape, shape)
+        warped_affine = sample(moving, affine_map)
+        velocity = self.deformable(fixed, warped_affine)
+        displacement = self.deformable_displacement(velocity, shape)
+        grid = identity_grid(shape, fixed.device, displacement.dtype)
+        total_map = affine_coordinates(matrix.to(displacement.dtype), shape, shape, grid + displacement)
+        out = {
+            "affine": matrix,
+            "velocity": velocity,
+            "displacement": displacement,
+            "affine_map": affine_map,
+            "total_map": total_map,
+            "warped_affine": warped_affine,
+            "warped": sample(moving, total_map.to(moving.dtype)),
+        }
+        if moving_label is not None:
+            out["warped_label_affine"] = sample(moving_label, affine_map)
+            out["warped_label"] = sample(moving_label, total_map.to(moving_label.dtype))
+        if with_inverse:
+            out["inverse_map"] = inverse_coordinates(matrix, self.deformable_displacement(velocity, shape, True))
+        return out
+
+
+def invert_displacement(displacement: torch.Tensor, iterations: int = 30) -> torch.Tensor:
+    """Fixed-point inverse of a plain displacement field: w(y) = -u(y + w(y))."""
+    inverse = -displacement
+    for _ in range(iterations):
+        inverse = -warp(displacement, inverse, padding_mode="border")
+    return inverse
+
+
+def inverse_coordinates(matrix: torch.Tensor, inverse_displacement: torch.Tensor) -> torch.Tensor:
+    """Coordinate map on the moving grid of phi^-1(y) = psi^-1(A^-1 y), in fixed voxel positions."""
+    shape = inverse_displacement.shape[2:]
+    z = affine_coordinates(invert_affine(matrix.to(inverse_displacement.dtype)), shape, shape)
+    return z + sample(inverse_displacement, z, padding_mode="border")
