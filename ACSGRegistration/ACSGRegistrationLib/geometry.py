@@ -1,0 +1,127 @@
+"""Physical-space geometry: voxel coordinate maps to ITK displacement fields (mm, LPS) and back.
+
+The network works in voxel positions of its crops, in array order (z, y, x). Everything that leaves the
+backend is physical: a displacement field on the fixed image's grid whose vectors are millimetres in
+ITK's LPS world, so that ITK, SimpleITK, ANTs and Slicer apply it identically (a fixed-space point p is
+mapped to the moving-space point p + u(p): ITK's resampling convention).
+"""
+
+import os
+import tempfile
+
+import numpy as np
+import SimpleITK as sitk
+
+_REVERSE = np.eye(4)[[2, 1, 0, 3]]  # (z, y, x, 1) <-> (x, y, z, 1)
+
+
+def index_to_physical_matrix(image: sitk.Image) -> np.ndarray:
+    """4x4 matrix taking homogeneous array-order indices (z, y, x, 1) to LPS points."""
+    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    m = np.eye(4)
+    m[:3, :3] = direction @ np.diag(image.GetSpacing())
+    m[:3, 3] = image.GetOrigin()
+    return m @ _REVERSE
+
+
+def voxel_affine_matrix(matrix: np.ndarray, fixed_shape, moving_shape) -> np.ndarray:
+    """The network's centred (3, 4) affine as a 4x4 map of array-order voxel positions."""
+    a = np.asarray(matrix, dtype=np.float64)
+    c_f = (np.asarray(fixed_shape, dtype=np.float64) - 1) / 2
+    c_m = (np.asarray(moving_shape, dtype=np.float64) - 1) / 2
+    m = np.eye(4)
+    m[:3, :3] = a[:, :3]
+    m[:3, 3] = a[:, 3] + c_m - a[:, :3] @ c_f
+    return m
+
+
+def physical_affine(matrix: np.ndarray, fixed: sitk.Image, moving: sitk.Image) -> np.ndarray:
+    """4x4 LPS matrix mapping fixed physical points to moving physical points (resampling direction)."""
+    fixed_shape = fixed.GetSize()[::-1]
+    moving_shape = moving.GetSize()[::-1]
+    return (index_to_physical_matrix(moving) @ voxel_affine_matrix(matrix, fixed_shape, moving_shape)
+            @ np.linalg.inv(index_to_physical_matrix(fixed)))
+
+
+def lps_to_ras(matrix: np.ndarray) -> np.ndarray:
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    return flip @ matrix @ flip
+
+
+def affine_transform(matrix4: np.ndarray) -> sitk.AffineTransform:
+    t = sitk.AffineTransform(3)
+    t.SetMatrix(tuple(matrix4[:3, :3].ravel()))
+    t.SetTranslation(tuple(matrix4[:3, 3]))
+    return t
+
+
+def coordinates_to_field(coords: np.ndarray, reference: sitk.Image, target: sitk.Image) -> sitk.Image:
+    """Displacement field (LPS mm) on ``reference``'s grid from a (3, D, H, W) map of voxel positions
+    (array order) in ``target``: u(p) = target_point(coords) - p."""
+    coords = np.asarray(coords, dtype=np.float64)
+    if coords.shape[1:] != reference.GetSize()[::-1]:
+        raise ValueError(f"coordinate map {coords.shape[1:]} does not match the reference grid "
+                         f"{reference.GetSize()[::-1]}")
+    hom = np.concatenate([coords.reshape(3, -1), np.ones((1, coords[0].size))])
+    ident = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in coords.shape[1:]], indexing="ij"))
+    ident = np.concatenate([ident.reshape(3, -1), np.ones((1, coords[0].size))])
+    field = (index_to_physical_matrix(target) @ hom - index_to_physical_matrix(reference) @ ident)[:3]
+    image = sitk.GetImageFromArray(field.T.reshape(*coords.shape[1:], 3), isVector=True)
+    image.CopyInformation(reference)
+    return image
+
+
+def field_to_coordinates(field: sitk.Image, target: sitk.Image) -> np.ndarray:
+    """Inverse of ``coordinates_to_field``: voxel positions (array order) in ``target``."""
+    u = sitk.GetArrayFromImage(field).astype(np.float64)  # (D, H, W, 3) LPS
+    shape = u.shape[:3]
+    ident = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"))
+    ident = np.concatenate([ident.reshape(3, -1), np.ones((1, ident[0].size))])
+    points = (index_to_physical_matrix(field) @ ident)[:3] + u.reshape(-1, 3).T
+    coords = np.linalg.inv(index_to_physical_matrix(target)) @ np.concatenate([points, np.ones((1, points.shape[1]))])
+    return coords[:3].reshape(3, *shape)
+
+
+def displacement_transform(field: sitk.Image) -> sitk.DisplacementFieldTransform:
+    # The transform takes ownership of the image it is given: hand it a copy.
+    return sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+
+
+def resample(image: sitk.Image, reference: sitk.Image, transform, nearest: bool = False, default=0.0):
+    interp = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
+    return sitk.Resample(image, reference, transform, interp, default, image.GetPixelID())
+
+
+def image_like(array: np.ndarray, reference: sitk.Image, is_vector: bool = False) -> sitk.Image:
+    image = sitk.GetImageFromArray(np.asarray(array), isVector=is_vector)
+    image.CopyInformation(reference)
+    return image
+
+
+def atomic_path(path: str):
+    """A temporary name beside ``path`` that keeps its extension (writers choose the format by it)."""
+    directory, name = os.path.split(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + name, dir=directory)
+    os.close(fd)
+    return tmp
+
+
+def write_atomically(write, path: str):
+    """Run ``write(tmp_path)`` and move the result over ``path`` only once it is complete."""
+    tmp = atomic_path(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_image(image: sitk.Image, path: str):
+    write_atomically(lambda tmp: sitk.WriteImage(image, tmp, True), path)
+
+
+def write_transform(transform, path: str):
+    write_atomically(lambda tmp: sitk.WriteTransform(transform, tmp), path)
