@@ -1,0 +1,163 @@
+"""Folders of prepared vertebra crops, and the training pairs drawn from them.
+
+A crops folder holds one ``<name>.nii.gz`` image and ``<name>_label.nii.gz`` mask per vertebra and an index
+``crops.csv`` (name, subject, level, image, label). ``prepare`` writes such folders; training, evaluation and
+fine-tuning read them.
+"""
+
+import csv
+import itertools
+import os
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from torch.utils.data import Dataset
+
+from .geometry import write_atomically, write_image
+from .validation import InputError
+
+INDEX = "crops.csv"
+FIELDS = ("name", "subject", "level", "image", "label")
+
+
+@dataclass
+class CropRecord:
+    name: str
+    subject: str
+    level: str
+    image: str  # absolute path
+    label: str  # absolute path, or "" when the crop has no mask
+
+
+def write_crop(out_dir: str, name: str, image: sitk.Image, label: Optional[sitk.Image]) -> Tuple[str, str]:
+    image_path = os.path.join(out_dir, f"{name}.nii.gz")
+    write_image(image, image_path)
+    label_path = ""
+    if label is not None:
+        label_path = os.path.join(out_dir, f"{name}_label.nii.gz")
+        write_image(label, label_path)
+    return image_path, label_path
+
+
+def write_index(out_dir: str, records: Sequence[CropRecord]):
+    def write(tmp):
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, FIELDS)
+            writer.writeheader()
+            for r in records:
+                row = asdict(r)
+                row["image"] = os.path.relpath(r.image, out_dir)
+                row["label"] = os.path.relpath(r.label, out_dir) if r.label else ""
+                writer.writerow(row)
+    write_atomically(write, os.path.join(out_dir, INDEX))
+
+
+def read_index(folder: str) -> List[CropRecord]:
+    path = os.path.join(folder, INDEX)
+    if not os.path.isfile(path):
+        raise InputError(f"{folder} is not a crops folder: it has no {INDEX} (run 'prepare' first)")
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = set(FIELDS) - set(reader.fieldnames or ())
+        if missing:
+            raise InputError(f"{path} lacks column(s) {', '.join(sorted(missing))}")
+        records = []
+        for row in reader:
+            resolve = lambda p: os.path.normpath(os.path.join(folder, p)) if p else ""  # noqa: E731
+            records.append(CropRecord(row["name"], row["subject"], row["level"], resolve(row["image"]),
+                                      resolve(row["label"])))
+    if not records:
+        raise InputError(f"{path} lists no crops")
+    return records
+
+
+def make_pairs(records: Sequence[CropRecord], mixed_levels: bool = False,
+               max_per_moving: Optional[int] = None, seed: int = 0) -> List[Tuple[int, int]]:
+    """Ordered inter-subject (fixed, moving) index pairs; same level only unless ``mixed_levels``.
+
+    ``max_per_moving`` keeps that many random fixed partners per moving crop (the paper's study II
+    samples 10 per sample).
+    """
+    pairs = [(i, j) for i, j in itertools.permutations(range(len(records)), 2)
+             if records[i].subject != records[j].subject
+             and (mixed_levels or records[i].level == records[j].level)]
+    if max_per_moving:
+        rng = np.random.default_rng(seed)
+        by_moving: Dict[int, List[Tuple[int, int]]] = {}
+        for p in pairs:
+            by_moving.setdefault(p[1], []).append(p)
+        pairs = []
+        for j in sorted(by_moving):
+            group = by_moving[j]
+            keep = rng.permutation(len(group))[:max_per_moving]
+            pairs += [group[k] for k in sorted(keep)]
+    return pairs
+
+
+def split_by_subject(records: Sequence[CropRecord], test_fraction: float = 0.2,
+                     seed: int = 0) -> Tuple[List[int], List[int]]:
+    """Train/test crop indices such that no subject is in both."""
+    subjects = sorted({r.subject for r in records})
+    if len(subjects) < 2:
+        raise InputError("a train/test split needs crops of at least two subjects")
+    rng = np.random.default_rng(seed)
+    order = [subjects[k] for k in rng.permutation(len(subjects))]
+    n_test = min(len(subjects) - 1, max(1, round(test_fraction * len(subjects))))
+    test_subjects = set(order[:n_test])
+    train = [i for i, r in enumerate(records) if r.subject not in test_subjects]
+    test = [i for i, r in enumerate(records) if r.subject in test_subjects]
+    return train, test
+
+
+def _read_array(path: str, what: str) -> np.ndarray:
+    try:
+        return sitk.GetArrayFromImage(sitk.ReadImage(path)).astype(np.float32)
+    except RuntimeError as exc:
+        raise InputError(f"cannot read {what} {path}: {str(exc).strip().splitlines()[-1]}") from exc
+
+
+class PairDataset(Dataset):
+    """(fixed, moving) crop pairs as tensors (1, D, H, W); crops are read once and kept in memory."""
+
+    def __init__(self, records: Sequence[CropRecord], pairs: Sequence[Tuple[int, int]], with_labels: bool = True):
+        if not pairs:
+            raise InputError("no training pairs: need crops of at least two subjects (of the same level, "
+                             "unless mixed levels are allowed)")
+        self.records = list(records)
+        self.pairs = list(pairs)
+        self.with_labels = with_labels and all(r.label for r in self.records)
+        self._cache: Dict[str, np.ndarray] = {}
+
+    def _array(self, path, what):
+        if path not in self._cache:
+            self._cache[path] = _read_array(path, what)
+        return self._cache[path]
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, index):
+        i, j = self.pairs[index]
+        item = {"fixed": torch.from_numpy(self._array(self.records[i].image, "image"))[None],
+                "moving": torch.from_numpy(self._array(self.records[j].image, "image"))[None]}
+        if self.with_labels:
+            item["fixed_label"] = torch.from_numpy(self._array(self.records[i].label, "label"))[None]
+            item["moving_label"] = torch.from_numpy(self._array(self.records[j].label, "label"))[None]
+        return item
+
+
+class ArrayPairDataset(Dataset):
+    """Pairs given directly as arrays (tests, the Slicer scene, synthetic data)."""
+
+    def __init__(self, items: Sequence[Dict[str, np.ndarray]]):
+        self.items = [{k: torch.as_tensor(np.asarray(v, dtype=np.float32))[None] for k, v in it.items()}
+                      for it in items]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return self.items[index]
