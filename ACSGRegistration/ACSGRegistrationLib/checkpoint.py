@@ -26,7 +26,7 @@ class CheckpointError(RuntimeError):
 
 
 def versions() -> Dict[str, str]:
-    return {"acsgregistration": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    return {"acsgregistration": __version__, "torch": str(torch.__version__), "python": platform.python_version()}
 
 
 def save_checkpoint(path: str, model: torch.nn.Module, model_config: ModelConfig, half: bool = False,
@@ -49,7 +49,8 @@ def load_checkpoint(path: str, map_location="cpu") -> Dict[str, Any]:
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises many types for truncated or foreign files
-        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated?): {exc}") from exc
+        reason = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated?): {reason}") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an ACSGRegistration checkpoint (no '{FORMAT}' marker)")
     if payload.get("format_version", 0) > FORMAT_VERSION:

