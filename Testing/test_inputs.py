@@ -56,10 +56,14 @@ def test_empty_label_map(registrar):
         registrar.register(volume(), volume(seed=1), np.zeros(SHAPE), volume(seed=2) > 0.5)
 
 
-def test_other_sizes_are_fitted_to_the_model_grid(registrar):
-    # Any crop size works: the registrar centre-pads or crops to the model's grid.
-    result = registrar.register(volume((20, 30, 36)), volume((20, 30, 36), seed=1))
-    assert result.warped.GetSize() == SHAPE[::-1]
+def test_other_sizes_are_resampled_to_the_model_grid_and_back(registrar):
+    # Any crop size works: the network sees its own grid, the results come back on the user's grids.
+    fixed, moving = volume((20, 30, 36)), volume((24, 28, 30), seed=1)
+    labels = (fixed > 0.5).astype(np.float32), (moving > 0.5).astype(np.float32)
+    result = registrar.register(fixed, moving, *labels)
+    assert result.warped.GetSize() == (36, 30, 20) and result.jacobian.GetSize() == (36, 30, 20)
+    assert result.inverse_field.GetSize() == (30, 28, 24)
+    assert result.metrics["initial"]["dice"] > 0.3
 
 
 def test_inputs_are_not_modified(registrar):

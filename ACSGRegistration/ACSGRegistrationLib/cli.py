@@ -26,13 +26,22 @@ def _progress_printer(every: int = 10):
     return show
 
 
+def _refine_printer():
+    def show(step, total):
+        if step == 1 or step % 10 == 0 or step == total:
+            print(f"refining [{step}/{total}]", flush=True)
+    return show
+
+
 def _model_config(args, crop_shape):
-    from .config import model_config_from_dict, paper_config, tiny_config
+    from .config import compact_config, model_config_from_dict, paper_config, tiny_config
     if args.config in ("paper", None):
         cfg = paper_config(args.method)
         cfg.input_shape = tuple(crop_shape)
     elif args.config == "tiny":
         cfg = tiny_config(args.method, crop_shape)
+    elif args.config == "compact":
+        cfg = compact_config(args.method)
     else:
         with open(args.config) as fh:
             cfg = model_config_from_dict(json.load(fh))
@@ -47,10 +56,27 @@ def _train_config(args):
 
 
 def _pair_dataset(args):
+    """Real crop pairs (--crops), synthetic pairs from mask crops (--synthetic-labels), or both."""
+    from torch.utils.data import ConcatDataset
     from .datasets import PairDataset, make_pairs, read_index
-    records = read_index(args.crops)
-    pairs = make_pairs(records, mixed_levels=args.mixed_levels, max_per_moving=args.pairs_per_moving, seed=args.seed)
-    return PairDataset(records, pairs, with_labels=not args.no_labels)
+    if not args.crops and not args.synthetic_labels:
+        raise ValueError("give --crops (real crop pairs) and/or --synthetic-labels (mask crops to synthesise from)")
+    parts = []
+    if args.crops:
+        records = read_index(args.crops)
+        pairs = make_pairs(records, mixed_levels=args.mixed_levels, max_per_moving=args.pairs_per_moving,
+                           seed=args.seed)
+        parts.append(PairDataset(records, pairs, with_labels=not args.no_labels))
+    if args.synthetic_labels:
+        import SimpleITK as sitk
+        from .synthesis import SyntheticPairDataset
+        records = [r for r in read_index(args.synthetic_labels) if r.label]
+        images = [sitk.ReadImage(r.label) for r in records]
+        masks = [sitk.GetArrayFromImage(im) for im in images]
+        length = args.synthetic_pairs or args.steps * args.batch_size
+        parts.append(SyntheticPairDataset(masks, [r.subject for r in records], [r.level for r in records], length,
+                                          seed=args.seed, mixed_levels=True, spacing=images[0].GetSpacing()[0]))
+    return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
 
 def cmd_train(args, finetune=False):
@@ -86,9 +112,15 @@ def cmd_register(args):
         raise ValueError(f"no model at {checkpoint}: pass --checkpoint")
     fixed, fixed_label = _crop_input(args.fixed, args.fixed_seg, args.fixed_label, "fixed")
     moving, moving_label = _crop_input(args.moving, args.moving_seg, args.moving_label, "moving")
-    registrar = Registrar(checkpoint, device=args.device)
+    registrar = Registrar(checkpoint, device=args.device, refine_steps=args.refine_steps,
+                          progress=_refine_printer() if args.refine_steps else None)
     result = registrar.register(fixed, moving, fixed_label, moving_label)
     paths = result.save(args.out)
+    if args.figure:
+        from .figures import registration_figure
+        paths["figure"] = os.path.join(args.out, "figure.png")
+        registration_figure(result, paths["figure"], fixed_label=fixed_label,
+                            title=f"{os.path.basename(args.moving)} -> {os.path.basename(args.fixed)}")
     print(f"registered in {result.seconds:.2f} s on {registrar.device}")
     if result.metrics:
         from .evaluation import format_stage_table
@@ -99,9 +131,15 @@ def cmd_register(args):
 
 
 def cmd_evaluate(args):
-    from .evaluation import evaluate_checkpoint
-    evaluate_checkpoint(args.checkpoint or DEFAULT_MODEL, args.crops, args.out, device=args.device,
-                        mixed_levels=args.mixed_levels, batch_size=args.batch_size)
+    from .evaluation import ants_method, evaluate, network_method
+    methods = []
+    for checkpoint in args.checkpoint or [DEFAULT_MODEL]:
+        methods.append(network_method(checkpoint, args.device))
+        if args.refine_steps:
+            methods.append(network_method(checkpoint, args.device, args.refine_steps))
+    if args.ants:
+        methods.append(ants_method())
+    evaluate(methods, args.crops, args.out, args.pairs)
     return 0
 
 
@@ -118,7 +156,9 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common_training(p):
-        p.add_argument("--crops", required=True, help="crops folder written by 'prepare'")
+        p.add_argument("--crops", help="crops folder written by 'prepare' (real image pairs)")
+        p.add_argument("--synthetic-labels", help="crops folder of vertebra masks to synthesise training pairs from")
+        p.add_argument("--synthetic-pairs", type=int, help="number of synthetic pairs (default: steps x batch)")
         p.add_argument("--out", required=True, help="run folder: checkpoints, history.csv")
         p.add_argument("--steps", type=int, default=1000, help="total optimisation steps (default 1000)")
         p.add_argument("--batch-size", type=int, default=8, help="pairs per step (default 8, the paper's)")
@@ -136,7 +176,7 @@ def build_parser():
     p = sub.add_parser("train", help="train a model from scratch (resumes the run in --out)")
     common_training(p)
     p.add_argument("--method", choices=("acsgregnet", "avoxelmorph"), default="acsgregnet")
-    p.add_argument("--config", default="paper", help="'paper' (default), 'tiny', or a JSON model config")
+    p.add_argument("--config", default="paper", help="'paper' (default), 'compact', 'tiny', or a JSON model config")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("finetune", help="continue training a checkpoint on new data")
@@ -152,15 +192,22 @@ def build_parser():
     p.add_argument("--fixed-label", type=int, help="label id of the vertebra in --fixed-seg (whole scans)")
     p.add_argument("--moving-label", type=int, help="label id of the vertebra in --moving-seg (whole scans)")
     p.add_argument("--checkpoint", help="model (default: the shipped model)")
+    p.add_argument("--refine-steps", type=int, default=0,
+                   help="test-time refinement: optimise the network on this pair first (default 0)")
+    p.add_argument("--figure", action="store_true", help="also write figure.png (the paper's Figure 6)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_register)
 
-    p = sub.add_parser("evaluate", help="the paper's tables on the pairs of a crops folder")
+    p = sub.add_parser("evaluate", help="the paper's tables on the pairs of a crops folder, methods side by side")
     p.add_argument("--crops", required=True)
-    p.add_argument("--checkpoint", help="model (default: the shipped model)")
-    p.add_argument("--mixed-levels", action="store_true")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--checkpoint", action="append",
+                   help="a model to evaluate; repeat for several (default: the shipped model)")
+    p.add_argument("--pairs", choices=("inter-subject", "mixed", "all"), default="inter-subject",
+                   help="inter-subject same level (default), mixed levels, or all pairs incl. inter-level")
+    p.add_argument("--refine-steps", type=int, default=0,
+                   help="also evaluate each model with this many steps of test-time refinement")
+    p.add_argument("--ants", action="store_true", help="also run ANTs SyN (needs the package antspyx)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="folder for metrics.csv and metrics.md")
     p.set_defaults(func=cmd_evaluate)

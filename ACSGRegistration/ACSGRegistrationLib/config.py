@@ -56,6 +56,9 @@ class VoxelMorphConfig:
 class ModelConfig:
     method: str = "acsgregnet"
     input_shape: Tuple[int, int, int] = (64, 128, 128)
+    # Voxel size (mm) the network works at. Crops of another spacing are resampled to this grid (same
+    # centre and extent) and the results resampled back, so a 2 mm model still returns 1 mm outputs.
+    input_spacing: float = 1.0
     affine: AffineNetConfig = field(default_factory=AffineNetConfig)
     acsg: ACSGNetConfig = field(default_factory=ACSGNetConfig)
     voxelmorph: VoxelMorphConfig = field(default_factory=VoxelMorphConfig)
@@ -102,6 +105,21 @@ class TrainConfig:
 
 def paper_config(method: str = "acsgregnet") -> ModelConfig:
     return ModelConfig(method=method)
+
+
+def compact_config(method: str = "acsgregnet") -> ModelConfig:
+    """The same architecture, narrower and shallower (4 layers per attention module, k = 96), working on
+    the paper's 128 x 128 x 64 mm crop at 2 mm (64 x 64 x 32 voxels): the configuration of the shipped
+    model, which had to be trained on a CPU (see its model card). Outputs are still returned at the
+    crop's own resolution."""
+    return ModelConfig(
+        method=method,
+        input_shape=(32, 64, 64),
+        input_spacing=2.0,
+        affine=AffineNetConfig(channels=(8, 16, 32, 64, 64), blocks_per_level=1),
+        acsg=ACSGNetConfig(encoder_channels=(8, 16, 32), embed_dim=96, num_heads=4, mlp_dim=384, num_layers=4,
+                           patch_size=4, dropout=0.0, decoder_channels=(64, 32, 32, 16)),
+    )
 
 
 def tiny_config(method: str = "acsgregnet", input_shape=(16, 32, 32)) -> ModelConfig:

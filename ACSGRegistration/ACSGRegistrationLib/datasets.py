@@ -28,7 +28,7 @@ class CropRecord:
     name: str
     subject: str
     level: str
-    image: str  # absolute path
+    image: str  # absolute path, or "" for a mask-only crop (a label map whose CT is not available)
     label: str  # absolute path, or "" when the crop has no mask
 
 
@@ -49,7 +49,7 @@ def write_index(out_dir: str, records: Sequence[CropRecord]):
             writer.writeheader()
             for r in records:
                 row = asdict(r)
-                row["image"] = os.path.relpath(r.image, out_dir)
+                row["image"] = os.path.relpath(r.image, out_dir) if r.image else ""
                 row["label"] = os.path.relpath(r.label, out_dir) if r.label else ""
                 writer.writerow(row)
     write_atomically(write, os.path.join(out_dir, INDEX))
@@ -74,16 +74,27 @@ def read_index(folder: str) -> List[CropRecord]:
     return records
 
 
-def make_pairs(records: Sequence[CropRecord], mixed_levels: bool = False,
-               max_per_moving: Optional[int] = None, seed: int = 0) -> List[Tuple[int, int]]:
-    """Ordered inter-subject (fixed, moving) index pairs; same level only unless ``mixed_levels``.
+PAIR_MODES = ("inter-subject", "mixed", "all")
 
-    ``max_per_moving`` keeps that many random fixed partners per moving crop (the paper's study II
-    samples 10 per sample).
+
+def make_pairs(records: Sequence[CropRecord], mixed_levels: bool = False,
+               max_per_moving: Optional[int] = None, seed: int = 0, mode: Optional[str] = None) -> List[Tuple[int, int]]:
+    """Ordered (fixed, moving) index pairs.
+
+    Modes: "inter-subject" (different subjects, same level; the paper's study I), "mixed" (different
+    subjects, any levels; study II), "all" (any two different crops, inter-level pairs of one subject
+    included). ``mixed_levels=True`` is the same as mode "mixed". ``max_per_moving`` keeps that many
+    random fixed partners per moving crop (study II samples 10 per sample).
     """
-    pairs = [(i, j) for i, j in itertools.permutations(range(len(records)), 2)
-             if records[i].subject != records[j].subject
-             and (mixed_levels or records[i].level == records[j].level)]
+    mode = mode or ("mixed" if mixed_levels else "inter-subject")
+    if mode not in PAIR_MODES:
+        raise InputError(f"unknown pair mode {mode!r}; choose one of {', '.join(PAIR_MODES)}")
+
+    def keep(a: CropRecord, b: CropRecord) -> bool:
+        if mode == "all":
+            return True
+        return a.subject != b.subject and (mode == "mixed" or a.level == b.level)
+    pairs = [(i, j) for i, j in itertools.permutations(range(len(records)), 2) if keep(records[i], records[j])]
     if max_per_moving:
         rng = np.random.default_rng(seed)
         by_moving: Dict[int, List[Tuple[int, int]]] = {}

@@ -77,25 +77,63 @@ def write_tables(rows: List[Dict], out_dir: str) -> Dict[str, str]:
     return {"csv": csv_path, "markdown": md_path}
 
 
-def evaluate_checkpoint(checkpoint: str, crops_dir: str, out_dir: str, device: str = "auto",
-                        mixed_levels: bool = False, batch_size: int = 1, log=print) -> List[Dict]:
-    """Register every inter-subject pair of a crops folder and write the tables."""
+def network_method(checkpoint: str, device: str = "auto", refine_steps: int = 0):
+    """(name, register function) for a trained network; the name says which network and refinement."""
+    from .registrar import Registrar
+    registrar = Registrar(checkpoint, device=device, refine_steps=refine_steps)
+    name = {"acsgregnet": "ACSGRegNet", "avoxelmorph": "AVoxelMorph"}[registrar.model.config.method]
+    if refine_steps:
+        name += f" + refinement ({refine_steps} steps)"
+
+    def run(fixed, moving, fixed_label, moving_label):
+        result = registrar.register(fixed, moving, fixed_label, moving_label)
+        return result.metrics, result.seconds
+    return name, run
+
+
+def ants_method(**kwargs):
+    from .baselines import register_ants_syn
+
+    def run(fixed, moving, fixed_label, moving_label):
+        result = register_ants_syn(fixed, moving, fixed_label, moving_label, **kwargs)
+        return result.metrics, result.seconds
+    return "ANTs SyN", run
+
+
+def evaluate(methods, crops_dir: str, out_dir: str, pair_mode: str = "inter-subject", log=print) -> List[Dict]:
+    """Register every pair of a crops folder with each method and write the tables side by side.
+
+    ``methods`` is a list of (name, function(fixed, moving, fixed_label, moving_label) -> (metrics, s)).
+    """
     from .datasets import make_pairs, read_index
     from .io import read_image
-    from .registrar import Registrar
-    records = read_index(crops_dir)
-    pairs = make_pairs(records, mixed_levels=mixed_levels)
+    records = [r for r in read_index(crops_dir) if r.image and r.label]
+    pairs = make_pairs(records, mode=pair_mode)
     if not pairs:
-        raise ValueError(f"{crops_dir} has no inter-subject pairs to evaluate")
-    registrar = Registrar(checkpoint, device=device)
-    method = registrar.model.config.method
+        raise ValueError(f"{crops_dir} has no {pair_mode} pairs of image crops to evaluate")
+    images = {}
+
+    def load(path):
+        if path not in images:
+            images[path] = read_image(path)
+        return images[path]
     rows = []
-    for n, (i, j) in enumerate(pairs, 1):
-        f, m = records[i], records[j]
-        result = registrar.register(read_image(f.image), read_image(m.image), read_image(f.label), read_image(m.label))
-        rows.append(flatten(method, f.name, m.name, f.level, result.metrics, result.seconds))
-        log(f"[{n}/{len(pairs)}] {m.name} -> {f.name}: Dice {result.metrics['final']['dice']:.3f}")
+    for name, run in methods:
+        for n, (i, j) in enumerate(pairs, 1):
+            f, m = records[i], records[j]
+            metrics, seconds = run(load(f.image), load(m.image), load(f.label), load(m.label))
+            level = f.level if f.level == m.level else f"{m.level}->{f.level}"
+            rows.append(flatten(name, f.name, m.name, level, metrics, seconds))
+            log(f"{name} [{n}/{len(pairs)}] {m.name} -> {f.name}: Dice {metrics['final']['dice']:.3f}, "
+                f"{seconds:.2f} s")
     paths = write_tables(rows, out_dir)
     log(summary_markdown(rows))
     log(f"tables: {paths['csv']}, {paths['markdown']}")
     return rows
+
+
+def evaluate_checkpoint(checkpoint: str, crops_dir: str, out_dir: str, device: str = "auto",
+                        mixed_levels: bool = False, batch_size: int = 1, log=print) -> List[Dict]:
+    """Register every inter-subject pair of a crops folder with one network and write the tables."""
+    return evaluate([network_method(checkpoint, device)], crops_dir, out_dir,
+                    "mixed" if mixed_levels else "inter-subject", log)

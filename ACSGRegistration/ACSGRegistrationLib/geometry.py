@@ -112,6 +112,10 @@ def write_atomically(write, path: str):
     tmp = atomic_path(path)
     try:
         write(tmp)
+        # mkstemp creates owner-only files; give the result the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -1,30 +1,361 @@
-"""Scans with vertebra labels, listed in a manifest, turned into a crops folder."""
+"""Scans with vertebra labels, found in the users' data layouts, turned into a crops folder.
+
+A ``VertebraSource`` is one vertebra of one scan: the CT (or "" when only the label map is available), the
+label map, the vertebra's label value in it and its level ("L1" ... "L5"; "T12" etc. where asked for).
+Readers exist for a generic manifest CSV and for the VerSe, TotalSegmentator and AbdomenAtlas layouts;
+``find_sources`` recognises the layout by itself. Every reader checks, from the label centroids in physical
+space, that the levels it assigns run from head to feet, because a wrong label convention would otherwise
+silently pair different vertebrae.
+"""
 
 import csv
 import os
+import re
 import warnings
+from collections import namedtuple
 from dataclasses import dataclass
-from typing import List
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
 
 from .datasets import CropRecord, write_crop, write_index
+from .geometry import write_image
 from .io import read_image
-from .preprocessing import crop_vertebra
+from .preprocessing import CROP_SIZE, PreprocessingError, VertebraCrop, crop_vertebra
 from .validation import InputError
 
 MANIFEST_FIELDS = ("image", "label", "label_id", "level", "subject")
 
+# Levels from head to feet, T13 and L6 being anatomical variants (both occur in VerSe).
+SPINE = tuple([f"C{i}" for i in range(1, 8)] + [f"T{i}" for i in range(1, 14)] + [f"L{i}" for i in range(1, 7)]
+              + ["S1"])
+LUMBAR = ("L1", "L2", "L3", "L4", "L5")
+_COMMON = [lv for lv in SPINE if lv not in ("T13", "L6", "S1")]  # C1 ... L5, the levels every convention has
+
+# Label conventions. VerSe counts from C1 down; AbdomenAtlas counts from L5 up; TotalSegmentator v2 counts
+# from S1 (26) up, i.e. AbdomenAtlas + 26.
+VERSE_IDS = dict({lv: i + 1 for i, lv in enumerate(_COMMON)}, L6=25, T13=28)
+ABDOMENATLAS_IDS = {lv: i + 1 for i, lv in enumerate(reversed(_COMMON))}
+TOTALSEGMENTATOR_IDS = dict({lv: i + 26 for lv, i in ABDOMENATLAS_IDS.items()}, S1=26)
+
+_NIFTI = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
+_VERSE_MASK = re.compile(r"^(?P<prefix>.+)_seg-vert_msk\.nii(\.gz)?$", re.IGNORECASE)
+_VERSE_CT = re.compile(r"^(?P<prefix>.+)_ct\.nii(\.gz)?$", re.IGNORECASE)
+_VERSE_SUBJECT = re.compile(r"^sub-(?P<subject>[^_]+)_?(?P<scan>.*)$")
+_TOTALSEG_NAME = r"vertebrae_(?P<level>[A-Z]\d+)"  # TotalSegmentator's structure name of a vertebra
+_TOTALSEG_LEVEL = re.compile(rf"^{_TOTALSEG_NAME}\.nii(\.gz)?$", re.IGNORECASE)
+_TOTALSEG_MAPS = ("seg.nii.gz", "segmentations.nii.gz", "seg.nii", "segmentations.nii")
+_TOTALSEG_CTS = ("ct.nii.gz", "ct.nii")
+_ABDOMENATLAS = re.compile(r"^BDMAP_.+\.nii(\.gz)?$")
+
 
 @dataclass
 class VertebraSource:
-    image: str
-    label: str
-    label_id: int
-    level: str
+    image: str  # CT in Hounsfield units, or "" for a label-only source (a shape without its scan)
+    label: str  # label map: multi-label, or a binary file of this vertebra alone
+    label_id: int  # the vertebra's value in ``label``
+    level: str  # "L1" ... "L5" (or another of SPINE)
     subject: str
+    scan: str = ""  # tells apart several scans of one subject (VerSe "dir-ax"); "" for one scan
+    centroid: Optional[Tuple[float, float, float]] = None  # physical (LPS, mm) where the reader measured it
+
+    @property
+    def has_image(self) -> bool:
+        return bool(self.image)
+
+    @property
+    def name(self) -> str:
+        """Name of the vertebra's crop: subject, scan (if any) and level."""
+        return "_".join(part for part in (self.subject, self.scan, self.level) if part)
+
+
+# ---------------------------------------------------------------------------------------------- levels
+
+
+def normalise_levels(levels: Sequence[str]) -> Tuple[str, ...]:
+    """Upper-case level names, checked against SPINE; a single string is one level."""
+    if isinstance(levels, str):
+        levels = (levels,)
+    out = tuple(str(lv).strip().upper() for lv in levels)
+    unknown = [lv for lv in out if lv not in SPINE]
+    if unknown or not out:
+        raise InputError(f"unknown vertebra level(s) {', '.join(unknown) or '(none given)'}: "
+                         f"use names such as {', '.join(LUMBAR)} or T12")
+    return out
+
+
+def label_statistics(labels: sitk.Image) -> sitk.LabelShapeStatisticsImageFilter:
+    """Shape statistics of every non-zero label (one pass over the volume; perimeters are not needed)."""
+    if labels.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        labels = sitk.Cast(labels, sitk.sitkInt32)  # label maps saved as float: the statistics need integers
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.ComputePerimeterOff()
+    stats.Execute(labels)
+    return stats
+
+
+def label_centroids(labels: sitk.Image) -> Dict[int, Tuple[float, float, float]]:
+    """Physical centroid (LPS, mm) of every non-zero label: +z is superior whatever the file's orientation."""
+    return {lab: centroid for lab, (centroid, _) in _measure(labels).items()}
+
+
+def _measure(labels: sitk.Image) -> Dict[int, Tuple[Tuple[float, float, float], float]]:
+    """(physical centroid, volume in mm^3) of every non-zero label."""
+    stats = label_statistics(labels)
+    return {int(lab): (tuple(stats.GetCentroid(lab)), stats.GetPhysicalSize(lab)) for lab in stats.GetLabels()}
+
+
+def _warn_small_levels(volumes: Dict[str, float], where: str):
+    """Warn about levels far smaller than their neighbours (up to two levels either side): fragments of
+    model predictions (seen in the AbdomenAtlas demo maps) or vertebrae cut by the scan's edge. They are
+    kept: the caller decides."""
+    for lv, volume in volumes.items():
+        near = [v for other, v in volumes.items() if other != lv and abs(SPINE.index(other) - SPINE.index(lv)) <= 2]
+        if len(near) >= 2 and volume < 0.5 * float(np.median(near)):
+            warnings.warn(f"{where}: {lv} is {volume / 1000:.1f} cm^3 against {np.median(near) / 1000:.1f} cm^3 "
+                          f"for its neighbours: partial or fragmented label?", stacklevel=3)
+
+
+def level_order_problem(centroids: Dict[str, Sequence[float]], where: str) -> Optional[str]:
+    """Why the levels' centroids do not run from head to feet (S coordinate decreasing), or None."""
+    ordered = sorted(centroids, key=SPINE.index)
+    for upper, lower in zip(ordered, ordered[1:]):
+        if centroids[upper][2] <= centroids[lower][2]:
+            return (f"{where}: {upper} (S {centroids[upper][2]:.1f} mm) is not above {lower} "
+                    f"(S {centroids[lower][2]:.1f} mm): the label convention does not fit this file")
+    return None
+
+
+def _order_accepted(centroids: Dict[str, Sequence[float]], where: str, strict: bool) -> bool:
+    problem = level_order_problem(centroids, where)
+    if problem is None:
+        return True
+    if strict:
+        raise InputError(problem)
+    warnings.warn(f"{problem}; skipped", stacklevel=3)
+    return False
+
+
+# ------------------------------------------------------------------------------ sources of one scan
+
+
+def sources_from_label_map(label: str, ids: Dict[str, int], subject: str, image: str = "",
+                           levels: Sequence[str] = LUMBAR, scan: str = "",
+                           strict: bool = False) -> List[VertebraSource]:
+    """One source per requested level present in a multi-label map whose convention is ``ids``."""
+    measured = _measure(read_image(label, "label map"))
+    found = {lv: measured[ids[lv]][0] for lv in normalise_levels(levels) if ids.get(lv) in measured}
+    if not _order_accepted(found, label, strict):
+        return []
+    _warn_small_levels({lv: measured[ids[lv]][1] for lv in found}, label)
+    return [VertebraSource(image, label, ids[lv], lv, subject, scan, found[lv]) for lv in found]
+
+
+def sources_from_level_files(files: Dict[str, str], subject: str, image: str = "",
+                             levels: Sequence[str] = LUMBAR, strict: bool = False) -> List[VertebraSource]:
+    """One source per requested level from binary masks, one file per level (``files``: level -> path).
+
+    Empty masks are absent levels (TotalSegmentator writes a file for every vertebra, empty or not).
+    """
+    found, volumes = {}, {}
+    for lv in normalise_levels(levels):
+        if lv not in files:
+            continue
+        measured = _measure(read_image(files[lv], f"{lv} mask"))
+        if measured and 1 not in measured:
+            raise InputError(f"{files[lv]}: expected a binary mask of {lv} with value 1, "
+                             f"found label(s) {', '.join(map(str, sorted(measured)))}")
+        if measured:
+            found[lv], volumes[lv] = measured[1]
+    where = os.path.dirname(next(iter(files.values()))) if files else subject
+    if not _order_accepted(found, where, strict):
+        return []
+    _warn_small_levels(volumes, where)
+    return [VertebraSource(image, files[lv], 1, lv, subject, "", found[lv]) for lv in found]
+
+
+# --------------------------------------------------------------------------------------------- layouts
+#
+# Each layout is found in two steps: ``detect`` lists its scans from file names only (cheap, and what
+# ``find_sources`` uses to recognise a layout), ``read`` opens one scan's label maps.
+
+Layout = namedtuple("Layout", "name pattern detect read")
+
+
+def _walk(folder: str):
+    """(directory, sorted file names, sub-directory list) below ``folder``, in a reproducible order."""
+    for directory, subdirs, files in os.walk(folder):
+        subdirs.sort()
+        yield directory, sorted(files), subdirs
+
+
+def _detect_verse(folder: str):
+    """(prefix, ct or "", mask) per VerSe scan; CT and mask may lie in different sub-folders."""
+    masks, cts = {}, {}
+    for directory, files, _ in _walk(folder):
+        for f in files:
+            for pattern, found in ((_VERSE_MASK, masks), (_VERSE_CT, cts)):
+                m = pattern.match(f)
+                if m:
+                    prefix = m.group("prefix")
+                    if prefix in found:
+                        raise InputError(f"two VerSe files for {prefix} under {folder}: {found[prefix]} and "
+                                         f"{os.path.join(directory, f)}")
+                    found[prefix] = os.path.join(directory, f)
+    for prefix in sorted(set(cts) - set(masks)):
+        warnings.warn(f"{cts[prefix]} has no vertebra mask ({prefix}_seg-vert_msk.nii.gz): skipped")
+    return [(prefix, cts.get(prefix, ""), masks[prefix]) for prefix in sorted(masks)]
+
+
+def _read_verse(scan, levels, strict):
+    prefix, image, mask = scan
+    m = _VERSE_SUBJECT.match(prefix)
+    subject, scan_id = (m.group("subject"), m.group("scan")) if m else (prefix, "")
+    return sources_from_label_map(mask, VERSE_IDS, subject, image, levels, scan_id, strict)
+
+
+def _structure_ids(path: str) -> Optional[Dict[str, int]]:
+    """Vertebra ids from a TotalSegmentator-style ``structures.csv`` (columns structure, id), if it has them."""
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not {"structure", "id"} <= set(reader.fieldnames or ()):
+            return None
+        ids = {}
+        for row in reader:
+            m = re.match(rf"^{_TOTALSEG_NAME}$", row["structure"].strip(), re.IGNORECASE)
+            if m:
+                try:
+                    ids[m.group("level").upper()] = int(row["id"])
+                except ValueError:
+                    raise InputError(f"{path}: id {row['id']!r} of {row['structure']} is not an integer") from None
+    return ids or None
+
+
+def _detect_totalsegmentator(folder: str):
+    """Case folders: ``ct.nii.gz`` (optional) with a multi-label map or ``vertebrae_<level>`` masks."""
+    cases = []
+    for directory, files, subdirs in _walk(folder):
+        names = {f.lower(): f for f in files}
+        multi = _first(directory, names, _TOTALSEG_MAPS)
+        image = _first(directory, names, _TOTALSEG_CTS)
+        level_files = _level_files(directory, files)
+        if not level_files and "segmentations" in subdirs:
+            seg_dir = os.path.join(directory, "segmentations")
+            level_files = _level_files(seg_dir, sorted(os.listdir(seg_dir)))
+        if multi or level_files:
+            if "segmentations" in subdirs:
+                subdirs.remove("segmentations")  # part of this case, not a case of its own
+            csv_path = os.path.join(directory, "structures.csv")
+            cases.append((directory, image, multi, level_files, csv_path if os.path.isfile(csv_path) else ""))
+        elif image:
+            warnings.warn(f"{image} has no vertebra labels beside it (seg.nii.gz, segmentations.nii.gz or "
+                          f"segmentations/vertebrae_L1.nii.gz ...): skipped")
+    return cases
+
+
+def _first(directory: str, names: Dict[str, str], candidates: Sequence[str]) -> str:
+    """Path of the first candidate file name present (``names``: lower-case name -> name), or ""."""
+    return next((os.path.join(directory, names[n]) for n in candidates if n in names), "")
+
+
+def _level_files(directory: str, files: Sequence[str]) -> Dict[str, str]:
+    found = {}
+    for f in files:
+        m = _TOTALSEG_LEVEL.match(f)
+        if m and m.group("level").upper() in SPINE:
+            found[m.group("level").upper()] = os.path.join(directory, f)
+    return found
+
+
+def _read_totalsegmentator(case, levels, strict):
+    directory, image, multi, level_files, structures = case
+    subject = os.path.basename(os.path.normpath(directory))
+    if multi:  # one read for all levels, preferred over the per-level masks when both exist
+        ids = (_structure_ids(structures) if structures else None) or TOTALSEGMENTATOR_IDS
+        return sources_from_label_map(multi, ids, subject, image, levels, "", strict)
+    return sources_from_level_files(level_files, subject, image, levels, strict)
+
+
+def _detect_abdomenatlas(folder: str):
+    return [os.path.join(directory, f) for directory, files, _ in _walk(folder) for f in files
+            if _ABDOMENATLAS.match(f)]
+
+
+def _read_abdomenatlas(path, levels, strict):
+    # Label-only: the combined vertebra maps come without their CT. The convention counts from L5 up,
+    # which the centroid check verifies file by file (the data README asks for it).
+    subject = _NIFTI.sub("", os.path.basename(path))
+    return sources_from_label_map(path, ABDOMENATLAS_IDS, subject, "", levels, "", strict)
+
+
+VERSE = Layout("VerSe", "*_seg-vert_msk.nii.gz (with *_ct.nii.gz)", _detect_verse, _read_verse)
+TOTALSEGMENTATOR = Layout("TotalSegmentator", "ct.nii.gz with seg.nii.gz or segmentations/vertebrae_L1.nii.gz ...",
+                          _detect_totalsegmentator, _read_totalsegmentator)
+ABDOMENATLAS = Layout("AbdomenAtlas", "BDMAP_*.nii.gz", _detect_abdomenatlas, _read_abdomenatlas)
+LAYOUTS = (VERSE, TOTALSEGMENTATOR, ABDOMENATLAS)
+
+
+def _check_folder(folder: str):
+    if not os.path.isdir(folder):
+        raise InputError(f"data folder not found: {folder}")
+
+
+def _find(layout: Layout, folder: str, levels, strict) -> List[VertebraSource]:
+    _check_folder(folder)
+    scans = layout.detect(folder)
+    if not scans:
+        raise InputError(f"{folder} holds no {layout.name} files ({layout.pattern})")
+    return [s for scan in scans for s in layout.read(scan, levels, strict)]
+
+
+def find_verse(folder: str, levels: Sequence[str] = LUMBAR, strict: bool = False) -> List[VertebraSource]:
+    """VerSe: ``<prefix>_ct.nii.gz`` and ``<prefix>_seg-vert_msk.nii.gz`` anywhere below ``folder``
+    (rawdata/derivatives or flat); masks without CT give label-only sources. Subject from ``sub-<id>``."""
+    return _find(VERSE, folder, levels, strict)
+
+
+def find_totalsegmentator(folder: str, levels: Sequence[str] = LUMBAR,
+                          strict: bool = False) -> List[VertebraSource]:
+    """TotalSegmentator case folders (``folder`` itself or any below it): ``ct.nii.gz`` (or none: label-only)
+    with a v2 multi-label ``seg.nii.gz`` / ``segmentations.nii.gz`` (ids from ``structures.csv`` if present),
+    or binary ``[segmentations/]vertebrae_<level>.nii.gz`` masks. Subject = case folder name."""
+    return _find(TOTALSEGMENTATOR, folder, levels, strict)
+
+
+def find_abdomenatlas(folder: str, levels: Sequence[str] = LUMBAR, strict: bool = False) -> List[VertebraSource]:
+    """AbdomenAtlas combined vertebra maps ``BDMAP_*.nii.gz`` (label-only, 1=L5 ... 5=L1, 6=T12 ...).
+
+    A file whose centroids contradict that order is skipped with a warning (an ``InputError`` if ``strict``).
+    """
+    return _find(ABDOMENATLAS, folder, levels, strict)
+
+
+def find_sources(path: str, levels: Sequence[str] = LUMBAR, strict: bool = False) -> List[VertebraSource]:
+    """Sources from a manifest CSV, or from a folder in any (or several) of the LAYOUTS."""
+    if os.path.isfile(path):
+        if path.lower().endswith(".csv"):
+            return read_manifest(path)
+        raise InputError(f"{path} is neither a manifest CSV nor a data folder")
+    if not os.path.isdir(path):
+        raise InputError(f"not found: {path} (expected a manifest CSV or a data folder)")
+    detected = [(layout, layout.detect(path)) for layout in LAYOUTS]
+    if not any(scans for _, scans in detected):
+        raise InputError(f"no scans recognised in {path}: expected a manifest CSV or a folder with "
+                         + "; ".join(f"{lay.name} files ({lay.pattern})" for lay in LAYOUTS))
+    sources = [s for layout, scans in detected for scan in scans for s in layout.read(scan, levels, strict)]
+    if not sources:
+        found = ", ".join(f"{len(scans)} {layout.name}" for layout, scans in detected if scans)
+        raise InputError(f"{path}: {found} scan(s) found, but none has a vertebra of "
+                         f"{', '.join(normalise_levels(levels))}")
+    return sources
 
 
 def read_manifest(path: str) -> List[VertebraSource]:
-    """Generic manifest: CSV with image, label, label_id, level, subject (paths relative to the CSV)."""
+    """Generic manifest: CSV with image, label, label_id, level, subject (paths relative to the CSV).
+
+    An empty image cell makes a label-only source.
+    """
     if not os.path.isfile(path):
         raise InputError(f"manifest not found: {path}")
     base = os.path.dirname(os.path.abspath(path))
@@ -39,35 +370,115 @@ def read_manifest(path: str) -> List[VertebraSource]:
                 label_id = int(row["label_id"])
             except ValueError:
                 raise InputError(f"{path} line {n}: label_id {row['label_id']!r} is not an integer") from None
-            sources.append(VertebraSource(os.path.join(base, row["image"]), os.path.join(base, row["label"]),
-                                          label_id, row["level"], row["subject"]))
+            image = os.path.join(base, row["image"]) if row["image"].strip() else ""
+            sources.append(VertebraSource(image, os.path.join(base, row["label"]), label_id, row["level"],
+                                          row["subject"]))
     return sources
 
 
+# ------------------------------------------------------------------------------------------- cropping
+
+
+def _crop_label_only(labels: sitk.Image, label_id: int, size, spacing: float, name: str,
+                     stats: Optional[sitk.LabelShapeStatisticsImageFilter] = None) -> VertebraCrop:
+    where = f"{name}: " if name else ""
+    stats = stats or label_statistics(labels)
+    if not stats.HasLabel(int(label_id)):
+        present = ", ".join(map(str, stats.GetLabels())) or "none"
+        raise PreprocessingError(f"{where}label {label_id} is not in the label map (labels present: {present})")
+    # crop_vertebra needs an image on the label map's grid and would convert all of it to float: give it
+    # the vertebra's bounding box plus one voxel instead. The mask, its centroid, the crop grid and the
+    # scan-edge check are the same as on the whole map (the margin is zero, or the map's own edge).
+    lo = np.asarray(stats.GetBoundingBox(int(label_id))[:3])
+    hi = lo + np.asarray(stats.GetBoundingBox(int(label_id))[3:])
+    start = np.maximum(lo - 1, 0)
+    stop = np.minimum(hi + 1, labels.GetSize())
+    roi = sitk.RegionOfInterest(labels, [int(v) for v in stop - start], [int(v) for v in start])
+    crop = crop_vertebra(roi, roi, label_id, size, spacing, name=name)
+    return VertebraCrop(None, crop.label, crop.name, crop.warnings)
+
+
+def crop_label_only(labels: sitk.Image, label_id: int, size: Sequence[int] = CROP_SIZE, spacing: float = 1.0,
+                    name: str = "") -> sitk.Image:
+    """Binary uint8 mask of one vertebra on the crop grid ``crop_vertebra`` uses (``preprocessing.crop_grid``
+    centred on the vertebra's centroid), for label maps whose CT is not available."""
+    return _crop_label_only(labels, label_id, size, spacing, name).label
+
+
+class _ScanCache:
+    """Whole scans (and label statistics) read once each; a few at a time, as sources come scan by scan."""
+
+    def __init__(self, keep: int = 4):
+        self.keep = keep
+        self.images: Dict[str, sitk.Image] = {}
+        self.stats: Dict[str, sitk.LabelShapeStatisticsImageFilter] = {}
+
+    def image(self, path: str, what: str) -> sitk.Image:
+        if path not in self.images:
+            if len(self.images) >= self.keep:
+                self.images.clear()
+                self.stats.clear()
+            self.images[path] = read_image(path, what)
+        return self.images[path]
+
+    def label_stats(self, path: str) -> sitk.LabelShapeStatisticsImageFilter:
+        labels = self.image(path, "label map")
+        if path not in self.stats:
+            self.stats[path] = label_statistics(labels)
+        return self.stats[path]
+
+
+def _unique_names(sources: Sequence[VertebraSource]):
+    seen: Dict[str, VertebraSource] = {}
+    for s in sources:
+        if s.name in seen:
+            raise InputError(f"two sources would both be written as crop {s.name}: {seen[s.name].label} and "
+                             f"{s.label} (give them different subjects or scans)")
+        seen[s.name] = s
+
+
 def prepare_sources(sources: List[VertebraSource], out_dir: str, size=None, spacing: float = 1.0) -> List[CropRecord]:
-    """Crop every listed vertebra into ``out_dir`` and write its index; scans are read once each."""
-    from .preprocessing import CROP_SIZE
+    """Crop every listed vertebra into ``out_dir`` and write its index; scans are read once each.
+
+    Label-only sources get a mask crop and an empty image in the index. Each file is written atomically and
+    the index last, so a failed run leaves no index listing missing or partial crops.
+    """
+    _unique_names(sources)  # before anything is written
     os.makedirs(out_dir, exist_ok=True)
-    cache = {}
+    cache = _ScanCache()
     records = []
     for s in sources:
-        for path, what in ((s.image, "image"), (s.label, "label map")):
-            if path not in cache:
-                if len(cache) > 4:  # a few whole scans at a time are enough: manifests list scans in order
-                    cache.clear()
-                cache[path] = read_image(path, what)
-        name = f"{s.subject}_{s.level}"
+        where = f"{s.label} level {s.level}"
+        try:
+            labels = cache.image(s.label, "label map")
+            image = cache.image(s.image, "image") if s.has_image else None
+        except InputError as exc:
+            raise InputError(f"{exc} (needed for {s.name})") from exc
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            crop = crop_vertebra(cache[s.image], cache[s.label], s.label_id, size or CROP_SIZE, spacing,
-                                 name=f"{os.path.basename(s.label)} level {s.level}")
+            if image is not None:
+                crop = crop_vertebra(image, labels, s.label_id, size or CROP_SIZE, spacing, name=where)
+            else:
+                crop = _crop_label_only(labels, s.label_id, size or CROP_SIZE, spacing, where,
+                                        cache.label_stats(s.label))
         for note in crop.warnings:
             warnings.warn(note)
-        image_path, label_path = write_crop(out_dir, name, crop.image, crop.label)
-        records.append(CropRecord(name, s.subject, s.level, image_path, label_path))
+        if crop.image is not None:
+            image_path, label_path = write_crop(out_dir, s.name, crop.image, crop.label)
+        else:
+            image_path, label_path = "", os.path.join(out_dir, f"{s.name}_label.nii.gz")  # write_crop's naming
+            write_image(crop.label, label_path)
+        records.append(CropRecord(s.name, s.subject, s.level, image_path, label_path))
     write_index(out_dir, records)
     return records
 
 
+def prepare(path: str, out_dir: str, levels: Sequence[str] = LUMBAR, size=None,
+            spacing: float = 1.0) -> List[CropRecord]:
+    """Crops of every vertebra ``find_sources`` finds at ``path`` (a manifest CSV or a data folder)."""
+    return prepare_sources(find_sources(path, levels), out_dir, size, spacing)
+
+
 def prepare_manifest(manifest: str, out_dir: str) -> List[CropRecord]:
-    return prepare_sources(read_manifest(manifest), out_dir)
+    """The CLI's 'prepare': a manifest CSV, or any data folder the readers recognise."""
+    return prepare(manifest, out_dir)

@@ -1,11 +1,12 @@
 """One-shot registration of vertebra crops with a trained network, results in physical space."""
 
+import copy
 import json
 import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -13,6 +14,8 @@ import torch
 
 from . import geometry
 from .checkpoint import build_model, load_checkpoint
+from .config import LossConfig
+from .losses import RegistrationLoss
 from .metrics import STAGES, folding, jacobian_determinant, stage_metrics
 from .networks import RegistrationNet
 from .validation import InputError, check_label, check_pair, check_volume
@@ -41,18 +44,32 @@ def as_image(data: ImageLike, name: str) -> sitk.Image:
     return image
 
 
-def fit_to_grid(image: sitk.Image, shape_zyx: Sequence[int], nearest: bool = False) -> sitk.Image:
-    """Centre-crop or pad ``image`` (same spacing and direction) to the model's input size."""
+def model_grid(image: sitk.Image, shape_zyx: Sequence[int], spacing: float) -> sitk.Image:
+    """The network's grid for a crop: the model's size and voxel size, the crop's centre and direction."""
     size = tuple(int(n) for n in shape_zyx[::-1])
-    if image.GetSize() == size:
-        return image
-    centre = image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in image.GetSize()])
+    centre = np.asarray(image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in image.GetSize()]))
     reference = sitk.Image(size, sitk.sitkUInt8)
-    reference.SetSpacing(image.GetSpacing())
+    reference.SetSpacing([float(spacing)] * 3)
     reference.SetDirection(image.GetDirection())
-    offset = np.asarray(image.GetDirection()).reshape(3, 3) @ (np.asarray(image.GetSpacing()) * (np.asarray(size) - 1) / 2.0)
-    reference.SetOrigin(tuple(np.asarray(centre) - offset))
-    return geometry.resample(image, reference, sitk.Transform(), nearest=nearest)
+    half_extent = np.asarray(image.GetDirection()).reshape(3, 3) @ (float(spacing) * (np.asarray(size) - 1) / 2.0)
+    reference.SetOrigin(tuple(centre - half_extent))
+    return reference
+
+
+def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    return (a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-6)
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-4)
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-6))
+
+
+def onto(image: sitk.Image, reference: sitk.Image, transform=None, label: bool = False) -> sitk.Image:
+    """Resample onto ``reference`` (identity by default); labels linearly, then thresholded at 0.5."""
+    transform = transform if transform is not None else sitk.Transform()
+    if label:
+        soft = sitk.Resample(sitk.Cast(image, sitk.sitkFloat32), reference, transform, sitk.sitkLinear, 0.0)
+        return sitk.Cast(soft > 0.5, sitk.sitkUInt8)
+    # Nearest-neighbour extrapolation keeps fields defined where the reference reaches past the source.
+    return sitk.Resample(image, reference, transform, sitk.sitkLinear, 0.0, image.GetPixelID(), True)
 
 
 @dataclass
@@ -113,11 +130,22 @@ def _write_json(data, path):
     geometry.write_atomically(lambda tmp: open(tmp, "w").write(json.dumps(data, indent=2)), path)
 
 
+class RegistrationCancelled(RuntimeError):
+    pass
+
+
 class Registrar:
-    """Load a network once, then register pairs of crops (or batches of them) on GPU or CPU."""
+    """Load a network once, then register pairs of crops (or batches of them) on GPU or CPU.
+
+    ``refine_steps`` > 0 turns on test-time refinement (instance optimisation): a copy of the network is
+    optimised on each pair (LNCC and the regulariser, no labels) before its final prediction, trading
+    seconds for accuracy. ``progress(step, total)`` and ``should_stop()`` report on and cancel it.
+    """
 
     def __init__(self, checkpoint: Optional[str] = None, model: Optional[RegistrationNet] = None,
-                 device: str = "auto"):
+                 device: str = "auto", refine_steps: int = 0, refine_lr: float = 1e-4,
+                 progress: Optional[Callable[[int, int], None]] = None,
+                 should_stop: Optional[Callable[[], bool]] = None):
         if (checkpoint is None) == (model is None):
             raise ValueError("give either a checkpoint path or a model")
         if checkpoint is not None:
@@ -129,11 +157,14 @@ class Registrar:
         self.device = choose_device(device)
         self.model = model.to(self.device).eval()
         self.shape = tuple(model.config.input_shape)
+        self.refine_steps, self.refine_lr = int(refine_steps), float(refine_lr)
+        self.progress, self.should_stop = progress, should_stop
 
     # -- inputs -----------------------------------------------------------------------------------
     def _prepare(self, fixed, moving, fixed_label, moving_label):
-        fixed = fit_to_grid(as_image(fixed, "fixed image"), self.shape)
-        moving = fit_to_grid(as_image(moving, "moving image"), self.shape)
+        """Inputs as images on the user's grids, and the same on the network's grids."""
+        fixed = as_image(fixed, "fixed image")
+        moving = as_image(moving, "moving image")
         labels = []
         for data, name, ref in ((fixed_label, "fixed label", fixed), (moving_label, "moving label", moving)):
             if data is None:
@@ -145,20 +176,52 @@ class Registrar:
                 if label.GetSize() != ref.GetSize():
                     raise InputError(f"{name} has shape {np.shape(data)}, its image {ref.GetSize()[::-1]}")
                 label.CopyInformation(ref)
-            label = fit_to_grid(label, self.shape, nearest=True)
+            elif label.GetSize() != ref.GetSize():
+                label = onto(label, ref, label=True)  # a label map on another grid than its image
             check_label(sitk.GetArrayViewFromImage(label), name)
             labels.append(label)
-        f_arr = sitk.GetArrayFromImage(fixed).astype(np.float32)
-        m_arr = sitk.GetArrayFromImage(moving).astype(np.float32)
-        check_pair(f_arr, m_arr)
-        return fixed, moving, labels[0], labels[1], f_arr, m_arr
+        spacing = self.model.config.input_spacing
+        grids = [model_grid(im, self.shape, spacing) for im in (fixed, moving)]
+        if all(same_grid(im, g) for im, g in zip((fixed, moving), grids)):
+            net = (fixed, moving, labels[1])  # the crops are already on the network's grid: no resampling
+        else:
+            net = (onto(fixed, grids[0]), onto(moving, grids[1]),
+                   None if labels[1] is None else onto(labels[1], grids[1], label=True))
+        return Prepared(fixed, moving, labels[0], labels[1], *net)
 
     # -- inference --------------------------------------------------------------------------------
+    def refined_model(self, fixed: torch.Tensor, moving: torch.Tensor) -> RegistrationNet:
+        """A copy of the network optimised on this pair (batch-norm statistics frozen)."""
+        model = copy.deepcopy(self.model).eval()
+        optimiser = torch.optim.Adam(model.parameters(), lr=self.refine_lr)
+        loss = RegistrationLoss(LossConfig(affine_dice=0.0, deformable_dice=0.0))
+        for step in range(1, self.refine_steps + 1):
+            if self.should_stop is not None and self.should_stop():
+                raise RegistrationCancelled(f"refinement cancelled at step {step - 1} of {self.refine_steps}")
+            terms = loss(fixed, model(fixed, moving))
+            optimiser.zero_grad(set_to_none=True)
+            terms["total"].backward()
+            optimiser.step()
+            if self.progress is not None:
+                self.progress(step, self.refine_steps)
+        return model.eval()
+
     def _run(self, f: np.ndarray, m: np.ndarray, ml: Optional[np.ndarray]):
         def go(device):
             t = lambda a: torch.from_numpy(np.ascontiguousarray(a))[:, None].to(device)  # noqa: E731
-            with torch.inference_mode():
-                out = self.model.to(device)(t(f), t(m), None if ml is None else t(ml), with_inverse=True)
+            model = self.model.to(device)
+            if self.refine_steps > 0:
+                # Each pair gets its own copy, refined on that pair alone.
+                outs = []
+                for k in range(len(f)):
+                    one = self.refined_model(t(f[k:k + 1]), t(m[k:k + 1]))
+                    with torch.inference_mode():
+                        outs.append(one(t(f[k:k + 1]), t(m[k:k + 1]), None if ml is None else t(ml[k:k + 1]),
+                                        with_inverse=True))
+                out = {key: torch.cat([o[key] for o in outs]) for key in outs[0]}
+            else:
+                with torch.inference_mode():
+                    out = model(t(f), t(m), None if ml is None else t(ml), with_inverse=True)
             return {k: v.float().cpu().numpy() for k, v in out.items()}
         try:
             return go(self.device)
@@ -179,34 +242,68 @@ class Registrar:
         for start in range(0, len(prepared), batch_size):
             chunk = prepared[start:start + batch_size]
             t0 = time.perf_counter()
-            with_labels = all(c[3] is not None for c in chunk)
-            ml = np.stack([sitk.GetArrayFromImage(c[3]).astype(np.float32) for c in chunk]) if with_labels else None
-            out = self._run(np.stack([c[4] for c in chunk]), np.stack([c[5] for c in chunk]), ml)
+            with_labels = all(c.net_moving_label is not None for c in chunk)
+            ml = np.stack([array(c.net_moving_label) for c in chunk]) if with_labels else None
+            out = self._run(np.stack([array(c.net_fixed) for c in chunk]), np.stack([array(c.net_moving) for c in chunk]), ml)
             per_pair = (time.perf_counter() - t0) / len(chunk)
             for i, c in enumerate(chunk):
                 results.append(self._result(c, {k: v[i] for k, v in out.items()}, per_pair))
         return results
 
-    def _result(self, prepared, out, seconds) -> RegistrationResult:
-        fixed, moving, fixed_label, moving_label, f_arr, m_arr = prepared
+    def _result(self, p: "Prepared", out, seconds) -> RegistrationResult:
         jac = jacobian_determinant(out["displacement"])
+        net_f, net_m = p.net_fixed, p.net_moving
+        forward = geometry.coordinates_to_field(out["total_map"], net_f, net_m)
+        inverse = geometry.coordinates_to_field(out["inverse_map"], net_m, net_f)
+        affine_lps = geometry.physical_affine(out["affine"], net_f, net_m)
+        jacobian = geometry.image_like(jac.astype(np.float32), net_f)
+        if p.on_network_grid:
+            # The network's own resampling, which the exported field reproduces exactly.
+            warped = geometry.image_like(out["warped"][0], p.fixed)
+            warped_affine = geometry.image_like(out["warped_affine"][0], p.fixed)
+            labels = [None if p.moving_label is None else geometry.image_like((out[k][0] > 0.5).astype(np.uint8), p.fixed)
+                      for k in ("warped_label_affine", "warped_label")]
+        else:
+            # The network ran on its own grid: bring the fields to the user's grids, then resample the
+            # user's full-resolution moving crop through them.
+            forward, jacobian = onto(forward, p.fixed), onto(jacobian, p.fixed)
+            inverse = onto(inverse, p.moving)
+            transforms = (geometry.affine_transform(affine_lps), geometry.displacement_transform(forward))
+            warped_affine, warped = (onto(p.moving, p.fixed, t) for t in transforms)
+            labels = [None if p.moving_label is None else onto(p.moving_label, p.fixed, t, label=True)
+                      for t in transforms]
         res = RegistrationResult(
-            fixed=fixed, moving=moving, affine_voxel=out["affine"],
-            affine_lps=geometry.physical_affine(out["affine"], fixed, moving),
-            warped_affine=geometry.image_like(out["warped_affine"][0], fixed),
-            warped=geometry.image_like(out["warped"][0], fixed),
-            forward_field=geometry.coordinates_to_field(out["total_map"], fixed, moving),
-            inverse_field=geometry.coordinates_to_field(out["inverse_map"], moving, fixed),
-            jacobian=geometry.image_like(jac.astype(np.float32), fixed),
-            seconds=seconds)
-        if moving_label is not None:
-            res.warped_label_affine = geometry.image_like((out["warped_label_affine"][0] > 0.5).astype(np.uint8), fixed)
-            res.warped_label = geometry.image_like((out["warped_label"][0] > 0.5).astype(np.uint8), fixed)
-        if fixed_label is not None and moving_label is not None:
-            # "initial" compares the crops as they are: both are centred on their vertebra.
-            stages = dict(zip(STAGES, (sitk.GetArrayFromImage(moving_label),
-                                       sitk.GetArrayFromImage(res.warped_label_affine),
-                                       sitk.GetArrayFromImage(res.warped_label))))
-            res.metrics = stage_metrics(sitk.GetArrayFromImage(fixed_label), stages, fixed.GetSpacing())
-            res.metrics["final"].update(folding(jac))
+            fixed=p.fixed, moving=p.moving, affine_voxel=out["affine"], affine_lps=affine_lps,
+            warped_affine=warped_affine, warped=warped, forward_field=forward, inverse_field=inverse,
+            jacobian=jacobian, warped_label_affine=labels[0], warped_label=labels[1], seconds=seconds)
+        if p.fixed_label is not None and p.moving_label is not None:
+            # "initial" compares the crops as they are, both centred on their vertebra (on the network's
+            # grids when the user's crops differ in size).
+            if p.moving_label.GetSize() == p.fixed.GetSize():
+                initial = array(p.moving_label)
+            else:
+                moved = geometry.image_like(array(p.net_moving_label), p.net_fixed)  # centre onto centre
+                initial = array(onto(moved, p.fixed, label=True))
+            stages = dict(zip(STAGES, (initial, array(labels[0]), array(labels[1]))))
+            res.metrics = stage_metrics(array(p.fixed_label), stages, p.fixed.GetSpacing())
+            res.metrics["final"].update(folding(array(jacobian)))
         return res
+
+
+@dataclass
+class Prepared:
+    fixed: sitk.Image
+    moving: sitk.Image
+    fixed_label: Optional[sitk.Image]
+    moving_label: Optional[sitk.Image]
+    net_fixed: sitk.Image
+    net_moving: sitk.Image
+    net_moving_label: Optional[sitk.Image]
+
+    @property
+    def on_network_grid(self) -> bool:
+        return self.net_fixed is self.fixed
+
+
+def array(image: sitk.Image) -> np.ndarray:
+    return sitk.GetArrayFromImage(image).astype(np.float32)
