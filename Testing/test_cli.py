@@ -17,7 +17,7 @@ from ACSGRegistrationLib.config import tiny_config
 from ACSGRegistrationLib.networks import RegistrationNet
 from conftest import ROOT, data_path
 
-COMMANDS = ("train", "finetune", "register", "evaluate", "prepare")
+COMMANDS = ("train", "finetune", "register", "evaluate", "prepare", "export")
 
 
 def full_size_tiny_config():

@@ -1,4 +1,4 @@
-"""Command line: prepare, train, finetune, register, evaluate.
+"""Command line: prepare, train, finetune, register, evaluate, export.
 
 Run as ``python -m ACSGRegistrationLib <command> --help`` from the ``ACSGRegistration`` folder (or with it on
 PYTHONPATH). Errors about the user's input end the program with a one-line message and exit code 2.
@@ -143,6 +143,17 @@ def cmd_evaluate(args):
     return 0
 
 
+def cmd_export(args):
+    """A shippable model: weights (optionally half precision), config, versions and training summary."""
+    from .checkpoint import build_model, load_checkpoint, save_checkpoint
+    payload = load_checkpoint(args.checkpoint)
+    model = build_model(payload, args.checkpoint)
+    keep = {k: payload[k] for k in ("summary", "step", "train_config", "history") if k in payload}
+    save_checkpoint(args.out, model, model.config, half=args.half, **keep)
+    print(f"wrote {args.out} ({os.path.getsize(args.out) / 2 ** 20:.1f} MB, step {payload.get('step')})")
+    return 0
+
+
 def cmd_prepare(args):
     from .readers import prepare_manifest
     records = prepare_manifest(args.manifest, args.out)
@@ -211,6 +222,12 @@ def build_parser():
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="folder for metrics.csv and metrics.md")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="write a checkpoint's weights for shipping (no optimizer state)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--half", action="store_true", help="store weights in half precision")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("prepare", help="crop vertebrae from scans listed in a manifest CSV")
     p.add_argument("--manifest", required=True, help="CSV with columns image, label, label_id, level, subject")

@@ -118,7 +118,7 @@ def compact_config(method: str = "acsgregnet") -> ModelConfig:
         input_spacing=2.0,
         affine=AffineNetConfig(channels=(8, 16, 32, 64, 64), blocks_per_level=1),
         acsg=ACSGNetConfig(encoder_channels=(8, 16, 32), embed_dim=96, num_heads=4, mlp_dim=384, num_layers=4,
-                           patch_size=4, dropout=0.0, decoder_channels=(64, 32, 32, 16)),
+                           patch_size=4, dropout=0.0, decoder_channels=(32, 32, 16, 8)),
     )
 
 

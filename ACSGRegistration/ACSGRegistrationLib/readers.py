@@ -3,9 +3,9 @@
 A ``VertebraSource`` is one vertebra of one scan: the CT (or "" when only the label map is available), the
 label map, the vertebra's label value in it and its level ("L1" ... "L5"; "T12" etc. where asked for).
 Readers exist for a generic manifest CSV and for the VerSe, TotalSegmentator and AbdomenAtlas layouts;
-``find_sources`` recognises the layout by itself. Every reader checks, from the label centroids in physical
-space, that the levels it assigns run from head to feet, because a wrong label convention would otherwise
-silently pair different vertebrae.
+``find_sources`` recognises the layout by itself. The layout readers check, from the label centroids in
+physical space, that the levels they assign run from head to feet, because a wrong label convention would
+otherwise silently pair different vertebrae.
 """
 
 import csv
@@ -332,7 +332,7 @@ def find_abdomenatlas(folder: str, levels: Sequence[str] = LUMBAR, strict: bool 
 
 
 def find_sources(path: str, levels: Sequence[str] = LUMBAR, strict: bool = False) -> List[VertebraSource]:
-    """Sources from a manifest CSV, or from a folder in any (or several) of the LAYOUTS."""
+    """Sources from a manifest CSV (its rows as they are), or from a folder in any (or several) of the LAYOUTS."""
     if os.path.isfile(path):
         if path.lower().endswith(".csv"):
             return read_manifest(path)
