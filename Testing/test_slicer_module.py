@@ -48,6 +48,21 @@ def snapshot(nodes):
     return state
 
 
+def segment_array(segmentation, segment_id, reference):
+    """A segment as an array on a reference volume's grid (slicer.util's version needs slicer.modules)."""
+    import vtk
+    scene = segmentation.GetScene()
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    ids = vtk.vtkStringArray()
+    ids.InsertNextValue(segment_id)
+    try:
+        assert slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(segmentation, ids, labelmap,
+                                                                                      reference)
+        return arr(labelmap)
+    finally:
+        scene.RemoveNode(labelmap)
+
+
 def assert_same(before, after):
     assert before.keys() == after.keys()
     for key in before:
@@ -235,8 +250,7 @@ def test_output_nodes_are_created_and_inputs_untouched(registered):
         assert arr(node).shape == (64, 128, 128)
     seg = out.warpedSegmentation.GetSegmentation()
     assert seg.GetNumberOfSegments() == 1 and seg.GetNthSegment(0).GetName() == "vertebrae_L1 (warped)"
-    warped_label = slicer.util.arrayFromSegmentBinaryLabelmap(out.warpedSegmentation, seg.GetNthSegmentID(0),
-                                                              out.warpedVolume)
+    warped_label = segment_array(out.warpedSegmentation, seg.GetNthSegmentID(0), out.warpedVolume)
     assert np.array_equal(warped_label > 0, sitk.GetArrayFromImage(out.result.warped_label) > 0)
     # The transform records which volumes it registers.
     assert out.transform.GetNodeReferenceID(slicer.vtkMRMLTransformNode.GetMovingNodeReferenceRole()) == \

@@ -63,7 +63,7 @@ def _pair_dataset(args):
         raise ValueError("give --crops (real crop pairs) and/or --synthetic-labels (mask crops to synthesise from)")
     parts = []
     if args.crops:
-        records = read_index(args.crops)
+        records = [r for r in read_index(args.crops) if r.image]  # mask-only crops have no image to pair
         pairs = make_pairs(records, mixed_levels=args.mixed_levels, max_per_moving=args.pairs_per_moving,
                            seed=args.seed)
         parts.append(PairDataset(records, pairs, with_labels=not args.no_labels))
@@ -230,7 +230,9 @@ def build_parser():
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("prepare", help="crop vertebrae from scans listed in a manifest CSV")
-    p.add_argument("--manifest", required=True, help="CSV with columns image, label, label_id, level, subject")
+    p.add_argument("--manifest", required=True,
+                   help="CSV with columns image, label, label_id, level, subject; or a data folder in the "
+                        "VerSe, TotalSegmentator or AbdomenAtlas layout")
     p.add_argument("--out", required=True, help="crops folder to write")
     p.set_defaults(func=cmd_prepare)
     return parser
