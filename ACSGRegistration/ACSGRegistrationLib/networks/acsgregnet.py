@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ACSGNetConfig
-from ..layers import ConvBlock, flow_head
+from ..layers import Conv3d, ConvBlock, flow_head
 
 
 class SharedEncoder(nn.Module):
@@ -76,8 +76,8 @@ class GatedFusion(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.gate = nn.Conv3d(6, 6, 3, padding=1)
-        self.fuse = nn.Conv3d(6, 3, 3, padding=1)
+        self.gate = Conv3d(6, 6, 3, padding=1)
+        self.fuse = Conv3d(6, 3, 3, padding=1)
         # Start as the plain sum of the gated fields (gates ~0.5 at initialisation), so that both
         # decoders receive gradient from the first step.
         with torch.no_grad():
@@ -118,7 +118,7 @@ class ACSGDeformableNet(nn.Module):
 
         self.encoder = SharedEncoder(cfg.encoder_channels)
         # The "trainable linear projection" of the deepest features to tokens: one linear map per patch.
-        self.embed = nn.Conv3d(cfg.encoder_channels[-1], cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size)
+        self.embed = Conv3d(cfg.encoder_channels[-1], cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size)
         self.position_fixed = nn.Parameter(torch.zeros(1, tokens, cfg.embed_dim))
         self.position_moving = nn.Parameter(torch.zeros(1, tokens, cfg.embed_dim))
         nn.init.trunc_normal_(self.position_fixed, std=0.02)
