@@ -74,7 +74,11 @@ def grab(view, path=None) -> np.ndarray:
 
 def check_rendering():
     """Raise RenderUnavailable when no offscreen OpenGL context can be made here."""
-    import vtk
+    try:
+        import vtk
+        import trame_slicer.views  # noqa: F401
+    except ImportError as exc:
+        raise RenderUnavailable(f"trame-slicer is not installed: {exc}") from exc
     try:
         window = vtk.vtkRenderWindow()
         window.SetOffScreenRendering(1)
@@ -142,6 +146,9 @@ def main(argv=None):
         nodes[side] = logic.loadVolumeFile(os.path.join(ct, scan, "ct.nii.gz"), name=f"{side} CT")
         nodes[side + "Seg"] = logic.loadVolumeFile(os.path.join(ct, scan, "seg.nii.gz"), labelmap=True,
                                                    name=f"{side} labels")
+    for side in ("fixed", "moving"):  # a bone window, as a user would set it
+        nodes[side].GetDisplayNode().AutoWindowLevelOff()
+        nodes[side].GetDisplayNode().SetWindowLevel(1400, 300)
     output = logic.register(nodes["fixed"], nodes["moving"], nodes["fixedSeg"], nodes["movingSeg"], "31", "31",
                             checkpoint=args.checkpoint, device="cpu", refineSteps=args.refine_steps, show=False)
     print(logic.summaryText(output))

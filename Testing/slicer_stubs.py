@@ -3,8 +3,8 @@
 
 Stood in for (nothing else): ``slicer.ScriptedLoadableModule`` (module/widget/logic/test base classes),
 ``slicer.parameterNodeWrapper`` (a plain attribute holder with the declared defaults; no GUI connection),
-``slicer.i18n`` (identity translation), and empty ``qt`` / ``ctk`` modules (only the widget uses them, and
-the widget is not run here). MRML scenes, nodes, logics and displayable managers are slicer-core's own.
+and ``slicer.i18n`` (identity translation). The widget (Qt) is not run here. MRML scenes, nodes, logics and
+displayable managers are slicer-core's own.
 
 ``new_scene()`` builds what the Slicer application sets up for a scene: application logic, the built-in
 colour nodes, slice view orientation presets and default slice nodes, and sets ``slicer.mrmlScene``.
@@ -161,8 +161,6 @@ def install():
                          ("slicer.i18n", i18n)):
         sys.modules[name] = module
         setattr(slicer, name.split(".")[1], module)
-    for name in ("qt", "ctk"):
-        sys.modules.setdefault(name, _module(name))
     _INSTALLED = True
 
 

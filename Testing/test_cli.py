@@ -107,11 +107,12 @@ def test_prepare_then_evaluate_writes_the_tables(checkpoint, tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["register", "--fixed", "nope.nii.gz", "--moving", "nope.nii.gz", "--out", "x"], "fixed image not found"),
-    (["evaluate", "--crops", ".", "--out", "x", "--checkpoint", "x.pt"], "not a crops folder"),
+    (["evaluate", "--crops", ".", "--out", "x"], "not a crops folder"),
+    (["train", "--out", "x"], "give --crops"),
 ])
 def test_errors_exit_with_a_message(args, message, capsys, checkpoint, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    if args[0] == "register":
+    if args[0] in ("register", "evaluate"):
         args = args + ["--checkpoint", checkpoint]
     assert main(args) == 2
     assert message in capsys.readouterr().err

@@ -77,6 +77,16 @@ def assert_same(before, after):
                 assert a == b, key
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's many small operations run fastest on one thread (and do not stall on a busy machine)."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     return M.ACSGRegistrationTest.makeTinyModel(tmp_path_factory.mktemp("model") / "tiny.pt")
@@ -322,7 +332,7 @@ def test_moving_volume_under_the_transform_reproduces_the_warped_volume(register
         scene.RemoveNode(clone)
     ours = arr(out.warpedVolume)
     inside = slicer_warp != -12345.0
-    assert inside.mean() > 0.9
+    assert inside.mean() > 0.5  # the crop reaches past the moving scan
     diff = np.abs(slicer_warp[inside] - ours[inside])
     assert np.median(diff) < 1e-3 and np.percentile(diff, 99) < 1.0  # HU; last-voxel edge handling differs
     # ...and the image is a real warp of the moving scan's vertebra (bone under the warped vertebra label).
@@ -353,7 +363,7 @@ def test_jacobian_volume_geometry_values_and_colours(registered):
     assert np.allclose(M.ijkToRasOfNode(out.jacobian), M.ijkToRasFromImage(out.result.fixed))
     assert np.allclose(arr(out.jacobian), sitk.GetArrayFromImage(out.result.jacobian))
     j = arr(out.jacobian)
-    assert j.std() > 1e-3 and 0.5 < np.median(j) < 1.5
+    assert j.std() > 0.02 and 0.8 < np.median(j) < 1.2 and j.min() > 0
     display = out.jacobian.GetDisplayNode()
     assert not display.GetAutoWindowLevel()
     assert display.GetWindowLevelMin() == pytest.approx(0.0) and display.GetWindowLevelMax() == pytest.approx(2.0)
@@ -544,11 +554,19 @@ def test_batch_over_node_pairs_and_files(scene_data, tiny_model, tmp_path):
                                      movingSegmentation=files["movingSegmentation"], fixedLabel=1, movingLabel=20,
                                      name="files")], outputFolder=str(tmp_path / "out"), checkpoint=tiny_model,
                                device="cpu", keepNodes=False)
-    assert rows[0]["name"] == "files" and rows[0]["metrics"]["final"]["dice"] > 0
+    assert rows[0]["name"] == "files" and rows[0]["metrics"]["final"]["dice"] > 0 and rows[0]["error"] is None
     for key in ("warped", "forward_transform", "inverse_transform", "jacobian", "metrics"):
         assert os.path.isfile(rows[0]["paths"][key]), key
     assert open(tmp_path / "out" / "metrics.csv").readline().startswith("name,seconds")
     assert slicer.mrmlScene.GetNumberOfNodes() <= nodes_before + 1  # nodes removed (colour table may stay)
+    # A broken pair is reported and the batch goes on when asked to.
+    rows2 = logic.registerFiles([dict(fixed=files["fixedVolume"], moving=str(tmp_path / "missing.nii.gz")),
+                                 dict(fixed=files["fixedVolume"], moving=files["movingVolume"], name="crops")],
+                                checkpoint=tiny_model, device="cpu", keepNodes=False, stopOnError=False)
+    assert "image not found" in rows2[0]["error"] and rows2[1]["error"] is None
+    with pytest.raises(InputError, match="image not found"):
+        logic.registerFiles([dict(fixed=files["fixedVolume"], moving=str(tmp_path / "missing.nii.gz"))],
+                            checkpoint=tiny_model)
     # Same pair from nodes and from files: same registration.
     assert rows[0]["metrics"]["initial"]["dice"] == pytest.approx(outs[0].metrics["initial"]["dice"], abs=0.02)
 
@@ -557,7 +575,7 @@ def test_fine_tune_on_scene_pairs_then_resume_then_register(scene_data, tiny_mod
     logic = fast(M.ACSGRegistrationLogic())
     d = scene_data
     pair = (d["fixedVolume"], d["movingVolume"], d["fixedSegmentation"], d["movingSegmentation"], "L1", "L1")
-    seen, stop = [], {"after": None}
+    seen = []
     first = logic.fineTune(str(tmp_path / "run"), scenePairs=[pair], checkpoint=tiny_model, iterations=3,
                            batchSize=2, device="cpu", progress=lambda s, t, terms: seen.append((s, t)),
                            shouldStop=lambda: len(seen) >= 2)
@@ -601,7 +619,7 @@ def test_self_test_logic_parts_run_here(tiny_model, monkeypatch):
     monkeypatch.setattr(M.ACSGRegistrationTest, "_model", lambda self: str(tiny_model))
     M.ACSGRegistrationTest.messages.clear()
     M.ACSGRegistrationTest().runTest()
-    assert "Click-through test skipped" in " ".join(M.ACSGRegistrationTest.messages)
+    assert "click-through test skipped" in " ".join(M.ACSGRegistrationTest.messages).lower()
     assert any("passed" in m for m in M.ACSGRegistrationTest.messages)
 
 
