@@ -28,7 +28,7 @@ def folding_model(weight):
     """Untrained tiny AVoxelMorph (plain displacement, no integration): a clear affine, and with a large
     flow head a deformation rough enough to fold; weight 0 keeps the deformable stage at identity."""
     torch.manual_seed(0)
-    net = RegistrationNet(tiny_config("avoxelmorph", SHAPE))
+    net = RegistrationNet(tiny_config("avoxelmorph", SHAPE, input_spacing=2.0))  # the 2 mm crops' own grid
     with torch.no_grad():
         net.affine.fc.bias.copy_(torch.tensor([[0.97, 0.08, 0.0, 1.2], [-0.08, 0.97, 0.04, -1.5],
                                                [0.0, -0.04, 1.03, 0.8]]).flatten())

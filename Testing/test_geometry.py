@@ -144,3 +144,29 @@ def test_outputs_are_written_atomically(registered, tmp_path, monkeypatch):
         geometry.write_image(result.warped, str(target))
     assert target.read_bytes() == b"previous result"
     assert [p.name for p in tmp_path.iterdir()] == ["warped.nii.gz"]
+
+
+def test_a_coarser_model_returns_results_on_the_crops_own_grid():
+    """A 2 mm network (the shipped compact model's kind) registering 1 mm crops: it runs on its own grid,
+    and its fields, resampled to the crops' grids, reproduce the same physical mapping."""
+    torch.manual_seed(0)
+    net = RegistrationNet(tiny_config("acsgregnet", (8, 16, 16), input_spacing=2.0))
+    with torch.no_grad():
+        net.affine.fc.bias.copy_(torch.tensor([[1.0, 0.05, 0.0, 0.6], [-0.05, 1.0, 0.0, -0.4],
+                                               [0.0, 0.0, 1.0, 0.3]]).flatten())
+        net.deformable.decoder_self.head.weight.normal_(0, 0.05)
+    fixed = with_geometry(blob_volume(1), (1.0, 1.0, 1.0), rotation((0, 0, 1), 20), (10.0, 0.0, 0.0))
+    moving = with_geometry(blob_volume(2), (1.0, 1.0, 1.0), tuple(np.eye(3).ravel()), (90.0, 5.0, 0.0))
+    labels = [sitk.Cast(im > 0.3, sitk.sitkUInt8) for im in (fixed, moving)]
+    result = Registrar(model=net.eval(), device="cpu").register(fixed, moving, *labels)
+    assert result.warped.GetSize() == fixed.GetSize() and result.jacobian.GetSize() == fixed.GetSize()
+    assert result.inverse_field.GetSize() == moving.GetSize()
+    # Fixed points are carried to the moving crop, ~80 mm away, and the inverse brings them back.
+    transform = result.forward_transform()
+    inverse = result.inverse_transform()
+    for idx in [(10, 10, 6), (16, 16, 8), (20, 12, 9)]:
+        p = np.array(fixed.TransformIndexToPhysicalPoint(idx))
+        q = np.array(transform.TransformPoint(tuple(p)))
+        assert np.linalg.norm(q - p) > 70
+        assert np.linalg.norm(np.array(inverse.TransformPoint(tuple(q))) - p) < 0.3
+    assert set(result.metrics) == {"initial", "affine", "final"}

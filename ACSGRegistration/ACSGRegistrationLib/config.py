@@ -122,11 +122,12 @@ def compact_config(method: str = "acsgregnet") -> ModelConfig:
     )
 
 
-def tiny_config(method: str = "acsgregnet", input_shape=(16, 32, 32)) -> ModelConfig:
+def tiny_config(method: str = "acsgregnet", input_shape=(16, 32, 32), input_spacing: float = 1.0) -> ModelConfig:
     """A model of the same structure with ~70k parameters, for tests and quick experiments."""
     return ModelConfig(
         method=method,
         input_shape=tuple(input_shape),
+        input_spacing=float(input_spacing),
         affine=AffineNetConfig(channels=(4, 8, 8, 8, 8), blocks_per_level=1),
         acsg=ACSGNetConfig(encoder_channels=(4, 8, 8), embed_dim=12, num_heads=2, mlp_dim=24, num_layers=1,
                            patch_size=2, dropout=0.0, decoder_channels=(8, 8, 8)),
