@@ -259,22 +259,9 @@ def gridTransformFromField(displacementField):
 
 
 def deformablePartField(result):
-    """Displacement field (LPS, on the fixed crop's grid) of the deformable part alone: the whole transform is
-    p -> A(phi(p)) (the deformable map phi in the fixed space, then the affine A to the moving space), so
-    phi(p) = A^-1(p + u(p))."""
-    import SimpleITK as sitk
-    from ACSGRegistrationLib import geometry
-    u = sitk.GetArrayFromImage(result.forward_field).astype(np.float64)  # (k, j, i, 3)
-    shape = u.shape[:3]
-    index = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"))
-    index = np.concatenate([index.reshape(3, -1), np.ones((1, index[0].size))])
-    points = (geometry.index_to_physical_matrix(result.forward_field) @ index)[:3]
-    moved = points + u.reshape(-1, 3).T
-    inverse = np.linalg.inv(np.asarray(result.affine_lps, dtype=np.float64))
-    phi = inverse[:3, :3] @ moved + inverse[:3, 3:4]
-    image = sitk.GetImageFromArray((phi - points).T.reshape(*shape, 3), isVector=True)
-    image.CopyInformation(result.forward_field)
-    return image
+    """Displacement field (LPS, on the fixed crop's grid) of the deformable part alone (see the backend's
+    RegistrationResult.deformable_field)."""
+    return result.deformable_field()
 
 
 #

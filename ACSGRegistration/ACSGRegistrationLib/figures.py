@@ -63,22 +63,9 @@ def _save_png(fig, path: str, dpi: float):
 # --- Figure 6: one registration ----------------------------------------------------------------------
 
 def deformable_field(result) -> np.ndarray:
-    """The deformable part of the forward field, (z, y, x, 3) LPS mm on the fixed grid.
-
-    The exported field composes the affine and the deformable stage, p -> A(p + u(p)); the affine
-    part alone (between two crops of different subjects it holds their whole offset in the scanner)
-    would swamp the colour coding, so the figure shows u(p) = A^-1(p + field(p)) - p, the field whose
-    Jacobian determinant ``result.jacobian`` holds.
-    """
-    total = sitk.GetArrayFromImage(result.forward_field).astype(np.float64)  # (D, H, W, 3)
-    shape = total.shape[:3]
-    index = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"))
-    index = np.concatenate([index.reshape(3, -1), np.ones((1, index[0].size))])
-    points = (geometry.index_to_physical_matrix(result.forward_field) @ index)[:3]
-    target = points + total.reshape(-1, 3).T
-    inverse = np.linalg.inv(np.asarray(result.affine_lps, dtype=np.float64))
-    back = inverse[:3, :3] @ target + inverse[:3, 3:]
-    return (back - points).T.reshape(*shape, 3)
+    """The deformable part of the forward field, (z, y, x, 3) LPS mm on the fixed grid (the affine part
+    alone would swamp the colour coding; see ``RegistrationResult.deformable_field``)."""
+    return sitk.GetArrayFromImage(result.deformable_field()).astype(np.float64)
 
 
 def _direction(image: sitk.Image) -> np.ndarray:
