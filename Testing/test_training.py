@@ -223,3 +223,22 @@ def test_test_time_refinement_improves_the_pair_and_can_be_cancelled(real_pair_2
                         progress=lambda step, total: calls.append(step))
     with pytest.raises(RegistrationCancelled, match="cancelled at step 2 of 25"):
         stopper.register(*args)
+
+
+def test_sigterm_stops_a_command_line_run_cleanly(tmp_path):
+    """A stop request (SIGTERM, or Ctrl+C) ends the step in progress, saves, and exits with 130."""
+    crops = make_crops_folder(tmp_path / "crops")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "ACSGRegistrationLib", "train", "--crops", str(crops), "--out", str(out),
+           "--config", "tiny", "--steps", "400", "--batch-size", "2", "--checkpoint-every", "2", "--device", "cpu"]
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "ACSGRegistration"), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (out / LAST).exists():
+        time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "stop requested (SIGTERM)" in stdout
+    state = load_checkpoint(str(out / LAST))
+    assert state["summary"]["status"] == "cancelled" and 2 <= state["step"] < 400

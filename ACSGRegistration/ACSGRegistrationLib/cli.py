@@ -79,12 +79,27 @@ def _pair_dataset(args):
     return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
 
+def _stop_requests():
+    """Ctrl+C or SIGTERM ask the training loop to stop after its step and save (also where a shell
+    started the run in the background, with SIGINT ignored)."""
+    import signal
+    requested = []
+
+    def handler(signum, frame):
+        print(f"stop requested ({signal.Signals(signum).name}): saving after this step", flush=True)
+        requested.append(signum)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
+    return lambda: bool(requested)
+
+
 def cmd_train(args, finetune=False):
     from .trainer import Trainer
     dataset = _pair_dataset(args)
     cfg = None if finetune else _model_config(args, tuple(dataset[0]["fixed"].shape[1:]))
     trainer = Trainer(cfg, _train_config(args), dataset, args.out, init_checkpoint=args.checkpoint if finetune else None,
-                      device=args.device, resume=not args.restart, progress=_progress_printer(args.print_every))
+                      device=args.device, resume=not args.restart, progress=_progress_printer(args.print_every),
+                      should_stop=_stop_requests())
     summary = trainer.train()
     print(json.dumps(summary, indent=2))
     return 0 if summary["status"] == "finished" else 130
