@@ -120,6 +120,11 @@ def _crop_input(image_path, seg_path, label_id, name):
     return crop.image, crop.label
 
 
+def _short(path):
+    """'folder/file' of a path: scans are often all called ct.nii.gz."""
+    return os.path.join(os.path.basename(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
+
+
 def cmd_register(args):
     from .registrar import Registrar
     checkpoint = args.checkpoint or DEFAULT_MODEL
@@ -135,7 +140,7 @@ def cmd_register(args):
         from .figures import registration_figure
         paths["figure"] = os.path.join(args.out, "figure.png")
         registration_figure(result, paths["figure"], fixed_label=fixed_label,
-                            title=f"{os.path.basename(args.moving)} -> {os.path.basename(args.fixed)}")
+                            title=f"{_short(args.moving)} -> {_short(args.fixed)}")
     print(f"registered in {result.seconds:.2f} s on {registrar.device}")
     if result.metrics:
         from .evaluation import format_stage_table

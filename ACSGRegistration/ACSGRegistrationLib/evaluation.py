@@ -7,7 +7,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from .geometry import write_atomically
+from .geometry import write_atomically, write_text
 from .metrics import STAGES
 
 METRICS = ("dice", "precision", "recall", "assd_mm")
@@ -73,7 +73,7 @@ def write_tables(rows: List[Dict], out_dir: str) -> Dict[str, str]:
             writer.writerows(rows)
     write_atomically(write_csv, csv_path)
     text = summary_markdown(rows)
-    write_atomically(lambda tmp: open(tmp, "w").write(text), md_path)
+    write_text(text, md_path)
     return {"csv": csv_path, "markdown": md_path}
 
 

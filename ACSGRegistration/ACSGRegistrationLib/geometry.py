@@ -123,6 +123,13 @@ def write_atomically(write, path: str):
         raise
 
 
+def write_text(text: str, path: str):
+    def write(tmp):
+        with open(tmp, "w") as fh:
+            fh.write(text)
+    write_atomically(write, path)
+
+
 def write_image(image: sitk.Image, path: str):
     write_atomically(lambda tmp: sitk.WriteImage(image, tmp, True), path)
 

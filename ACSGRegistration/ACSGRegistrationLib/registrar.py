@@ -143,7 +143,7 @@ class RegistrationResult:
 
 
 def _write_json(data, path):
-    geometry.write_atomically(lambda tmp: open(tmp, "w").write(json.dumps(data, indent=2)), path)
+    geometry.write_text(json.dumps(data, indent=2), path)
 
 
 class RegistrationCancelled(RuntimeError):
