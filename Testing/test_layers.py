@@ -1,4 +1,3 @@
-import numpy as np
 import torch
 
 from ACSGRegistrationLib.layers import (affine_coordinates, identity_grid, integrate_velocity, invert_affine,

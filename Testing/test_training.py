@@ -12,7 +12,7 @@ import SimpleITK as sitk
 import torch
 
 from ACSGRegistrationLib.checkpoint import load_checkpoint
-from ACSGRegistrationLib.config import LossConfig, TrainConfig, tiny_config
+from ACSGRegistrationLib.config import TrainConfig, tiny_config
 from ACSGRegistrationLib.datasets import ArrayPairDataset
 from ACSGRegistrationLib.layers import affine_coordinates, identity_grid, sample
 from ACSGRegistrationLib.losses import local_ncc

@@ -107,7 +107,6 @@ def cmd_train(args, finetune=False):
 
 def _crop_input(image_path, seg_path, label_id, name):
     """Whole scan + segmentation + label id -> crop; otherwise the files are taken as ready crops."""
-    import SimpleITK as sitk
     from .io import read_image
     from .preprocessing import crop_vertebra
     image = read_image(image_path, f"{name} image")

@@ -131,9 +131,3 @@ def evaluate(methods, crops_dir: str, out_dir: str, pair_mode: str = "inter-subj
     log(f"tables: {paths['csv']}, {paths['markdown']}")
     return rows
 
-
-def evaluate_checkpoint(checkpoint: str, crops_dir: str, out_dir: str, device: str = "auto",
-                        mixed_levels: bool = False, batch_size: int = 1, log=print) -> List[Dict]:
-    """Register every inter-subject pair of a crops folder with one network and write the tables."""
-    return evaluate([network_method(checkpoint, device)], crops_dir, out_dir,
-                    "mixed" if mixed_levels else "inter-subject", log)

@@ -18,7 +18,7 @@ from .config import LossConfig
 from .losses import RegistrationLoss
 from .metrics import STAGES, folding, jacobian_determinant, stage_metrics
 from .networks import RegistrationNet
-from .validation import InputError, check_label, check_pair, check_volume
+from .validation import InputError, check_label, check_volume
 
 ImageLike = Union[sitk.Image, np.ndarray]
 
