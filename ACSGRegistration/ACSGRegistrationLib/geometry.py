@@ -55,6 +55,18 @@ def affine_transform(matrix4: np.ndarray) -> sitk.AffineTransform:
     return t
 
 
+def apply_homogeneous(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """A 4x4 matrix applied to (3, N) points."""
+    return matrix[:3, :3] @ points + matrix[:3, 3:4]
+
+
+def voxel_points(image: sitk.Image) -> np.ndarray:
+    """(3, N) LPS points of every voxel of ``image``, in array (z, y, x) order of the voxels."""
+    shape = image.GetSize()[::-1]
+    index = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"))
+    return apply_homogeneous(index_to_physical_matrix(image), index.reshape(3, -1))
+
+
 def coordinates_to_field(coords: np.ndarray, reference: sitk.Image, target: sitk.Image) -> sitk.Image:
     """Displacement field (LPS mm) on ``reference``'s grid from a (3, D, H, W) map of voxel positions
     (array order) in ``target``: u(p) = target_point(coords) - p."""
@@ -62,34 +74,20 @@ def coordinates_to_field(coords: np.ndarray, reference: sitk.Image, target: sitk
     if coords.shape[1:] != reference.GetSize()[::-1]:
         raise ValueError(f"coordinate map {coords.shape[1:]} does not match the reference grid "
                          f"{reference.GetSize()[::-1]}")
-    hom = np.concatenate([coords.reshape(3, -1), np.ones((1, coords[0].size))])
-    ident = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in coords.shape[1:]], indexing="ij"))
-    ident = np.concatenate([ident.reshape(3, -1), np.ones((1, coords[0].size))])
-    field = (index_to_physical_matrix(target) @ hom - index_to_physical_matrix(reference) @ ident)[:3]
-    image = sitk.GetImageFromArray(field.T.reshape(*coords.shape[1:], 3), isVector=True)
-    image.CopyInformation(reference)
-    return image
+    field = apply_homogeneous(index_to_physical_matrix(target), coords.reshape(3, -1)) - voxel_points(reference)
+    return image_like(field.T.reshape(*coords.shape[1:], 3), reference, is_vector=True)
 
 
 def field_to_coordinates(field: sitk.Image, target: sitk.Image) -> np.ndarray:
     """Inverse of ``coordinates_to_field``: voxel positions (array order) in ``target``."""
     u = sitk.GetArrayFromImage(field).astype(np.float64)  # (D, H, W, 3) LPS
-    shape = u.shape[:3]
-    ident = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"))
-    ident = np.concatenate([ident.reshape(3, -1), np.ones((1, ident[0].size))])
-    points = (index_to_physical_matrix(field) @ ident)[:3] + u.reshape(-1, 3).T
-    coords = np.linalg.inv(index_to_physical_matrix(target)) @ np.concatenate([points, np.ones((1, points.shape[1]))])
-    return coords[:3].reshape(3, *shape)
+    points = voxel_points(field) + u.reshape(-1, 3).T
+    return apply_homogeneous(np.linalg.inv(index_to_physical_matrix(target)), points).reshape(3, *u.shape[:3])
 
 
 def displacement_transform(field: sitk.Image) -> sitk.DisplacementFieldTransform:
     # The transform takes ownership of the image it is given: hand it a copy.
     return sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
-
-
-def resample(image: sitk.Image, reference: sitk.Image, transform, nearest: bool = False, default=0.0):
-    interp = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
-    return sitk.Resample(image, reference, transform, interp, default, image.GetPixelID())
 
 
 def image_like(array: np.ndarray, reference: sitk.Image, is_vector: bool = False) -> sitk.Image:

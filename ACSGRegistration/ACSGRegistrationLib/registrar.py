@@ -105,13 +105,11 @@ class RegistrationResult:
         scanner, which would swamp any display of the local deformation.
         """
         total = sitk.GetArrayFromImage(self.forward_field).astype(np.float64)  # (D, H, W, 3)
-        shape = total.shape[:3]
-        index = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"))
-        index = np.concatenate([index.reshape(3, -1), np.ones((1, index[0].size))])
-        points = (geometry.index_to_physical_matrix(self.forward_field) @ index)[:3]
+        points = geometry.voxel_points(self.forward_field)
         inverse = np.linalg.inv(np.asarray(self.affine_lps, dtype=np.float64))
-        back = inverse[:3, :3] @ (points + total.reshape(-1, 3).T) + inverse[:3, 3:]
-        return geometry.image_like((back - points).T.reshape(*shape, 3), self.forward_field, is_vector=True)
+        back = geometry.apply_homogeneous(inverse, points + total.reshape(-1, 3).T)
+        return geometry.image_like((back - points).T.reshape(*total.shape[:3], 3), self.forward_field,
+                                   is_vector=True)
 
     def save(self, out_dir: str) -> Dict[str, str]:
         """Write every output (atomically, file by file) and return their paths."""
