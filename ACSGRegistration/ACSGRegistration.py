@@ -1345,22 +1345,20 @@ class ACSGRegistrationLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _writeBatchTable(rows, path):
-        import csv
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        from ACSGRegistrationLib.geometry import write_csv
         fields = ["name", "seconds", "error", "nonpositive_jacobian_percent"]
         stageKeys = ["dice", "precision", "recall", "assd_mm"]
         for stage in ("initial", "affine", "final"):
             fields += [f"{stage}_{k}" for k in stageKeys]
-        with open(path, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fields)
-            writer.writeheader()
-            for r in rows:
-                row = {"name": r["name"], "seconds": round(r["seconds"], 3), "error": r.get("error") or "",
-                       "nonpositive_jacobian_percent": (r["folding"] or {}).get("nonpositive_jacobian_percent")}
-                for stage, values in (r["metrics"] or {}).items():
-                    for k in stageKeys:
-                        row[f"{stage}_{k}"] = values.get(k)
-                writer.writerow(row)
+        table = []
+        for r in rows:
+            row = {"name": r["name"], "seconds": round(r["seconds"], 3), "error": r.get("error") or "",
+                   "nonpositive_jacobian_percent": (r["folding"] or {}).get("nonpositive_jacobian_percent")}
+            for stage, values in (r["metrics"] or {}).items():
+                for k in stageKeys:
+                    row[f"{stage}_{k}"] = values.get(k)
+            table.append(row)
+        write_csv(table, path, fields)  # atomic, like every other output
 
     # -- fine-tuning ------------------------------------------------------------------------------------
     def _networkGridArrays(self, image, label, modelConfig):

@@ -16,7 +16,7 @@ import SimpleITK as sitk
 import torch
 from torch.utils.data import Dataset
 
-from .geometry import write_atomically, write_image
+from .geometry import write_csv, write_image
 from .validation import InputError
 
 INDEX = "crops.csv"
@@ -43,16 +43,9 @@ def write_crop(out_dir: str, name: str, image: sitk.Image, label: Optional[sitk.
 
 
 def write_index(out_dir: str, records: Sequence[CropRecord]):
-    def write(tmp):
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, FIELDS)
-            writer.writeheader()
-            for r in records:
-                row = asdict(r)
-                row["image"] = os.path.relpath(r.image, out_dir) if r.image else ""
-                row["label"] = os.path.relpath(r.label, out_dir) if r.label else ""
-                writer.writerow(row)
-    write_atomically(write, os.path.join(out_dir, INDEX))
+    relative = lambda p: os.path.relpath(p, out_dir) if p else ""  # noqa: E731
+    rows = [dict(asdict(r), image=relative(r.image), label=relative(r.label)) for r in records]
+    write_csv(rows, os.path.join(out_dir, INDEX), FIELDS)
 
 
 def read_index(folder: str) -> List[CropRecord]:

@@ -1,13 +1,12 @@
 """The paper's evaluation tables: per-level Dice, precision, recall, ASSD at each stage, and folding."""
 
-import csv
 import os
 from collections import defaultdict
 from typing import Dict, List
 
 import numpy as np
 
-from .geometry import write_atomically, write_text
+from .geometry import write_csv, write_text
 from .metrics import STAGES
 
 METRICS = ("dice", "precision", "recall", "assd_mm")
@@ -65,13 +64,7 @@ def write_tables(rows: List[Dict], out_dir: str) -> Dict[str, str]:
     os.makedirs(out_dir, exist_ok=True)
     csv_path = os.path.join(out_dir, "metrics.csv")
     md_path = os.path.join(out_dir, "metrics.md")
-
-    def write_csv(tmp):
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, list(rows[0].keys()))
-            writer.writeheader()
-            writer.writerows(rows)
-    write_atomically(write_csv, csv_path)
+    write_csv(rows, csv_path)
     text = summary_markdown(rows)
     write_text(text, md_path)
     return {"csv": csv_path, "markdown": md_path}

@@ -6,6 +6,7 @@ ITK's LPS world, so that ITK, SimpleITK, ANTs and Slicer apply it identically (a
 mapped to the moving-space point p + u(p): ITK's resampling convention).
 """
 
+import csv
 import os
 import tempfile
 
@@ -125,6 +126,21 @@ def write_text(text: str, path: str):
     def write(tmp):
         with open(tmp, "w") as fh:
             fh.write(text)
+    write_atomically(write, path)
+
+
+def write_csv(rows, path: str, fieldnames=None):
+    """Dict rows as CSV, written atomically; columns default to every key, in order of appearance."""
+    if fieldnames is None:
+        fieldnames = []
+        for row in rows:
+            fieldnames += [k for k in row if k not in fieldnames]
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames)
+            writer.writeheader()
+            writer.writerows(rows)
     write_atomically(write, path)
 
 

@@ -5,7 +5,6 @@ epoch s // steps_per_epoch, and random-number states are checkpointed, so a run 
 checkpoint continues exactly where it stopped.
 """
 
-import csv
 import math
 import os
 import time
@@ -17,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint, versions
 from .config import ModelConfig, TrainConfig, to_dict
-from .geometry import write_atomically
+from .geometry import write_csv
 from .losses import RegistrationLoss
 from .networks import RegistrationNet
 from .registrar import choose_device
@@ -150,16 +149,7 @@ class Trainer:
     def _write_history(self):
         if not self.history:
             return
-        keys = list(self.history[0].keys())
-        for row in self.history:
-            keys += [k for k in row if k not in keys]
-
-        def write(tmp):
-            with open(tmp, "w", newline="") as fh:
-                writer = csv.DictWriter(fh, keys)
-                writer.writeheader()
-                writer.writerows(self.history)
-        write_atomically(write, os.path.join(self.out_dir, HISTORY))
+        write_csv(self.history, os.path.join(self.out_dir, HISTORY))
 
     def _batches(self):
         sampler = StepBatchSampler(len(self.dataset), self.cfg.batch_size, self.cfg.seed, self.step,
