@@ -997,7 +997,9 @@ class ACSGRegistrationLogic(ScriptedLoadableModuleLogic):
         if shouldStop is not None and shouldStop():
             from ACSGRegistrationLib.registrar import RegistrationCancelled
             raise RegistrationCancelled("cancelled before the registration started")
-        report(0.15 if not refineSteps else 0.1, _("Registering on {device}...").format(device=registrar.device))
+        from ACSGRegistrationLib.inference import describe
+        report(0.15 if not refineSteps else 0.1, _("Registering on {device} ({precision})...").format(
+            device=registrar.device, precision=describe(registrar.engine)))
         result = registrar.register(fixed.image, moving.image, fixed.label, moving.label)
         report(0.85, _("Creating the output nodes..."))
         output = self.createOutputNodes(result, fixed, moving, warpedVolume, transform, jacobian,

@@ -1,7 +1,8 @@
+import pytest
 import torch
 
-from ACSGRegistrationLib.layers import (affine_coordinates, identity_grid, integrate_velocity, invert_affine,
-                                        resize_field, sample, warp)
+from ACSGRegistrationLib.layers import (affine_coordinates, grid_sample, identity_grid, integrate_velocity,
+                                        invert_affine, resize_field, sample, warp)
 from ACSGRegistrationLib.metrics import jacobian_determinant
 
 
@@ -60,3 +61,22 @@ def test_affine_inverse_round_trip():
 def test_resize_field_rescales_vectors():
     u = torch.ones(1, 3, 8, 8, 8)
     assert torch.allclose(resize_field(u, (15, 15, 15)), torch.full((1, 3, 15, 15, 15), 2.0))
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("mode,padding", [("bilinear", "zeros"), ("bilinear", "border"), ("nearest", "zeros")])
+def test_grid_sample_in_slabs_equals_one_call(threads, mode, padding):
+    """The CPU's one-slab-per-thread sampling gives exactly F.grid_sample's values, odd depths included."""
+    g = torch.Generator().manual_seed(1)
+    image = torch.rand(1, 3, 9, 10, 11, generator=g)
+    grid = torch.rand(1, 7, 8, 6, 3, generator=g) * 2.4 - 1.2  # some points outside the volume
+    expected = torch.nn.functional.grid_sample(image, grid, mode=mode, padding_mode=padding, align_corners=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            got = grid_sample(image, grid, mode, padding)
+    finally:
+        torch.set_num_threads(before)
+    assert got.shape == expected.shape
+    assert torch.equal(got, expected)

@@ -11,6 +11,10 @@ import sys
 import time
 import warnings
 
+from .config import PRECISIONS
+
+PRECISION_HELP = ("inference precision: auto (default: bf16 where the CPU or GPU computes it natively, else "
+                  "fp32), fp32 or bf16")
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              "Resources", "Models", "acsgregnet_default.pt")
 
@@ -125,13 +129,14 @@ def _short(path):
 
 
 def cmd_register(args):
+    from .inference import describe
     from .registrar import Registrar
     checkpoint = args.checkpoint or DEFAULT_MODEL
     if not os.path.isfile(checkpoint):
         raise ValueError(f"no model at {checkpoint}: pass --checkpoint")
     fixed, fixed_label = _crop_input(args.fixed, args.fixed_seg, args.fixed_label, "fixed")
     moving, moving_label = _crop_input(args.moving, args.moving_seg, args.moving_label, "moving")
-    registrar = Registrar(checkpoint, device=args.device, refine_steps=args.refine_steps,
+    registrar = Registrar(checkpoint, device=args.device, precision=args.precision, refine_steps=args.refine_steps,
                           progress=_refine_printer() if args.refine_steps else None)
     result = registrar.register(fixed, moving, fixed_label, moving_label)
     paths = result.save(args.out)
@@ -140,7 +145,7 @@ def cmd_register(args):
         paths["figure"] = os.path.join(args.out, "figure.png")
         registration_figure(result, paths["figure"], fixed_label=fixed_label,
                             title=f"{_short(args.moving)} -> {_short(args.fixed)}")
-    print(f"registered in {result.seconds:.2f} s on {registrar.device}")
+    print(f"registered in {result.seconds:.2f} s on {registrar.device} ({describe(registrar.engine)})")
     if result.metrics:
         from .evaluation import format_stage_table
         print(format_stage_table(result.metrics))
@@ -153,9 +158,9 @@ def cmd_evaluate(args):
     from .evaluation import ants_method, evaluate, network_method
     methods = []
     for checkpoint in args.checkpoint or [DEFAULT_MODEL]:
-        methods.append(network_method(checkpoint, args.device))
+        methods.append(network_method(checkpoint, args.device, precision=args.precision))
         if args.refine_steps:
-            methods.append(network_method(checkpoint, args.device, args.refine_steps))
+            methods.append(network_method(checkpoint, args.device, args.refine_steps, args.precision))
     if args.ants:
         methods.append(ants_method())
     evaluate(methods, args.crops, args.out, args.pairs)
@@ -226,6 +231,7 @@ def build_parser():
                    help="test-time refinement: optimise the network on this pair first (default 0)")
     p.add_argument("--figure", action="store_true", help="also write figure.png (the paper's Figure 6)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_register)
 
@@ -239,6 +245,7 @@ def build_parser():
                    help="also evaluate each model with this many steps of test-time refinement")
     p.add_argument("--ants", action="store_true", help="also run ANTs SyN (needs the package antspyx)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     p.add_argument("--out", required=True, help="folder for metrics.csv and metrics.md")
     p.set_defaults(func=cmd_evaluate)
 

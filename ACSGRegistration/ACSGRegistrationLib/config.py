@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 METHODS = ("acsgregnet", "avoxelmorph")
+# Inference precision: "auto" is bf16 where the hardware computes it natively, else fp32 (inference.py).
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass

@@ -70,10 +70,10 @@ def write_tables(rows: List[Dict], out_dir: str) -> Dict[str, str]:
     return {"csv": csv_path, "markdown": md_path}
 
 
-def network_method(checkpoint: str, device: str = "auto", refine_steps: int = 0):
+def network_method(checkpoint: str, device: str = "auto", refine_steps: int = 0, precision: str = "auto"):
     """(name, register function) for a trained network; the name says which network and refinement."""
     from .registrar import Registrar
-    registrar = Registrar(checkpoint, device=device, refine_steps=refine_steps)
+    registrar = Registrar(checkpoint, device=device, precision=precision, refine_steps=refine_steps)
     name = {"acsgregnet": "ACSGRegNet", "avoxelmorph": "AVoxelMorph"}[registrar.model.config.method]
     if refine_steps:
         name += f" + refinement ({refine_steps} steps)"

@@ -8,6 +8,7 @@ Conventions used throughout the backend:
   -1 + 2 i / (n - 1), which is what makes the physical-space export exact.
 """
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -16,18 +17,26 @@ import torch.nn.functional as F
 
 
 class Conv3d(nn.Conv3d):
-    """nn.Conv3d that always takes oneDNN's kernel on the CPU.
+    """nn.Conv3d that always takes oneDNN's kernel on the CPU, in fp32 or (under autocast) bf16.
 
     PyTorch picks its naive "slow_conv3d" for small inputs of batch 1 (a heuristic tuned for 2D), which
-    is ~10x slower here than oneDNN's convolution: exactly the one-pair registration case.
+    is ~10x slower here than oneDNN's convolution: exactly the one-pair registration case. Calling
+    oneDNN directly bypasses CPU autocast, so its dtype is applied here. oneDNN keeps the channels-last
+    layout of its input or weight, which ``inference.prepare_for_inference`` uses.
     """
 
     def forward(self, x):
-        if x.device.type == "cpu" and x.dtype == torch.float32 and self.padding_mode == "zeros" \
+        if x.device.type == "cpu" and self.padding_mode == "zeros" and isinstance(self.padding, tuple) \
                 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled \
-                and isinstance(self.padding, tuple):
-            return torch.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride,
-                                            self.dilation, self.groups)
+                and not torch.compiler.is_compiling():  # torch.compile picks its own convolution
+            weight, bias = self.weight, self.bias
+            if torch.is_autocast_enabled("cpu"):
+                dtype = torch.get_autocast_dtype("cpu")
+                x, weight = x.to(dtype), weight.to(dtype)
+                bias = None if bias is None else bias.to(dtype)
+            if x.dtype in (torch.float32, torch.bfloat16) and x.dtype == weight.dtype:
+                return torch.mkldnn_convolution(x, weight, bias, self.padding, self.stride, self.dilation,
+                                                self.groups)
         return super().forward(x)
 
 
@@ -42,6 +51,13 @@ class ConvBlock(nn.Module):
 
     def forward(self, x):
         return self.act(self.norm(self.conv(x)))
+
+
+def full_precision(device: torch.device):
+    """A context with autocast off (only CPU and CUDA have autocast; e.g. the meta device has none)."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def flow_head(in_channels: int) -> nn.Conv3d:
@@ -66,7 +82,30 @@ def sample(image: torch.Tensor, coords: torch.Tensor, mode: str = "bilinear",
     grid = torch.stack(normalised[::-1], dim=-1)  # grid_sample wants (x, y, z) last
     if grid.dtype != image.dtype:
         grid = grid.to(image.dtype)
-    return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    return grid_sample(image, grid, mode, padding_mode)
+
+
+def grid_sample(image: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
+    """F.grid_sample (align_corners=True); on the CPU a single volume is sampled in one slab per thread.
+
+    PyTorch's CPU kernel parallelises over the batch only, so one pair ran on one core. Here the output
+    grid is cut along depth into equal slabs, batched against the same (expanded, not copied) image, and
+    put back together: the same values, sampled on every core. Only without gradients: backward would
+    need one full-size image gradient per slab.
+    """
+    slabs = min(torch.get_num_threads(), grid.shape[1])
+    if image.device.type != "cpu" or grid.shape[0] != 1 or slabs < 2 or (
+            torch.is_grad_enabled() and (image.requires_grad or grid.requires_grad)):
+        return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
+    depth = grid.shape[1]
+    per_slab = -(-depth // slabs)
+    if per_slab * slabs > depth:  # pad with copies of the last plane, dropped afterwards
+        grid = torch.cat([grid, grid[:, -1:].expand(-1, per_slab * slabs - depth, -1, -1, -1)], dim=1)
+    batched = grid.reshape(slabs, per_slab, *grid.shape[2:])
+    out = F.grid_sample(image.expand(slabs, *image.shape[1:]), batched, mode=mode, padding_mode=padding_mode,
+                        align_corners=True)
+    out = out.transpose(0, 1).reshape(1, image.shape[1], slabs * per_slab, *out.shape[3:])
+    return out[:, :, :depth]
 
 
 def warp(image: torch.Tensor, displacement: torch.Tensor, mode: str = "bilinear",

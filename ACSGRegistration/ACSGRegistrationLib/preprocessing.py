@@ -58,7 +58,7 @@ def crop_vertebra(image: sitk.Image, labels: sitk.Image, label_id: int, size: Se
             or not np.allclose(image.GetDirection(), labels.GetDirection(), atol=1e-4):
         # A label map on another grid is still usable: bring it onto the image's grid first.
         labels = sitk.Resample(labels, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, labels.GetPixelID())
-    binary = sitk.Cast(labels == int(label_id), sitk.sitkUInt8)
+    binary = labels == int(label_id)  # uint8
     stats = sitk.LabelShapeStatisticsImageFilter()
     stats.Execute(binary)
     if not stats.HasLabel(1):
@@ -70,7 +70,8 @@ def crop_vertebra(image: sitk.Image, labels: sitk.Image, label_id: int, size: Se
     if np.any(lo == 0) or np.any(lo + ext >= np.asarray(binary.GetSize())):
         notes.append(f"{where}vertebra label {label_id} touches the edge of the scan: it may be cut off")
     reference = crop_grid(stats.GetCentroid(1), size, spacing)
-    crop_mask = sitk.Resample(sitk.Cast(binary, sitk.sitkFloat32), reference, sitk.Transform(), sitk.sitkLinear, 0.0)
+    # Interpolated in floating point and written as float32 (no float copy of the whole scan first).
+    crop_mask = sitk.Resample(binary, reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     mask_array = (sitk.GetArrayFromImage(crop_mask) >= 0.5).astype(np.uint8)
     if mask_array.sum() == 0:
         raise PreprocessingError(f"{where}label {label_id} vanishes when resampled to {spacing} mm")
@@ -78,8 +79,7 @@ def crop_vertebra(image: sitk.Image, labels: sitk.Image, label_id: int, size: Se
                              mask_array[:, :, [0, -1]].ravel()])
     if border.any():
         notes.append(f"{where}vertebra label {label_id} is larger than the {tuple(size)} crop: its edges are cut")
-    ct = sitk.Resample(sitk.Cast(image, sitk.sitkFloat32), reference, sitk.Transform(), sitk.sitkLinear,
-                       HU_RANGE[0])
+    ct = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, HU_RANGE[0], sitk.sitkFloat32)
     values = normalise_ct(sitk.GetArrayFromImage(ct))
     if mask:
         values = values * mask_array

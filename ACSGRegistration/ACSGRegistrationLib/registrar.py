@@ -17,6 +17,7 @@ from .checkpoint import build_model, load_checkpoint
 from .config import LossConfig
 from .losses import RegistrationLoss
 from .metrics import STAGES, folding, jacobian_determinant, stage_metrics
+from .inference import prepare_for_inference, resolve_precision
 from .networks import RegistrationNet
 from .validation import InputError, check_label, check_volume
 
@@ -83,13 +84,25 @@ class RegistrationResult:
     warped_affine: sitk.Image
     warped: sitk.Image
     forward_field: sitk.Image  # displacement (mm, LPS) on the fixed grid
-    inverse_field: sitk.Image  # displacement (mm, LPS) on the moving grid
     jacobian: sitk.Image  # det of the deformable part's Jacobian, on the fixed grid
     warped_label_affine: Optional[sitk.Image] = None
     warped_label: Optional[sitk.Image] = None
     metrics: Optional[Dict] = None
     seconds: float = 0.0
     notes: List[str] = field(default_factory=list)
+    # The inverse costs as much again as the forward integration and most uses never need it (the
+    # Slicer module, evaluation), so it is computed on first access of ``inverse_field``.
+    inverse_source: Optional[Callable[[], sitk.Image]] = field(default=None, repr=False)
+    _inverse_field: Optional[sitk.Image] = field(default=None, repr=False)
+
+    @property
+    def inverse_field(self) -> sitk.Image:
+        """Displacement (mm, LPS) on the moving grid: the inverse of the forward transform."""
+        if self._inverse_field is None:
+            if self.inverse_source is None:
+                raise ValueError("this result has no inverse")
+            self._inverse_field, self.inverse_source = self.inverse_source(), None
+        return self._inverse_field
 
     def forward_transform(self) -> sitk.DisplacementFieldTransform:
         return geometry.displacement_transform(self.forward_field)
@@ -144,6 +157,11 @@ def _write_json(data, path):
     geometry.write_text(json.dumps(data, indent=2), path)
 
 
+# The network outputs a RegistrationResult is built from.
+RESULT_KEYS = ("affine", "velocity", "displacement", "total_map", "warped_affine", "warped", "warped_label_affine",
+               "warped_label")
+
+
 class RegistrationCancelled(RuntimeError):
     pass
 
@@ -151,13 +169,17 @@ class RegistrationCancelled(RuntimeError):
 class Registrar:
     """Load a network once, then register pairs of crops (or batches of them) on GPU or CPU.
 
+    Inference runs on ``engine``, a copy of the network prepared by ``inference.prepare_for_inference``
+    (batch norm folded, channels-last, ``precision`` "auto" = bf16 where the hardware has it natively,
+    "fp32" or "bf16"); ``model`` stays the trained fp32 network.
+
     ``refine_steps`` > 0 turns on test-time refinement (instance optimisation): a copy of the network is
     optimised on each pair (LNCC and the regulariser, no labels) before its final prediction, trading
     seconds for accuracy. ``progress(step, total)`` and ``should_stop()`` report on and cancel it.
     """
 
     def __init__(self, checkpoint: Optional[str] = None, model: Optional[RegistrationNet] = None,
-                 device: str = "auto", refine_steps: int = 0, refine_lr: float = 1e-4,
+                 device: str = "auto", precision: str = "auto", refine_steps: int = 0, refine_lr: float = 1e-4,
                  progress: Optional[Callable[[int, int], None]] = None,
                  should_stop: Optional[Callable[[], bool]] = None):
         if (checkpoint is None) == (model is None):
@@ -169,7 +191,10 @@ class Registrar:
         else:
             self.checkpoint_info = {}
         self.device = choose_device(device)
+        self.precision = precision
+        resolve_precision(precision, self.device)  # reject unknown values before any work
         self.model = model.to(self.device).eval()
+        self.engine = prepare_for_inference(self.model, self.device, precision)
         self.shape = tuple(model.config.input_shape)
         self.refine_steps, self.refine_lr = int(refine_steps), float(refine_lr)
         self.progress, self.should_stop = progress, should_stop
@@ -223,27 +248,36 @@ class Registrar:
     def _run(self, f: np.ndarray, m: np.ndarray, ml: Optional[np.ndarray]):
         def go(device):
             t = lambda a: torch.from_numpy(np.ascontiguousarray(a))[:, None].to(device)  # noqa: E731
-            model = self.model.to(device)
             if self.refine_steps > 0:
-                # Each pair gets its own copy, refined on that pair alone.
+                # Each pair gets its own copy, refined on that pair alone, then prepared for inference.
                 outs = []
                 for k in range(len(f)):
                     one = self.refined_model(t(f[k:k + 1]), t(m[k:k + 1]))
+                    one = prepare_for_inference(one, device, self.precision)
                     with torch.inference_mode():
-                        outs.append(one(t(f[k:k + 1]), t(m[k:k + 1]), None if ml is None else t(ml[k:k + 1]),
-                                        with_inverse=True))
+                        outs.append(one(t(f[k:k + 1]), t(m[k:k + 1]), None if ml is None else t(ml[k:k + 1])))
                 out = {key: torch.cat([o[key] for o in outs]) for key in outs[0]}
             else:
                 with torch.inference_mode():
-                    out = model(t(f), t(m), None if ml is None else t(ml), with_inverse=True)
-            return {k: v.float().cpu().numpy() for k, v in out.items()}
+                    out = self.engine(t(f), t(m), None if ml is None else t(ml))
+            # One transfer at the end, of what the results are built from.
+            return {k: v.float().cpu().numpy() for k, v in out.items() if k in RESULT_KEYS}
         try:
             return go(self.device)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             warnings.warn("GPU out of memory: registering on the CPU instead (slower)")
             self.device = torch.device("cpu")
+            self.model = self.model.to(self.device)
+            self.engine = prepare_for_inference(self.model, self.device, self.precision)
             return go(self.device)
+
+    def _inverse_map(self, affine: np.ndarray, velocity: np.ndarray) -> np.ndarray:
+        """The inverse's coordinate map (moving grid) from one pair's network outputs, in fp32."""
+        with torch.inference_mode():
+            inverse = self.engine.inverse_map(torch.from_numpy(affine)[None].to(self.device),
+                                              torch.from_numpy(velocity)[None].to(self.device), self.shape)
+        return inverse[0].cpu().numpy()
 
     def register(self, fixed: ImageLike, moving: ImageLike, fixed_label: Optional[ImageLike] = None,
                  moving_label: Optional[ImageLike] = None) -> RegistrationResult:
@@ -268,7 +302,6 @@ class Registrar:
         jac = jacobian_determinant(out["displacement"])
         net_f, net_m = p.net_fixed, p.net_moving
         forward = geometry.coordinates_to_field(out["total_map"], net_f, net_m)
-        inverse = geometry.coordinates_to_field(out["inverse_map"], net_m, net_f)
         affine_lps = geometry.physical_affine(out["affine"], net_f, net_m)
         jacobian = geometry.image_like(jac.astype(np.float32), net_f)
         if p.on_network_grid:
@@ -281,15 +314,14 @@ class Registrar:
             # The network ran on its own grid: bring the fields to the user's grids, then resample the
             # user's full-resolution moving crop through them.
             forward, jacobian = onto(forward, p.fixed), onto(jacobian, p.fixed)
-            inverse = onto(inverse, p.moving)
             transforms = (geometry.affine_transform(affine_lps), geometry.displacement_transform(forward))
             warped_affine, warped = (onto(p.moving, p.fixed, t) for t in transforms)
             labels = [None if p.moving_label is None else onto(p.moving_label, p.fixed, t, label=True)
                       for t in transforms]
         res = RegistrationResult(
             fixed=p.fixed, moving=p.moving, affine_voxel=out["affine"], affine_lps=affine_lps,
-            warped_affine=warped_affine, warped=warped, forward_field=forward, inverse_field=inverse,
-            jacobian=jacobian, warped_label_affine=labels[0], warped_label=labels[1], seconds=seconds)
+            warped_affine=warped_affine, warped=warped, forward_field=forward,
+            jacobian=jacobian, inverse_source=self._inverse_source(p, out), warped_label_affine=labels[0], warped_label=labels[1], seconds=seconds)
         if p.fixed_label is not None and p.moving_label is not None:
             # "initial" compares the crops as they are, both centred on their vertebra (on the network's
             # grids when the user's crops differ in size).
@@ -302,6 +334,16 @@ class Registrar:
             res.metrics = stage_metrics(array(p.fixed_label), stages, p.fixed.GetSpacing())
             res.metrics["final"].update(folding(array(jacobian)))
         return res
+
+
+    def _inverse_source(self, p: "Prepared", out) -> Callable[[], sitk.Image]:
+        # Copies: the batch's output arrays are not kept alive by the result.
+        affine, velocity = np.array(out["affine"]), np.array(out["velocity"])
+
+        def inverse_field():
+            inverse = geometry.coordinates_to_field(self._inverse_map(affine, velocity), p.net_moving, p.net_fixed)
+            return inverse if p.on_network_grid else onto(inverse, p.moving)
+        return inverse_field
 
 
 @dataclass

@@ -1,12 +1,13 @@
 """The end-to-end registration network: affine stage, then a deformable stage (ACSGRegNet or VoxelMorph)."""
 
+import contextlib
 from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
-from ..layers import (affine_coordinates, identity_grid, integrate_velocity, invert_affine, resize_field,
+from ..layers import (affine_coordinates, full_precision, identity_grid, integrate_velocity, invert_affine, resize_field,
                       sample, warp)
 from .acsgregnet import ACSGDeformableNet
 from .affine import AffineNet
@@ -29,6 +30,20 @@ class RegistrationNet(nn.Module):
         else:
             self.deformable = VoxelMorphNet(cfg.voxelmorph)
         self.integration_steps = cfg.steps_for_method
+        # Dtype the deformable network runs in (autocast); None leaves any autocast the caller opened.
+        # The affine network and the geometry (affine map, integration, resampling) run in fp32 at
+        # inference: an error in the matrix grows with the distance from the volume's centre (bf16's
+        # 3 digits would move the crop's corners by a quarter voxel), and they cost little.
+        self.compute_dtype: Optional[torch.dtype] = None
+
+    def _affine_precision(self, device: torch.device):
+        return contextlib.nullcontext() if self.compute_dtype is None else full_precision(device)
+
+    def _networks_precision(self, device: torch.device):
+        if self.compute_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.compute_dtype,
+                              enabled=self.compute_dtype != torch.float32)
 
     def check_inputs(self, fixed: torch.Tensor, moving: torch.Tensor):
         for name, t in (("fixed", fixed), ("moving", moving)):
@@ -53,13 +68,18 @@ class RegistrationNet(nn.Module):
                 with_inverse: bool = False) -> Dict[str, torch.Tensor]:
         self.check_inputs(fixed, moving)
         shape = fixed.shape[2:]
-        matrix = self.affine(fixed, moving)
-        affine_map = affine_coordinates(matrix, shape, shape)
-        warped_affine = sample(moving, affine_map)
-        velocity = self.deformable(fixed, warped_affine)
-        displacement = self.deformable_displacement(velocity, shape)
-        grid = identity_grid(shape, fixed.device, displacement.dtype)
-        total_map = affine_coordinates(matrix.to(displacement.dtype), shape, shape, grid + displacement)
+        fp32 = full_precision(fixed.device)
+        with self._affine_precision(fixed.device):
+            matrix = self.affine(fixed, moving).float()
+        with fp32:
+            affine_map = affine_coordinates(matrix, shape, shape)
+            warped_affine = sample(moving, affine_map)
+        with self._networks_precision(fixed.device):
+            velocity = self.deformable(fixed, warped_affine).float()
+        with fp32:
+            displacement = self.deformable_displacement(velocity, shape)
+            grid = identity_grid(shape, fixed.device, displacement.dtype)
+            total_map = affine_coordinates(matrix, shape, shape, grid + displacement)
         out = {
             "affine": matrix,
             "velocity": velocity,
@@ -67,14 +87,19 @@ class RegistrationNet(nn.Module):
             "affine_map": affine_map,
             "total_map": total_map,
             "warped_affine": warped_affine,
-            "warped": sample(moving, total_map.to(moving.dtype)),
         }
-        if moving_label is not None:
-            out["warped_label_affine"] = sample(moving_label, affine_map)
-            out["warped_label"] = sample(moving_label, total_map.to(moving_label.dtype))
-        if with_inverse:
-            out["inverse_map"] = inverse_coordinates(matrix, self.deformable_displacement(velocity, shape, True))
+        with fp32:
+            out["warped"] = sample(moving, total_map)
+            if moving_label is not None:
+                out["warped_label_affine"] = sample(moving_label, affine_map)
+                out["warped_label"] = sample(moving_label, total_map)
+            if with_inverse:
+                out["inverse_map"] = self.inverse_map(matrix, velocity, shape)
         return out
+
+    def inverse_map(self, matrix: torch.Tensor, velocity: torch.Tensor, shape) -> torch.Tensor:
+        """Coordinate map of the inverse transform on the moving grid (see ``inverse_coordinates``)."""
+        return inverse_coordinates(matrix, self.deformable_displacement(velocity, shape, inverse=True))
 
 
 def invert_displacement(displacement: torch.Tensor, iterations: int = 30) -> torch.Tensor:
