@@ -1005,6 +1005,8 @@ class ACSGRegistrationLogic(ScriptedLoadableModuleLogic):
         output = self.createOutputNodes(result, fixed, moving, warpedVolume, transform, jacobian,
                                         warpedSegmentation, metricsTable, name)
         output.notes = fixed.notes + moving.notes + list(result.notes)
+        del result
+        registrar.release_memory()  # what the registration freed goes back to the system, not kept in Slicer
         output.seconds = time.perf_counter() - t0
         if show:
             self.showResults(output)

@@ -1,6 +1,6 @@
 """Speed and memory of the registration engine against ANTs SyN (a benchmark: prints figures, asserts nothing).
 
-    python benchmarks/benchmark_engine.py [--device auto|cpu|cuda] [--repeats 3] [--out DIR]
+    python benchmarks/benchmark_engine.py [--device auto|cpu|cuda] [--repeats 5] [--out DIR]
                                           [--checkpoint model.pt ...] [--precision auto|fp32|bf16]
                                           [--no-ants] [--no-engine] [--peak-tflops T]
 
@@ -192,7 +192,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="inference precision of the networks")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per figure (median)")
     parser.add_argument("--methods", nargs="+", default=["acsgregnet", "avoxelmorph"])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--out", default="benchmark_results")

@@ -68,6 +68,18 @@ def flow_head(in_channels: int) -> nn.Conv3d:
     return conv
 
 
+def device_vector(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """A small constant vector on ``like``'s device and dtype, filled from Python numbers.
+
+    torch.tensor(values, device="cuda") copies from pageable host memory, which waits for the GPU to
+    finish all queued work: a stall in the middle of the pipeline. Scalar fills are queued like kernels.
+    """
+    out = torch.empty(len(values), device=like.device, dtype=like.dtype)
+    for i, v in enumerate(values):
+        out[i] = v
+    return out
+
+
 def identity_grid(shape: Sequence[int], device=None, dtype=torch.float32) -> torch.Tensor:
     """(1, 3, D, H, W) map of each voxel's own (z, y, x) index."""
     axes = [torch.arange(n, device=device, dtype=dtype) for n in shape]
@@ -85,6 +97,10 @@ def sample(image: torch.Tensor, coords: torch.Tensor, mode: str = "bilinear",
     return grid_sample(image, grid, mode, padding_mode)
 
 
+# Off only to measure the difference (benchmarks/benchmark_speedups.py).
+SAMPLE_ON_EVERY_CORE = True
+
+
 def grid_sample(image: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode: str) -> torch.Tensor:
     """F.grid_sample (align_corners=True); on the CPU a single volume is sampled in one slab per thread.
 
@@ -93,7 +109,7 @@ def grid_sample(image: torch.Tensor, grid: torch.Tensor, mode: str, padding_mode
     put back together: the same values, sampled on every core. Only without gradients: backward would
     need one full-size image gradient per slab.
     """
-    slabs = min(torch.get_num_threads(), grid.shape[1])
+    slabs = min(torch.get_num_threads(), grid.shape[1]) if SAMPLE_ON_EVERY_CORE else 1
     if image.device.type != "cpu" or grid.shape[0] != 1 or slabs < 2 or (
             torch.is_grad_enabled() and (image.requires_grad or grid.requires_grad)):
         return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
@@ -135,8 +151,7 @@ def resize_field(field: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     if tuple(old) == tuple(shape):
         return field
     resized = F.interpolate(field, size=tuple(shape), mode="trilinear", align_corners=True)
-    scale = torch.tensor([(n - 1) / max(o - 1, 1) for n, o in zip(shape, old)],
-                         device=field.device, dtype=field.dtype)
+    scale = device_vector([(n - 1) / max(o - 1, 1) for n, o in zip(shape, old)], field)
     return resized * scale.view(1, 3, 1, 1, 1)
 
 
@@ -149,8 +164,8 @@ def affine_coordinates(matrix: torch.Tensor, fixed_shape: Sequence[int], moving_
     """
     if points is None:
         points = identity_grid(fixed_shape, matrix.device, matrix.dtype)
-    c_fixed = torch.tensor([(n - 1) / 2 for n in fixed_shape], device=matrix.device, dtype=matrix.dtype)
-    c_moving = torch.tensor([(n - 1) / 2 for n in moving_shape], device=matrix.device, dtype=matrix.dtype)
+    c_fixed = device_vector([(n - 1) / 2 for n in fixed_shape], matrix)
+    c_moving = device_vector([(n - 1) / 2 for n in moving_shape], matrix)
     centred = points - c_fixed.view(1, 3, 1, 1, 1)
     linear = torch.einsum("bij,bjdhw->bidhw", matrix[:, :, :3], centred.expand(matrix.shape[0], -1, -1, -1, -1))
     return linear + (matrix[:, :, 3] + c_moving).view(-1, 3, 1, 1, 1)
@@ -158,6 +173,6 @@ def affine_coordinates(matrix: torch.Tensor, fixed_shape: Sequence[int], moving_
 
 def invert_affine(matrix: torch.Tensor) -> torch.Tensor:
     """Inverse of a (B, 3, 4) affine of the form of ``affine_coordinates`` (fixed and moving swapped)."""
-    linear_inv = torch.linalg.inv(matrix[:, :, :3])
+    linear_inv = torch.linalg.inv_ex(matrix[:, :, :3]).inverse  # inv_ex: no device-to-host error check
     translation = -torch.einsum("bij,bj->bi", linear_inv, matrix[:, :, 3])
     return torch.cat([linear_inv, translation.unsqueeze(-1)], dim=2)

@@ -17,7 +17,7 @@ from .checkpoint import build_model, load_checkpoint
 from .config import LossConfig
 from .losses import RegistrationLoss
 from .metrics import STAGES, folding, jacobian_determinant, stage_metrics
-from .inference import prepare_for_inference, resolve_precision
+from .inference import keep_freed_memory, prepare_for_inference, release_freed_memory, resolve_precision
 from .networks import RegistrationNet
 from .validation import InputError, check_label, check_volume
 
@@ -171,7 +171,8 @@ class Registrar:
 
     Inference runs on ``engine``, a copy of the network prepared by ``inference.prepare_for_inference``
     (batch norm folded, channels-last, ``precision`` "auto" = bf16 where the hardware has it natively,
-    "fp32" or "bf16"); ``model`` stays the trained fp32 network.
+    "fp32" or "bf16"); ``model`` stays the trained fp32 network. ``keep_memory`` keeps freed memory in
+    the process for the next pair (see ``inference.keep_freed_memory``; ``release_memory()`` returns it).
 
     ``refine_steps`` > 0 turns on test-time refinement (instance optimisation): a copy of the network is
     optimised on each pair (LNCC and the regulariser, no labels) before its final prediction, trading
@@ -179,7 +180,8 @@ class Registrar:
     """
 
     def __init__(self, checkpoint: Optional[str] = None, model: Optional[RegistrationNet] = None,
-                 device: str = "auto", precision: str = "auto", refine_steps: int = 0, refine_lr: float = 1e-4,
+                 device: str = "auto", precision: str = "auto", keep_memory: bool = True,
+                 refine_steps: int = 0, refine_lr: float = 1e-4,
                  progress: Optional[Callable[[int, int], None]] = None,
                  should_stop: Optional[Callable[[], bool]] = None):
         if (checkpoint is None) == (model is None):
@@ -195,9 +197,16 @@ class Registrar:
         resolve_precision(precision, self.device)  # reject unknown values before any work
         self.model = model.to(self.device).eval()
         self.engine = prepare_for_inference(self.model, self.device, precision)
+        if keep_memory:
+            keep_freed_memory()
         self.shape = tuple(model.config.input_shape)
         self.refine_steps, self.refine_lr = int(refine_steps), float(refine_lr)
         self.progress, self.should_stop = progress, should_stop
+
+    @staticmethod
+    def release_memory() -> None:
+        """Return the memory freed by past registrations to the system (see ``keep_memory``)."""
+        release_freed_memory()
 
     # -- inputs -----------------------------------------------------------------------------------
     def _prepare(self, fixed, moving, fixed_label, moving_label):
