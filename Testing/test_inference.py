@@ -2,6 +2,7 @@
 accuracy with each of them on a real pair."""
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -9,7 +10,8 @@ import SimpleITK as sitk
 import torch
 
 from ACSGRegistrationLib.config import tiny_config
-from ACSGRegistrationLib.inference import fold_batch_norm, native_bf16, prepare_for_inference, resolve_precision
+from ACSGRegistrationLib.inference import (fold_batch_norm, keep_freed_memory, native_bf16, prepare_for_inference,
+                                           release_freed_memory, resolve_precision)
 from ACSGRegistrationLib.layers import Conv3d, ConvBlock
 from ACSGRegistrationLib.networks import RegistrationNet
 from ACSGRegistrationLib.registrar import Registrar
@@ -121,6 +123,15 @@ def test_inverse_is_computed_once_on_demand_and_matches_the_eager_inverse():
     field = sitk.GetArrayFromImage(first).transpose(3, 0, 1, 2)[::-1]
     identity = np.stack(np.meshgrid(*(np.arange(n) for n in fixed.shape), indexing="ij"))
     assert np.abs(field - (eager - identity)).max() < 1e-3
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+def test_glibc_accepts_the_memory_policy_and_gives_memory_back():
+    # mallopt returns 0 for values it refuses (e.g. a threshold over its limit, or one overflowing an int).
+    assert keep_freed_memory() is True
+    big = torch.ones(64, 1024, 1024)  # 256 MB: now from the heap, kept after it is freed
+    del big
+    release_freed_memory()
 
 
 @pytest.fixture(scope="module")
