@@ -27,8 +27,11 @@ def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` computes bf16 convolutions and matrix products natively (not emulated)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        # The instructions themselves: oneDNN also "supports" bf16 on plain AVX-512 by emulating it, which
+        # is no faster than fp32. (Private helpers of torch.cpu; absent from older PyTorch: then fp32.)
+        checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        return any(check is not None and check() for check in checks)
     return False
 
 

@@ -16,6 +16,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def _cpu_autocast_dtype():
+    """The CPU autocast dtype while CPU autocast is on, else None (PyTorch >= 2.4's API, or the older one)."""
+    if hasattr(torch, "get_autocast_dtype"):
+        return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
 class Conv3d(nn.Conv3d):
     """nn.Conv3d that always takes oneDNN's kernel on the CPU, in fp32 or (under autocast) bf16.
 
@@ -28,10 +40,10 @@ class Conv3d(nn.Conv3d):
     def forward(self, x):
         if x.device.type == "cpu" and self.padding_mode == "zeros" and isinstance(self.padding, tuple) \
                 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled \
-                and not torch.compiler.is_compiling():  # torch.compile picks its own convolution
+                and not _compiling():  # torch.compile picks its own convolution
             weight, bias = self.weight, self.bias
-            if torch.is_autocast_enabled("cpu"):
-                dtype = torch.get_autocast_dtype("cpu")
+            dtype = _cpu_autocast_dtype()
+            if dtype is not None:
                 x, weight = x.to(dtype), weight.to(dtype)
                 bias = None if bias is None else bias.to(dtype)
             if x.dtype in (torch.float32, torch.bfloat16) and x.dtype == weight.dtype:
