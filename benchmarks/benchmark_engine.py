@@ -6,7 +6,7 @@
 
 1. The real inter-subject L1 pair of ../shared/data, end to end in one run: cropping both vertebrae from
    their whole scans (preprocessing) and registering them, model loaded once — for each checkpoint given
-   (default: the shipped model), for the paper-size network (random weights: the time does not depend on
+   (default: the shipped model and AVoxelMorph baseline), for the paper-size network (random weights: the time does not depend on
    them) and for ANTs SyN on the same crops; with the ratios.
 2. For each method's paper-size configuration (random weights: speed only): parameters, FLOPs per pair,
    registration wall time of one 128x128x64 pair, the forward pass's achieved TFLOP/s (and fraction of the
@@ -197,7 +197,7 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--out", default="benchmark_results")
     parser.add_argument("--checkpoint", action="append", help="trained models for the real-pair timing "
-                        "(default: the shipped model)")
+                        "(default: the shipped model and the shipped AVoxelMorph baseline)")
     parser.add_argument("--no-paper-pair", action="store_true",
                         help="skip the paper-size network (random weights) in the real-pair timing")
     parser.add_argument("--no-ants", action="store_true", help="skip ANTs SyN")
@@ -215,7 +215,8 @@ def main(argv=None):
             "torch": str(torch.__version__)}
     peak = args.peak_tflops or (gpu_peak_tflops(gpu) if gpu else None)
     registrars = []
-    for path in args.checkpoint or [DEFAULT_MODEL]:
+    baseline = os.path.join(os.path.dirname(DEFAULT_MODEL), "avoxelmorph_baseline.pt")
+    for path in args.checkpoint or [DEFAULT_MODEL] + ([baseline] if os.path.isfile(baseline) else []):
         registrar = Registrar(path, device=str(device), precision=args.precision)
         registrars.append((f"{registrar.model.config.method} ({os.path.basename(path)})", registrar))
     if not args.no_paper_pair:
