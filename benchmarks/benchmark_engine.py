@@ -6,8 +6,8 @@
 
 1. The real inter-subject L1 pair of ../shared/data, end to end in one run: cropping both vertebrae from
    their whole scans (preprocessing) and registering them, model loaded once — for each checkpoint given
-   (default: the shipped model and AVoxelMorph baseline), for the paper-size network (random weights: the time does not depend on
-   them) and for ANTs SyN on the same crops; with the ratios.
+   (default: the shipped model and AVoxelMorph baseline), for the paper-size network (random weights:
+   the time does not depend on them) and for ANTs SyN on the same crops; with the ratios.
 2. For each method's paper-size configuration (random weights: speed only): parameters, FLOPs per pair,
    registration wall time of one 128x128x64 pair, the forward pass's achieved TFLOP/s (and fraction of the
    GPU's peak), pairs per second at batch 1 and larger batches, a training step's time, and peak memory

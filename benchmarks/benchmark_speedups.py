@@ -147,8 +147,8 @@ def markdown(info, shipped, paper):
     lines = [f"Device: {info['device']}, torch {info['torch']}, {info['date']}; bf16 native: {info['bf16_native']}", ""]
 
     def table(title, rows):
-        out = [title, "", "| step (cumulative) | s per pair | speed-up | first call s | mean Dice | max abs Dice change | "
-               "field change mean / max (mm) |", "|---|---|---|---|---|---|---|"]
+        out = [title, "", "| step (cumulative) | s per pair | speed-up | first call s | mean Dice | "
+               "max abs Dice change | field change mean / max (mm) |", "|---|---|---|---|---|---|---|"]
         for r in rows:
             dice = f"{r['dice_mean']:.4f}" if "dice_mean" in r else "-"
             change = f"{r['dice_max_abs_diff']:.4f}" if "dice_max_abs_diff" in r else "-"

@@ -15,9 +15,9 @@ import torch
 from . import geometry
 from .checkpoint import build_model, load_checkpoint
 from .config import LossConfig
+from .inference import keep_freed_memory, prepare_for_inference, release_freed_memory, resolve_precision
 from .losses import RegistrationLoss
 from .metrics import STAGES, folding, jacobian_determinant, stage_metrics
-from .inference import keep_freed_memory, prepare_for_inference, release_freed_memory, resolve_precision
 from .networks import RegistrationNet
 from .validation import InputError, check_label, check_volume
 
@@ -329,8 +329,9 @@ class Registrar:
                       for t in transforms]
         res = RegistrationResult(
             fixed=p.fixed, moving=p.moving, affine_voxel=out["affine"], affine_lps=affine_lps,
-            warped_affine=warped_affine, warped=warped, forward_field=forward,
-            jacobian=jacobian, inverse_source=self._inverse_source(p, out), warped_label_affine=labels[0], warped_label=labels[1], seconds=seconds)
+            warped_affine=warped_affine, warped=warped, forward_field=forward, jacobian=jacobian,
+            inverse_source=self._inverse_source(p, out), warped_label_affine=labels[0], warped_label=labels[1],
+            seconds=seconds)
         if p.fixed_label is not None and p.moving_label is not None:
             # "initial" compares the crops as they are, both centred on their vertebra (on the network's
             # grids when the user's crops differ in size).

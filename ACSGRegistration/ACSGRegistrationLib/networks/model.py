@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
-from ..layers import (affine_coordinates, full_precision, identity_grid, integrate_velocity, invert_affine, resize_field,
-                      sample, warp)
+from ..layers import (affine_coordinates, full_precision, identity_grid, integrate_velocity, invert_affine,
+                      resize_field, sample, warp)
 from .acsgregnet import ACSGDeformableNet
 from .affine import AffineNet
 from .voxelmorph import VoxelMorphNet
