@@ -167,7 +167,7 @@ def trained_section(checkpoint, crops, device, repeats):
     warnings.simplefilter("ignore")
     pairs, _ = real_crop_pairs(crops)
     print(f"{os.path.basename(checkpoint)} on {len(pairs)} pairs", flush=True)
-    return bench(Registrar(checkpoint, device=device, keep_memory=False), pairs, repeats)
+    return len(pairs), bench(Registrar(checkpoint, device=device, keep_memory=False), pairs, repeats)
 
 
 def paper_section(crops, device, repeats, compile_step):
@@ -200,10 +200,10 @@ def main(argv=None):
     info = {"date": time.strftime("%Y-%m-%d"), "torch": str(torch.__version__), "bf16_native": native_bf16(device),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"CPU ({torch.get_num_threads()} threads)", "checkpoint": os.path.basename(args.checkpoint),
-            "pairs": len(real_crop_pairs(crops)[0])}
+            "pairs": None}
     # Each configuration in a fresh process: the memory policy of the last step is process-wide.
     with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
-        shipped = pool.apply(trained_section, (args.checkpoint, crops, args.device, args.repeats))
+        info["pairs"], shipped = pool.apply(trained_section, (args.checkpoint, crops, args.device, args.repeats))
         paper = [] if args.no_paper else pool.apply(paper_section, (crops, args.device, args.paper_repeats,
                                                                     args.compile))
     os.makedirs(args.out, exist_ok=True)

@@ -13,7 +13,6 @@ import contextlib
 import copy
 import ctypes
 import sys
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -65,21 +64,21 @@ def fold_batch_norm(block: ConvBlock) -> None:
 def prepare_for_inference(model: RegistrationNet, device: torch.device, precision: str = "auto",
                           channels_last: bool = True) -> RegistrationNet:
     """An inference-only copy of ``model`` on ``device``; the original is left untouched."""
+    dtype = resolve_precision(precision, device)  # an unknown precision fails before any copying
     engine = copy.deepcopy(model).to(device).eval()
     for module in engine.modules():
         if isinstance(module, ConvBlock):
             fold_batch_norm(module)
     if channels_last:
         engine = engine.to(memory_format=torch.channels_last_3d)
-    engine.compute_dtype = resolve_precision(precision, device)
+    engine.compute_dtype = dtype
     for p in engine.parameters():
         p.requires_grad_(False)
     return engine
 
 
 def describe(engine: RegistrationNet) -> str:
-    dtype: Optional[torch.dtype] = engine.compute_dtype
-    return "bf16" if dtype == torch.bfloat16 else "fp32"
+    return "bf16" if engine.compute_dtype == torch.bfloat16 else "fp32"
 
 
 # glibc's mallopt parameters (malloc.h).

@@ -15,7 +15,7 @@ import torch
 from . import geometry
 from .checkpoint import build_model, load_checkpoint
 from .config import LossConfig
-from .inference import keep_freed_memory, prepare_for_inference, release_freed_memory, resolve_precision
+from .inference import keep_freed_memory, prepare_for_inference, release_freed_memory
 from .losses import RegistrationLoss
 from .metrics import STAGES, folding, jacobian_determinant, stage_metrics
 from .networks import RegistrationNet
@@ -194,7 +194,6 @@ class Registrar:
             self.checkpoint_info = {}
         self.device = choose_device(device)
         self.precision = precision
-        resolve_precision(precision, self.device)  # reject unknown values before any work
         self.model = model.to(self.device).eval()
         self.engine = prepare_for_inference(self.model, self.device, precision)
         if keep_memory:

@@ -80,16 +80,15 @@ class RegistrationNet(nn.Module):
             displacement = self.deformable_displacement(velocity, shape)
             grid = identity_grid(shape, fixed.device, displacement.dtype)
             total_map = affine_coordinates(matrix, shape, shape, grid + displacement)
-        out = {
-            "affine": matrix,
-            "velocity": velocity,
-            "displacement": displacement,
-            "affine_map": affine_map,
-            "total_map": total_map,
-            "warped_affine": warped_affine,
-        }
-        with fp32:
-            out["warped"] = sample(moving, total_map)
+            out = {
+                "affine": matrix,
+                "velocity": velocity,
+                "displacement": displacement,
+                "affine_map": affine_map,
+                "total_map": total_map,
+                "warped_affine": warped_affine,
+                "warped": sample(moving, total_map),
+            }
             if moving_label is not None:
                 out["warped_label_affine"] = sample(moving_label, affine_map)
                 out["warped_label"] = sample(moving_label, total_map)
