@@ -17,7 +17,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import SimpleITK as sitk
 
-from .metrics import STAGES, folding, jacobian_determinant, stage_metrics
+from .maps import field_jacobian
+from .metrics import STAGES, folding, stage_metrics
 from .validation import InputError, check_label, check_pair, check_volume
 
 ANTS_MISSING = "ANTs SyN needs the optional package antspyx: pip install antspyx"
@@ -66,18 +67,16 @@ def ants_to_sitk(image) -> sitk.Image:
     return out
 
 
-def field_jacobian(field: sitk.Image) -> np.ndarray:
-    """det(I + grad u) of a physical (mm, LPS) displacement field, as a (z, y, x) array on its grid.
-
-    The field is brought to voxel units in array order and passed to ``metrics.jacobian_determinant``
-    (central differences), the very computation used for the networks' folding, so the counts compare.
-    The determinant is invariant to that change of coordinates: det(M^-1 (I + grad_x u) M) = det(I + grad_x u).
-    """
-    u = sitk.GetArrayFromImage(field).astype(np.float64)  # (z, y, x, 3), components (x, y, z) in mm
-    m = np.asarray(field.GetDirection(), dtype=np.float64).reshape(3, 3) @ np.diag(field.GetSpacing())
-    u_index = np.linalg.solve(m, u.reshape(-1, 3).T)  # (3, N) in index units, (i, j, k) = (x, y, z)
-    u_array = u_index[::-1].reshape((3,) + u.shape[:3])
-    return jacobian_determinant(u_array)
+def transform_matrix(transform: sitk.Transform) -> np.ndarray:
+    """4x4 homogeneous matrix of a linear SimpleITK/ITK transform (any centre), as read from a file."""
+    t = transform.GetNthTransform(0) if isinstance(transform, sitk.CompositeTransform) else transform
+    t = t.Downcast() if type(t) is sitk.Transform else t
+    m = np.eye(4)
+    a = np.asarray(t.GetMatrix(), dtype=np.float64).reshape(3, 3)
+    c = np.asarray(t.GetCenter(), dtype=np.float64)
+    m[:3, :3] = a
+    m[:3, 3] = np.asarray(t.GetTranslation(), dtype=np.float64) + c - a @ c
+    return m
 
 
 # -- the baseline ----------------------------------------------------------------------------------------
@@ -90,6 +89,8 @@ class BaselineResult:
     warped_affine: sitk.Image  # moving image through the affine stage only
     forward_field: sitk.Image  # composed affine + SyN displacement (mm, LPS): fixed point p -> p + u(p)
     jacobian: np.ndarray  # (z, y, x) det of the deformable (SyN) part's Jacobian on the fixed grid
+    inverse_field: Optional[sitk.Image] = None  # composed inverse (mm, LPS) on the moving grid
+    affine_lps: Optional[np.ndarray] = None  # 4x4, fixed LPS point -> moving LPS point (the affine stage)
     warped_label_affine: Optional[sitk.Image] = None
     warped_label: Optional[sitk.Image] = None
     metrics: Optional[Dict] = None
@@ -235,10 +236,17 @@ def register_ants_syn(fixed: sitk.Image, moving: sitk.Image, fixed_label: Option
         composed = ants.apply_transforms(a_fixed, a_moving, fwd, compose=os.path.join(tmp, "composed_"))
         forward_field = sitk.ReadImage(composed)
         forward_field.CopyInformation(fixed)
+        inverse_composed = ants.apply_transforms(a_moving, a_fixed, list(reg["invtransforms"]),
+                                                 whichtoinvert=[f.endswith(".mat") for f in reg["invtransforms"]],
+                                                 compose=os.path.join(tmp, "inverse_"))
+        inverse_field = sitk.ReadImage(inverse_composed)
+        inverse_field.CopyInformation(moving)
+        affine_lps = transform_matrix(sitk.ReadTransform(affines[0])) if affines else np.eye(4)
         # The deformable part alone: the SyN warp, a displacement field on the fixed grid.
         jac = field_jacobian(sitk.ReadImage(warps[0])) if warps else np.ones(fixed.GetSize()[::-1])
         result = BaselineResult(warped=warped, warped_affine=warped_affine, forward_field=forward_field,
-                                jacobian=jac, seconds=seconds, method=f"ANTs {transform}",
+                                jacobian=jac, inverse_field=inverse_field, affine_lps=affine_lps,
+                                seconds=seconds, method=f"ANTs {transform}",
                                 notes=notes)
         if moving_label is not None:
             result.warped_label = apply(moving_label, fwd, label=True)

@@ -49,14 +49,17 @@ def _model_config(args, crop_shape):
     else:
         with open(args.config) as fh:
             cfg = model_config_from_dict(json.load(fh))
+        return cfg  # a configuration file says everything, symmetry included
+    # The recipe "maps" (default) makes the networks symmetric; "paper" keeps the paper's one-way networks.
+    cfg.symmetric = args.recipe == "maps"
     return cfg
 
 
 def _train_config(args):
-    from .config import TrainConfig
+    from .config import TrainConfig, loss_config
     return TrainConfig(learning_rate=args.lr, batch_size=args.batch_size, max_steps=args.steps,
                        checkpoint_every=args.checkpoint_every, use_labels=not args.no_labels, seed=args.seed,
-                       num_workers=args.workers)
+                       num_workers=args.workers, loss=loss_config(args.recipe))
 
 
 def _pair_dataset(args):
@@ -65,22 +68,45 @@ def _pair_dataset(args):
     from .datasets import PairDataset, make_pairs, read_index
     if not args.crops and not args.synthetic_labels:
         raise ValueError("give --crops (real crop pairs) and/or --synthetic-labels (mask crops to synthesise from)")
-    parts = []
+    parts, real = [], None
     if args.crops:
         records = [r for r in read_index(args.crops) if r.image]  # mask-only crops have no image to pair
         pairs = make_pairs(records, mixed_levels=args.mixed_levels, max_per_moving=args.pairs_per_moving,
                            seed=args.seed)
-        parts.append(PairDataset(records, pairs, with_labels=not args.no_labels))
+        real = PairDataset(records, pairs, with_labels=not args.no_labels)
+        parts.append(real)
+    masks, spacing = [], 1.0
     if args.synthetic_labels:
         import SimpleITK as sitk
         from .synthesis import SyntheticPairDataset
         records = [r for r in read_index(args.synthetic_labels) if r.label]
         images = [sitk.ReadImage(r.label) for r in records]
         masks = [sitk.GetArrayFromImage(im) for im in images]
+        spacing = images[0].GetSpacing()[0]
         length = args.synthetic_pairs or args.steps * args.batch_size
         parts.append(SyntheticPairDataset(masks, [r.subject for r in records], [r.level for r in records], length,
-                                          seed=args.seed, mixed_levels=True, spacing=images[0].GetSpacing()[0]))
-    return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+                                          seed=args.seed, mixed_levels=True, spacing=spacing))
+    dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
+    if args.recipe != "maps" or args.known_fraction <= 0 or args.no_labels:
+        return dataset
+    # Known-deformation pairs (a vertebra and a known random warp of itself) from the real crops' images and
+    # the masks, mixed in: the interior carries signal and the map is supervised where the truth is known.
+    from .synthesis import KnownDeformationDataset, MixedPairDataset
+    crops = []
+    if real is not None:
+        for r in (r for r in real.records if r.label):
+            crops.append((real._array(r.image, "image"), real._array(r.label, "label")))
+            spacing = _crop_spacing(r.image)
+    known = KnownDeformationDataset(crops, masks, len(dataset), seed=args.seed + 1, spacing=spacing)
+    return MixedPairDataset(dataset, known, args.known_fraction, seed=args.seed + 2)
+
+
+def _crop_spacing(path):
+    import SimpleITK as sitk
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    reader.ReadImageInformation()
+    return reader.GetSpacing()[0]
 
 
 def _stop_requests():
@@ -167,6 +193,23 @@ def cmd_evaluate(args):
     return 0
 
 
+def cmd_evaluate_maps(args):
+    from .evaluation import ants_method, network_method
+    from .map_evaluation import acceptance_markdown, evaluate_maps, read_manifest
+    methods = []
+    for checkpoint in args.checkpoint or [DEFAULT_MODEL]:
+        methods.append(network_method(checkpoint, args.device, precision=args.precision))
+        if args.refine_steps:
+            methods.append(network_method(checkpoint, args.device, args.refine_steps, args.precision))
+    if args.ants:
+        methods.append(ants_method(random_seed=0))
+    rows = evaluate_maps(methods, read_manifest(args.manifest), args.out, seeds=range(args.seeds),
+                         pair_mode=args.pairs, kinds=args.kinds.split(","))
+    print(acceptance_markdown(rows))
+    print(f"tables: {os.path.join(args.out, 'maps.md')}, {os.path.join(args.out, 'maps.csv')}")
+    return 0
+
+
 def cmd_export(args):
     """A shippable model: weights (optionally half precision), config, versions and training summary."""
     from .checkpoint import build_model, load_checkpoint, save_checkpoint
@@ -207,6 +250,11 @@ def build_parser():
         p.add_argument("--device", default="auto", help="auto, cpu or cuda")
         p.add_argument("--restart", action="store_true", help="ignore a checkpoint already in --out")
         p.add_argument("--print-every", type=int, default=10)
+        p.add_argument("--recipe", choices=("maps", "paper"), default="maps",
+                       help="'maps' (default): symmetric networks, known-deformation pairs and the regularised "
+                            "loss of config.map_loss_config(); 'paper': the paper's one-way networks and eq. (9)")
+        p.add_argument("--known-fraction", type=float, default=0.5,
+                       help="share of known-deformation pairs with the 'maps' recipe (default 0.5)")
 
     p = sub.add_parser("train", help="train a model from scratch (resumes the run in --out)")
     common_training(p)
@@ -248,6 +296,25 @@ def build_parser():
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     p.add_argument("--out", required=True, help="folder for metrics.csv and metrics.md")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("evaluate-maps", help="judge the maps: regularity, inverse consistency, known-deformation "
+                                             "TRE and self-registration beside Dice, methods side by side")
+    p.add_argument("--manifest", required=True,
+                   help="CSV of whole scans: image, label, label_id, level, subject (e.g. scripts/real_vertebrae.csv)")
+    p.add_argument("--checkpoint", action="append",
+                   help="a model to evaluate; repeat for several (default: the shipped model)")
+    p.add_argument("--pairs", choices=("inter-subject", "mixed", "all"), default="all",
+                   help="which ordered pairs of the manifest's vertebrae to register (default all)")
+    p.add_argument("--seeds", type=int, default=3, help="random known deformations per vertebra (default 3)")
+    p.add_argument("--kinds", default="pair,known-crop,known-scan,self",
+                   help="comma-separated cases: pair, known-crop, known-scan, self (default all)")
+    p.add_argument("--refine-steps", type=int, default=0,
+                   help="also evaluate each model with this many steps of test-time refinement")
+    p.add_argument("--ants", action="store_true", help="also run ANTs SyN (needs the package antspyx)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
+    p.add_argument("--out", required=True, help="folder for maps.csv, maps.md and acceptance.md")
+    p.set_defaults(func=cmd_evaluate_maps)
 
     p = sub.add_parser("export", help="write a checkpoint's weights for shipping (no optimizer state)")
     p.add_argument("--checkpoint", required=True)

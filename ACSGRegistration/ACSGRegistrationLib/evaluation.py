@@ -71,32 +71,30 @@ def write_tables(rows: List[Dict], out_dir: str) -> Dict[str, str]:
 
 
 def network_method(checkpoint: str, device: str = "auto", refine_steps: int = 0, precision: str = "auto"):
-    """(name, register function) for a trained network; the name says which network and refinement."""
+    """(name, register function) for a trained network; the name says which network and refinement.
+
+    Every method's function takes (fixed, moving, fixed_label, moving_label) crops and returns its result
+    (``metrics``, ``seconds``, ``forward_field``, ``inverse_field``, ``affine_lps``)."""
     from .registrar import Registrar
     registrar = Registrar(checkpoint, device=device, precision=precision, refine_steps=refine_steps)
     name = {"acsgregnet": "ACSGRegNet", "avoxelmorph": "AVoxelMorph"}[registrar.model.config.method]
     if refine_steps:
         name += f" + refinement ({refine_steps} steps)"
-
-    def run(fixed, moving, fixed_label, moving_label):
-        result = registrar.register(fixed, moving, fixed_label, moving_label)
-        return result.metrics, result.seconds
-    return name, run
+    return name, registrar.register
 
 
 def ants_method(**kwargs):
     from .baselines import register_ants_syn
 
     def run(fixed, moving, fixed_label, moving_label):
-        result = register_ants_syn(fixed, moving, fixed_label, moving_label, **kwargs)
-        return result.metrics, result.seconds
+        return register_ants_syn(fixed, moving, fixed_label, moving_label, **kwargs)
     return "ANTs SyN", run
 
 
 def evaluate(methods, crops_dir: str, out_dir: str, pair_mode: str = "inter-subject", log=print) -> List[Dict]:
     """Register every pair of a crops folder with each method and write the tables side by side.
 
-    ``methods`` is a list of (name, function(fixed, moving, fixed_label, moving_label) -> (metrics, s)).
+    ``methods`` is a list of (name, function(fixed, moving, fixed_label, moving_label) -> result).
     """
     from .datasets import make_pairs, read_index
     from .io import read_image
@@ -114,13 +112,12 @@ def evaluate(methods, crops_dir: str, out_dir: str, pair_mode: str = "inter-subj
     for name, run in methods:
         for n, (i, j) in enumerate(pairs, 1):
             f, m = records[i], records[j]
-            metrics, seconds = run(load(f.image), load(m.image), load(f.label), load(m.label))
+            result = run(load(f.image), load(m.image), load(f.label), load(m.label))
             level = f.level if f.level == m.level else f"{m.level}->{f.level}"
-            rows.append(flatten(name, f.name, m.name, level, metrics, seconds))
-            log(f"{name} [{n}/{len(pairs)}] {m.name} -> {f.name}: Dice {metrics['final']['dice']:.3f}, "
-                f"{seconds:.2f} s")
+            rows.append(flatten(name, f.name, m.name, level, result.metrics, result.seconds))
+            log(f"{name} [{n}/{len(pairs)}] {m.name} -> {f.name}: Dice {result.metrics['final']['dice']:.3f}, "
+                f"{result.seconds:.2f} s")
     paths = write_tables(rows, out_dir)
     log(summary_markdown(rows))
     log(f"tables: {paths['csv']}, {paths['markdown']}")
     return rows
-

@@ -28,13 +28,32 @@ def _compiling() -> bool:
     return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
+_ONEDNN_BF16 = None
+
+
+def onednn_bf16_available() -> bool:
+    """Whether oneDNN's bf16 convolution runs on this CPU (it needs AVX512-BW/VL/DQ or AVX-NE-CONVERT;
+    on CPUs without them it raises). Found by trying once, which also covers PyTorch builds that differ."""
+    global _ONEDNN_BF16
+    if _ONEDNN_BF16 is None:
+        try:
+            x = torch.zeros(1, 1, 2, 2, 2, dtype=torch.bfloat16)
+            torch.mkldnn_convolution(x, torch.zeros(1, 1, 1, 1, 1, dtype=torch.bfloat16), None, (0, 0, 0),
+                                     (1, 1, 1), (1, 1, 1), 1)
+            _ONEDNN_BF16 = True
+        except (RuntimeError, AttributeError):
+            _ONEDNN_BF16 = False
+    return _ONEDNN_BF16
+
+
 class Conv3d(nn.Conv3d):
     """nn.Conv3d that always takes oneDNN's kernel on the CPU, in fp32 or (under autocast) bf16.
 
     PyTorch picks its naive "slow_conv3d" for small inputs of batch 1 (a heuristic tuned for 2D), which
     is ~10x slower here than oneDNN's convolution: exactly the one-pair registration case. Calling
     oneDNN directly bypasses CPU autocast, so its dtype is applied here. oneDNN keeps the channels-last
-    layout of its input or weight, which ``inference.prepare_for_inference`` uses.
+    layout of its input or weight, which ``inference.prepare_for_inference`` uses. Where oneDNN has no
+    bf16 kernel for this CPU (no AVX-512), bf16 goes through PyTorch's own convolution instead.
     """
 
     def forward(self, x):
@@ -46,7 +65,8 @@ class Conv3d(nn.Conv3d):
             if dtype is not None:
                 x, weight = x.to(dtype), weight.to(dtype)
                 bias = None if bias is None else bias.to(dtype)
-            if x.dtype in (torch.float32, torch.bfloat16) and x.dtype == weight.dtype:
+            if x.dtype == weight.dtype and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16
+                                                                        and onednn_bf16_available())):
                 return torch.mkldnn_convolution(x, weight, bias, self.padding, self.stride, self.dilation,
                                                 self.groups)
         return super().forward(x)

@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import LossConfig
+from .layers import identity_grid, sample
 
 
 def box_mean(volume: torch.Tensor, window: int) -> torch.Tensor:
@@ -54,6 +55,45 @@ def soft_dice(fixed_label: torch.Tensor, warped_label: torch.Tensor, eps: float 
     return ((2 * inter + eps) / (total + eps)).mean()
 
 
+def jacobian_determinant(displacement: torch.Tensor) -> torch.Tensor:
+    """det(I + grad u) of (B, 3, D, H, W) voxel-unit displacements, forward differences (B, D-1, H-1, W-1)."""
+    u = displacement.float()
+    dz = u[:, :, 1:, :-1, :-1] - u[:, :, :-1, :-1, :-1]
+    dy = u[:, :, :-1, 1:, :-1] - u[:, :, :-1, :-1, :-1]
+    dx = u[:, :, :-1, :-1, 1:] - u[:, :, :-1, :-1, :-1]
+    # Row i of the Jacobian: derivatives of component i (z, y, x) along z, y, x.
+    j = [[dz[:, i] + (i == 0), dy[:, i] + (i == 1), dx[:, i] + (i == 2)] for i in range(3)]
+    return (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
+            - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
+            + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
+
+
+def folding_penalty(jacobian: torch.Tensor, floor: float) -> torch.Tensor:
+    """Mean of relu(floor - det J): zero while no voxel is compressed below ``floor``."""
+    return F.relu(floor - jacobian).mean()
+
+
+def log_jacobian_penalty(jacobian: torch.Tensor, floor: float = 1e-2) -> torch.Tensor:
+    """Mean squared log det J (volume change either way), the determinant clamped at ``floor``."""
+    return torch.log(jacobian.clamp_min(floor)).pow(2).mean()
+
+
+def known_map_error(true_inverse: torch.Tensor, coords: torch.Tensor, mask: torch.Tensor,
+                    spacing: float = 1.0) -> torch.Tensor:
+    """Per-item mean end-point error (mm) of a predicted map on known-deformation pairs.
+
+    ``coords`` (B, 3, D, H, W): predicted fixed -> moving map (moving voxel positions).
+    ``true_inverse`` (B, 3, D, H, W): the known moving -> fixed map the moving image was made with (fixed
+    voxel positions). A perfect map sends each fixed point p to where the truth sends back to p, so the
+    error is |true_inverse(coords(p)) - p|, averaged over ``mask`` (B, 1, D, H, W), the fixed vertebra.
+    """
+    back = sample(true_inverse.float(), coords.float(), padding_mode="border")
+    squared = (back - identity_grid(coords.shape[2:], coords.device, torch.float32)).pow(2).sum(1, keepdim=True)
+    error = torch.sqrt(squared + 1e-6) * spacing  # the small constant keeps the gradient finite at 0
+    weight = mask.float()
+    return (error * weight).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp_min(1.0)
+
+
 class RegistrationLoss(nn.Module):
     """L = l1 La + l2 Ld + l3 Lsmooth + l4 La_seg + l5 Ld_seg (paper, eq. 9); Dice terms need labels."""
 
@@ -61,8 +101,11 @@ class RegistrationLoss(nn.Module):
         super().__init__()
         self.cfg = cfg or LossConfig()
 
-    def forward(self, fixed, outputs: Dict[str, torch.Tensor],
-                fixed_label: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    def forward(self, fixed, outputs: Dict[str, torch.Tensor], fixed_label: Optional[torch.Tensor] = None,
+                true_inverse: Optional[torch.Tensor] = None, known: Optional[torch.Tensor] = None,
+                spacing: float = 1.0) -> Dict[str, torch.Tensor]:
+        """``true_inverse`` and ``known`` (B,): the known maps of known-deformation pairs, and which items
+        of the batch have one (see ``known_map_error``); the end-point terms need both and a label."""
         c = self.cfg
         terms = {
             "affine_ncc": -local_ncc(fixed, outputs["warped_affine"], c.ncc_window),
@@ -71,9 +114,22 @@ class RegistrationLoss(nn.Module):
         }
         total = (c.affine_similarity * terms["affine_ncc"] + c.deformable_similarity * terms["deformable_ncc"]
                  + c.smoothness * terms["smoothness"])
+        if c.folding or c.log_jacobian:
+            jac = jacobian_determinant(outputs["displacement"])
+            terms["folding"] = folding_penalty(jac, c.jacobian_floor)
+            terms["log_jacobian"] = log_jacobian_penalty(jac)
+            total = total + c.folding * terms["folding"] + c.log_jacobian * terms["log_jacobian"]
         if fixed_label is not None and "warped_label" in outputs:
             terms["affine_dice"] = -soft_dice(fixed_label.float(), outputs["warped_label_affine"].float())
             terms["deformable_dice"] = -soft_dice(fixed_label.float(), outputs["warped_label"].float())
             total = total + c.affine_dice * terms["affine_dice"] + c.deformable_dice * terms["deformable_dice"]
+        if (c.known_map or c.affine_known_map) and true_inverse is not None and known is not None \
+                and fixed_label is not None and bool((known > 0).any()):
+            weight = known.float().view(-1)
+            share = lambda e: (e * weight).sum() / weight.sum()  # noqa: E731
+            terms["known_map_mm"] = share(known_map_error(true_inverse, outputs["total_map"], fixed_label, spacing))
+            terms["affine_known_map_mm"] = share(known_map_error(true_inverse, outputs["affine_map"], fixed_label,
+                                                                  spacing))
+            total = total + c.known_map * terms["known_map_mm"] + c.affine_known_map * terms["affine_known_map_mm"]
         terms["total"] = total
         return terms

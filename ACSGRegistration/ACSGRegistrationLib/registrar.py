@@ -1,6 +1,7 @@
 """One-shot registration of vertebra crops with a trained network, results in physical space."""
 
 import copy
+import dataclasses
 import json
 import os
 import time
@@ -14,10 +15,11 @@ import torch
 
 from . import geometry
 from .checkpoint import build_model, load_checkpoint
-from .config import LossConfig
+from .config import map_loss_config
 from .inference import keep_freed_memory, prepare_for_inference, release_freed_memory
 from .losses import RegistrationLoss
-from .metrics import STAGES, folding, jacobian_determinant, stage_metrics
+from .maps import field_jacobian
+from .metrics import STAGES, folding, stage_metrics
 from .networks import RegistrationNet
 from .validation import InputError, check_label, check_volume
 
@@ -174,14 +176,16 @@ class Registrar:
     "fp32" or "bf16"); ``model`` stays the trained fp32 network. ``keep_memory`` keeps freed memory in
     the process for the next pair (see ``inference.keep_freed_memory``; ``release_memory()`` returns it).
 
-    ``refine_steps`` > 0 turns on test-time refinement (instance optimisation): a copy of the network is
-    optimised on each pair (LNCC and the regulariser, no labels) before its final prediction, trading
-    seconds for accuracy. ``progress(step, total)`` and ``should_stop()`` report on and cancel it.
+    ``refine_steps`` > 0 turns on test-time refinement (instance optimisation, ``refine_pair``): the
+    network's affine and velocity field for each pair are optimised on that pair (LNCC, Dice where both
+    labels are given, and the regularisers), trading a fraction of a second per ten steps for accuracy;
+    ``refine_lr`` scales its step sizes. ``progress(step, total)`` and ``should_stop()`` report on and
+    cancel it.
     """
 
     def __init__(self, checkpoint: Optional[str] = None, model: Optional[RegistrationNet] = None,
                  device: str = "auto", precision: str = "auto", keep_memory: bool = True,
-                 refine_steps: int = 0, refine_lr: float = 1e-4,
+                 refine_steps: int = 0, refine_lr: float = 1.0,
                  progress: Optional[Callable[[int, int], None]] = None,
                  should_stop: Optional[Callable[[], bool]] = None):
         if (checkpoint is None) == (model is None):
@@ -237,37 +241,51 @@ class Registrar:
         return Prepared(fixed, moving, labels[0], labels[1], *net)
 
     # -- inference --------------------------------------------------------------------------------
-    def refined_model(self, fixed: torch.Tensor, moving: torch.Tensor) -> RegistrationNet:
-        """A copy of the network optimised on this pair (batch-norm statistics frozen)."""
-        model = copy.deepcopy(self.model).eval()
-        optimiser = torch.optim.Adam(model.parameters(), lr=self.refine_lr)
-        loss = RegistrationLoss(LossConfig(affine_dice=0.0, deformable_dice=0.0))
+    def refine_pair(self, fixed: torch.Tensor, moving: torch.Tensor, fixed_label: Optional[torch.Tensor],
+                    moving_label: Optional[torch.Tensor], matrix: torch.Tensor, velocity: torch.Tensor):
+        """Test-time refinement (instance optimisation): the network's affine and velocity field for this
+        pair, optimised on the pair's similarity, Dice (where both labels are given) and the default loss's
+        regularisers (diffusion, folding, log-Jacobian: without them refinement buys overlap by crushing the
+        vertebra's interior). The network is not changed; each step costs a pass of the geometry alone."""
+        cfg = dataclasses.replace(map_loss_config(), known_map=0.0, affine_known_map=0.0)
+        loss = RegistrationLoss(cfg)
+        d_matrix = torch.zeros_like(matrix, requires_grad=True)
+        d_velocity = torch.zeros_like(velocity, requires_grad=True)
+        # Steps in voxels of the model's grid for the velocity and the translation, unitless for the matrix.
+        scale = self.refine_lr
+        optimiser = torch.optim.Adam([{"params": [d_velocity], "lr": 0.05 * scale},
+                                      {"params": [d_matrix], "lr": 0.002 * scale}])
+        translation_scale = torch.ones_like(matrix)
+        translation_scale[:, :, 3] = 25.0  # translations (voxels) move ~25x further than matrix entries
+        labels = moving_label if fixed_label is not None else None
         for step in range(1, self.refine_steps + 1):
             if self.should_stop is not None and self.should_stop():
                 raise RegistrationCancelled(f"refinement cancelled at step {step - 1} of {self.refine_steps}")
-            terms = loss(fixed, model(fixed, moving))
+            out = self.model.outputs(fixed, moving, labels, matrix + d_matrix * translation_scale,
+                                     velocity + d_velocity)
+            terms = loss(fixed, out, fixed_label if labels is not None else None)
             optimiser.zero_grad(set_to_none=True)
             terms["total"].backward()
             optimiser.step()
             if self.progress is not None:
                 self.progress(step, self.refine_steps)
-        return model.eval()
+        return (matrix + d_matrix * translation_scale).detach(), (velocity + d_velocity).detach()
 
-    def _run(self, f: np.ndarray, m: np.ndarray, ml: Optional[np.ndarray]):
+    def _run(self, f: np.ndarray, m: np.ndarray, ml: Optional[np.ndarray], fl: Optional[np.ndarray] = None):
         def go(device):
-            t = lambda a: torch.from_numpy(np.ascontiguousarray(a))[:, None].to(device)  # noqa: E731
+            t = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a))[:, None].to(device)  # noqa: E731,E501
+            with torch.inference_mode():
+                out = self.engine(t(f), t(m), t(ml))
             if self.refine_steps > 0:
-                # Each pair gets its own copy, refined on that pair alone, then prepared for inference.
                 outs = []
-                for k in range(len(f)):
-                    one = self.refined_model(t(f[k:k + 1]), t(m[k:k + 1]))
-                    one = prepare_for_inference(one, device, self.precision)
-                    with torch.inference_mode():
-                        outs.append(one(t(f[k:k + 1]), t(m[k:k + 1]), None if ml is None else t(ml[k:k + 1])))
+                for k in range(len(f)):  # each pair refined on its own
+                    one = lambda a: None if a is None else t(a[k:k + 1])  # noqa: E731
+                    matrix, velocity = (out[key][k:k + 1].clone() for key in ("affine", "velocity"))
+                    with torch.enable_grad():
+                        matrix, velocity = self.refine_pair(one(f), one(m), one(fl), one(ml), matrix, velocity)
+                    with torch.no_grad():
+                        outs.append(self.model.outputs(one(f), one(m), one(ml), matrix, velocity))
                 out = {key: torch.cat([o[key] for o in outs]) for key in outs[0]}
-            else:
-                with torch.inference_mode():
-                    out = self.engine(t(f), t(m), None if ml is None else t(ml))
             # One transfer at the end, of what the results are built from.
             return {k: v.float().cpu().numpy() for k, v in out.items() if k in RESULT_KEYS}
         try:
@@ -300,18 +318,20 @@ class Registrar:
             t0 = time.perf_counter()
             with_labels = all(c.net_moving_label is not None for c in chunk)
             ml = np.stack([array(c.net_moving_label) for c in chunk]) if with_labels else None
-            out = self._run(np.stack([array(c.net_fixed) for c in chunk]), np.stack([array(c.net_moving) for c in chunk]), ml)
+            fl = None
+            if self.refine_steps > 0 and with_labels and all(c.fixed_label is not None for c in chunk):
+                fl = np.stack([array(c.net_fixed_label()) for c in chunk])
+            out = self._run(np.stack([array(c.net_fixed) for c in chunk]), np.stack([array(c.net_moving) for c in chunk]),
+                            ml, fl)
             per_pair = (time.perf_counter() - t0) / len(chunk)
             for i, c in enumerate(chunk):
                 results.append(self._result(c, {k: v[i] for k, v in out.items()}, per_pair))
         return results
 
     def _result(self, p: "Prepared", out, seconds) -> RegistrationResult:
-        jac = jacobian_determinant(out["displacement"])
         net_f, net_m = p.net_fixed, p.net_moving
         forward = geometry.coordinates_to_field(out["total_map"], net_f, net_m)
         affine_lps = geometry.physical_affine(out["affine"], net_f, net_m)
-        jacobian = geometry.image_like(jac.astype(np.float32), net_f)
         if p.on_network_grid:
             # The network's own resampling, which the exported field reproduces exactly.
             warped = geometry.image_like(out["warped"][0], p.fixed)
@@ -321,11 +341,15 @@ class Registrar:
         else:
             # The network ran on its own grid: bring the fields to the user's grids, then resample the
             # user's full-resolution moving crop through them.
-            forward, jacobian = onto(forward, p.fixed), onto(jacobian, p.fixed)
+            forward = onto(forward, p.fixed)
             transforms = (geometry.affine_transform(affine_lps), geometry.displacement_transform(forward))
             warped_affine, warped = (onto(p.moving, p.fixed, t) for t in transforms)
             labels = [None if p.moving_label is None else onto(p.moving_label, p.fixed, t, label=True)
                       for t in transforms]
+        # The Jacobian of the transform the user gets, at its resolution (the fixed crop's), deformable part:
+        # the exported map A(p + u(p)) has det(A) det(I + grad u).
+        jac = field_jacobian(forward) / float(np.linalg.det(affine_lps[:3, :3]))
+        jacobian = geometry.image_like(jac.astype(np.float32), p.fixed)
         res = RegistrationResult(
             fixed=p.fixed, moving=p.moving, affine_voxel=out["affine"], affine_lps=affine_lps,
             warped_affine=warped_affine, warped=warped, forward_field=forward, jacobian=jacobian,
@@ -368,6 +392,12 @@ class Prepared:
     @property
     def on_network_grid(self) -> bool:
         return self.net_fixed is self.fixed
+
+    def net_fixed_label(self) -> Optional[sitk.Image]:
+        """The fixed label on the network's grid (refinement's Dice term)."""
+        if self.fixed_label is None or self.on_network_grid:
+            return self.fixed_label
+        return onto(self.fixed_label, self.net_fixed, label=True)
 
 
 def array(image: sitk.Image) -> np.ndarray:

@@ -141,3 +141,111 @@ class SyntheticPairDataset(Dataset):
         moving, moving_label = synthesise(self.labels[j], base + 2, self.cfg, self.spacing)
         t = lambda a: torch.from_numpy(a)[None]  # noqa: E731
         return {"fixed": t(fixed), "moving": t(moving), "fixed_label": t(fixed_label), "moving_label": t(moving_label)}
+
+
+@dataclass
+class KnownDeformationConfig:
+    """Random maps of realistic size for known-deformation pairs (a vertebra and a warp of itself)."""
+    rotation_degrees: float = 8.0
+    scaling: float = 0.07
+    translation_mm: float = 4.0
+    deformation_mm: float = 2.0  # std of the smooth field at its control points (max ~2.5x that)
+    deformation_grid: int = 5
+    noise: Sequence[float] = (0.0, 0.02)
+    gain: Sequence[float] = (0.9, 1.1)
+    gamma: Sequence[float] = (0.85, 1.15)
+
+    def synthesis(self) -> SynthesisConfig:
+        return SynthesisConfig(rotation_degrees=self.rotation_degrees, scaling=self.scaling,
+                               translation_mm=self.translation_mm, deformation_mm=self.deformation_mm,
+                               deformation_grid=self.deformation_grid)
+
+
+def _restyle(image: torch.Tensor, mask: torch.Tensor, g: torch.Generator, cfg: KnownDeformationConfig):
+    """The same anatomy imaged again: gain, gamma and noise of its own, zero outside the mask."""
+    out = image.clamp(0, 1) ** _uniform(g, *cfg.gamma) * _uniform(g, *cfg.gain)
+    out = out + torch.randn(out.shape, generator=g) * _uniform(g, *cfg.noise)
+    return (out * mask).clamp(0, 1)
+
+
+def known_deformation_pair(image: np.ndarray, label: np.ndarray, seed: int,
+                           cfg: Optional[KnownDeformationConfig] = None, spacing: float = 1.0):
+    """(fixed, fixed_label, moving, moving_label, true_inverse) from one crop and a seeded random map.
+
+    The moving image is the fixed one resampled through a random affine + smooth map psi (moving voxel ->
+    fixed voxel position, ``true_inverse`` (3, D, H, W)), then imaged again (own gain, gamma and noise), so
+    the truth of every interior point is known. Arrays (D, H, W) of a crop of isotropic ``spacing`` mm.
+    """
+    cfg = cfg or KnownDeformationConfig()
+    g = torch.Generator().manual_seed(int(seed))
+    img = torch.as_tensor(np.asarray(image, dtype=np.float32))[None, None]
+    lab = torch.as_tensor(np.asarray(label, dtype=np.float32))[None, None]
+    psi = random_deformation(img.shape[2:], g, cfg.synthesis(), spacing)
+    moving_label = (sample(lab, psi) > 0.5).float()
+    moving = _restyle(sample(img, psi), moving_label, g, cfg)
+    fixed = _restyle(img, lab, g, cfg)
+    return fixed[0, 0].numpy(), lab[0, 0].numpy(), moving[0, 0].numpy(), moving_label[0, 0].numpy(), psi[0].numpy()
+
+
+class KnownDeformationDataset(Dataset):
+    """``length`` known-deformation pairs from real crops (image, label) and/or mask crops (a CT-like image
+    is drawn from the mask first, as in ``synthesise``). Item ``i`` is a pure function of (seed, i)."""
+
+    def __init__(self, crops: List[tuple], masks: List[np.ndarray], length: int, seed: int = 0,
+                 cfg: Optional[KnownDeformationConfig] = None, spacing: float = 1.0, real_fraction: float = 0.5):
+        if not crops and not masks:
+            raise ValueError("known-deformation pairs need image crops or mask crops")
+        self.crops = [(np.asarray(i, dtype=np.float32), np.asarray(m, dtype=np.float32)) for i, m in crops]
+        self.masks = [np.asarray(m, dtype=np.float32) for m in masks]
+        self.length, self.seed, self.cfg, self.spacing = length, seed, cfg or KnownDeformationConfig(), spacing
+        self.real_fraction = real_fraction if self.crops and self.masks else (1.0 if self.crops else 0.0)
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        base = (self.seed * 1_000_003 + index) * 4 + 7
+        g = torch.Generator().manual_seed(base)
+        if float(torch.rand((), generator=g)) < self.real_fraction:
+            image, label = self.crops[int(torch.randint(len(self.crops), (), generator=g))]
+            # A mild random warp first, so that every use of a real crop is a new fixed image.
+            image, label = _warped_crop(image, label, base + 1, self.spacing)
+        else:
+            mask = self.masks[int(torch.randint(len(self.masks), (), generator=g))]
+            image, label = synthesise(mask, base + 1, spacing=self.spacing)
+        f, fl, m, ml, psi = known_deformation_pair(image, label, base + 2, self.cfg, self.spacing)
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+        return {"fixed": t(f)[None], "moving": t(m)[None], "fixed_label": t(fl)[None], "moving_label": t(ml)[None],
+                "true_inverse": t(psi), "known": torch.tensor(1.0)}
+
+
+def _warped_crop(image: np.ndarray, label: np.ndarray, seed: int, spacing: float):
+    g = torch.Generator().manual_seed(int(seed))
+    cfg = SynthesisConfig(rotation_degrees=5.0, scaling=0.05, translation_mm=2.0, deformation_mm=1.5)
+    coords = random_deformation(image.shape, g, cfg, spacing)
+    img = sample(torch.as_tensor(image)[None, None], coords)
+    lab = (sample(torch.as_tensor(label)[None, None], coords) > 0.5).float()
+    return (img * lab)[0, 0].numpy(), lab[0, 0].numpy()
+
+
+class MixedPairDataset(Dataset):
+    """Inter-subject pairs (no known map) and known-deformation pairs in one stream, with the same keys
+    (``known`` says which; inter-subject items carry a zero ``true_inverse``), so they share batches.
+    Item ``i`` draws its source from (seed, i)."""
+
+    def __init__(self, inter_subject: Dataset, known: Dataset, known_fraction: float = 0.5, seed: int = 0):
+        if not 0.0 <= known_fraction <= 1.0:
+            raise ValueError(f"known_fraction must be within [0, 1], got {known_fraction}")
+        self.inter, self.known, self.fraction, self.seed = inter_subject, known, known_fraction, seed
+
+    def __len__(self):
+        return max(len(self.inter), len(self.known))
+
+    def __getitem__(self, index):
+        g = torch.Generator().manual_seed(self.seed * 7_919 + index)
+        if float(torch.rand((), generator=g)) < self.fraction:
+            return self.known[index % len(self.known)]
+        item = dict(self.inter[index % len(self.inter)])
+        item["true_inverse"] = torch.zeros((3,) + tuple(item["fixed"].shape[1:]))
+        item["known"] = torch.tensor(0.0)
+        return item

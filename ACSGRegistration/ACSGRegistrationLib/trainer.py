@@ -163,7 +163,8 @@ class Trainer:
         self.net.train()
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             out = self.net(batch["fixed"], batch["moving"], batch["moving_label"] if use_labels else None)
-            terms = self.loss(batch["fixed"], out, batch["fixed_label"] if use_labels else None)
+            terms = self.loss(batch["fixed"], out, batch["fixed_label"] if use_labels else None,
+                              batch.get("true_inverse"), batch.get("known"), self.model_config.input_spacing)
         self.optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
         self.optimizer.step()

@@ -30,6 +30,7 @@ class RegistrationNet(nn.Module):
         else:
             self.deformable = VoxelMorphNet(cfg.voxelmorph)
         self.integration_steps = cfg.steps_for_method
+        self.symmetric = bool(cfg.symmetric)
         # Dtype the deformable network runs in (autocast); None leaves any autocast the caller opened.
         # The affine network and the geometry (affine map, integration, resampling) run in fp32 at
         # inference: an error in the matrix grows with the distance from the volume's centre (bf16's
@@ -64,41 +65,75 @@ class RegistrationNet(nn.Module):
                 return invert_displacement(resize_field(velocity, shape))
         return resize_field(integrate_velocity(velocity, self.integration_steps), shape)
 
+    def affine_matrix(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        """(B, 3, 4) voxel-space affine; symmetric models take exp of the antisymmetrised logarithm."""
+        if not self.symmetric:
+            return self.affine(fixed, moving).float()
+        both = self.affine(torch.cat([fixed, moving]), torch.cat([moving, fixed])).float()
+        forward, backward = both.split(fixed.shape[0])
+        return affine_exp((forward - backward) / 2)
+
+    def velocity(self, fixed: torch.Tensor, warped_affine: torch.Tensor) -> torch.Tensor:
+        """Velocity field (voxels); symmetric models antisymmetrise it: v(F, W) = -v(W, F)."""
+        if not self.symmetric:
+            return self.deformable(fixed, warped_affine).float()
+        both = self.deformable(torch.cat([fixed, warped_affine]), torch.cat([warped_affine, fixed])).float()
+        forward, backward = both.split(fixed.shape[0])
+        return (forward - backward) / 2
+
     def forward(self, fixed, moving, moving_label: Optional[torch.Tensor] = None,
                 with_inverse: bool = False) -> Dict[str, torch.Tensor]:
         self.check_inputs(fixed, moving)
         shape = fixed.shape[2:]
         fp32 = full_precision(fixed.device)
         with self._affine_precision(fixed.device):
-            matrix = self.affine(fixed, moving).float()
+            matrix = self.affine_matrix(fixed, moving)
         with fp32:
             affine_map = affine_coordinates(matrix, shape, shape)
             warped_affine = sample(moving, affine_map)
         with self._networks_precision(fixed.device):
-            velocity = self.deformable(fixed, warped_affine).float()
+            velocity = self.velocity(fixed, warped_affine)
         with fp32:
-            displacement = self.deformable_displacement(velocity, shape)
-            grid = identity_grid(shape, fixed.device, displacement.dtype)
-            total_map = affine_coordinates(matrix, shape, shape, grid + displacement)
-            out = {
-                "affine": matrix,
-                "velocity": velocity,
-                "displacement": displacement,
-                "affine_map": affine_map,
-                "total_map": total_map,
-                "warped_affine": warped_affine,
-                "warped": sample(moving, total_map),
-            }
-            if moving_label is not None:
-                out["warped_label_affine"] = sample(moving_label, affine_map)
-                out["warped_label"] = sample(moving_label, total_map)
-            if with_inverse:
-                out["inverse_map"] = self.inverse_map(matrix, velocity, shape)
+            return self.outputs(fixed, moving, moving_label, matrix, velocity, with_inverse,
+                                affine_map=affine_map, warped_affine=warped_affine)
+
+    def outputs(self, fixed, moving, moving_label, matrix, velocity, with_inverse: bool = False,
+                affine_map=None, warped_affine=None) -> Dict[str, torch.Tensor]:
+        """Maps and warped images from an affine matrix and a velocity field (the geometry alone, fp32):
+        what ``forward`` returns for the networks' answers, and what refinement optimises through."""
+        shape = fixed.shape[2:]
+        if affine_map is None:
+            affine_map = affine_coordinates(matrix, shape, shape)
+            warped_affine = sample(moving, affine_map)
+        displacement = self.deformable_displacement(velocity, shape)
+        grid = identity_grid(shape, fixed.device, displacement.dtype)
+        total_map = affine_coordinates(matrix, shape, shape, grid + displacement)
+        out = {
+            "affine": matrix,
+            "velocity": velocity,
+            "displacement": displacement,
+            "affine_map": affine_map,
+            "total_map": total_map,
+            "warped_affine": warped_affine,
+            "warped": sample(moving, total_map),
+        }
+        if moving_label is not None:
+            out["warped_label_affine"] = sample(moving_label, affine_map)
+            out["warped_label"] = sample(moving_label, total_map)
+        if with_inverse:
+            out["inverse_map"] = self.inverse_map(matrix, velocity, shape)
         return out
 
     def inverse_map(self, matrix: torch.Tensor, velocity: torch.Tensor, shape) -> torch.Tensor:
         """Coordinate map of the inverse transform on the moving grid (see ``inverse_coordinates``)."""
         return inverse_coordinates(matrix, self.deformable_displacement(velocity, shape, inverse=True))
+
+
+def affine_exp(log_matrix: torch.Tensor) -> torch.Tensor:
+    """(B, 3, 4) affine [A | t] = exp of the homogeneous (B, 3, 4) logarithm [L | l] (bottom row zero)."""
+    b = log_matrix.shape[0]
+    square = torch.cat([log_matrix, log_matrix.new_zeros(b, 1, 4)], dim=1)
+    return torch.linalg.matrix_exp(square)[:, :3]
 
 
 def invert_displacement(displacement: torch.Tensor, iterations: int = 30) -> torch.Tensor:
