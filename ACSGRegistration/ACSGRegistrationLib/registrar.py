@@ -1,6 +1,5 @@
 """One-shot registration of vertebra crops with a trained network, results in physical space."""
 
-import copy
 import dataclasses
 import json
 import os
@@ -273,7 +272,8 @@ class Registrar:
 
     def _run(self, f: np.ndarray, m: np.ndarray, ml: Optional[np.ndarray], fl: Optional[np.ndarray] = None):
         def go(device):
-            t = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a))[:, None].to(device)  # noqa: E731,E501
+            def t(a):
+                return None if a is None else torch.from_numpy(np.ascontiguousarray(a))[:, None].to(device)
             with torch.inference_mode():
                 out = self.engine(t(f), t(m), t(ml))
             if self.refine_steps > 0:
@@ -321,8 +321,8 @@ class Registrar:
             fl = None
             if self.refine_steps > 0 and with_labels and all(c.fixed_label is not None for c in chunk):
                 fl = np.stack([array(c.net_fixed_label()) for c in chunk])
-            out = self._run(np.stack([array(c.net_fixed) for c in chunk]), np.stack([array(c.net_moving) for c in chunk]),
-                            ml, fl)
+            out = self._run(np.stack([array(c.net_fixed) for c in chunk]),
+                            np.stack([array(c.net_moving) for c in chunk]), ml, fl)
             per_pair = (time.perf_counter() - t0) / len(chunk)
             for i, c in enumerate(chunk):
                 results.append(self._result(c, {k: v[i] for k, v in out.items()}, per_pair))
