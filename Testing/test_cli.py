@@ -16,7 +16,7 @@ from ACSGRegistrationLib.config import tiny_config
 from ACSGRegistrationLib.networks import RegistrationNet
 from conftest import ROOT, data_path
 
-COMMANDS = ("train", "finetune", "register", "evaluate", "prepare", "export")
+COMMANDS = ("train", "finetune", "register", "evaluate", "evaluate-maps", "prepare", "export")
 
 
 def full_size_tiny_config():
@@ -102,6 +102,30 @@ def test_prepare_then_evaluate_writes_the_tables(checkpoint, tmp_path, capsys):
     table = (tmp_path / "eval" / "metrics.md").read_text()
     assert "| L1 | 2 |" in table and "| Average | 2 |" in table
     assert "dice final" in table and "% |J|<=0" in table
+    assert "SDlogJ in vertebra" in table and "fwd-inv mm" in table  # the map beside the overlap
+    assert float(rows[0]["vertebra_sdlogj"]) >= 0 and float(rows[0]["inverse_mean_mm"]) >= 0
+
+
+def test_evaluate_maps_writes_every_kind_of_case_and_the_bars(checkpoint, tmp_path, capsys):
+    ts = data_path("ct", "totalsegmentator-example")
+    manifest = tmp_path / "scans.csv"
+    with open(manifest, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image", "label", "label_id", "level", "subject"])
+        w.writerow([f"{ts}/ct.nii.gz", f"{ts}/seg.nii.gz", 29, "L3", "ts"])
+        w.writerow([f"{ts}/ct.nii.gz", f"{ts}/seg.nii.gz", 28, "L4", "ts"])
+    out = tmp_path / "maps"
+    assert main(["evaluate-maps", "--manifest", str(manifest), "--checkpoint", checkpoint, "--device", "cpu",
+                 "--seeds", "1", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out / "maps.csv")))
+    kinds = [r["kind"] for r in rows]
+    assert kinds.count("pair") == 2 and kinds.count("known-crop") == 2 and kinds.count("known-scan") == 2
+    assert kinds.count("self") == 2
+    known = [r for r in rows if r["kind"].startswith("known")]
+    assert all(float(r["identity_tre_mean_mm"]) > 1 and float(r["tre_mean_mm"]) >= 0 for r in known)
+    bars = (out / "acceptance.md").read_text()
+    assert "known deformations, whole scans: mean TRE <= 1.0 mm" in bars and "self-registration" in bars
+    assert "### known-scan" in (out / "maps.md").read_text()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -73,6 +73,11 @@ def test_inverse_consistency_of_a_field_and_its_exact_inverse_is_zero_and_detect
     assert maps.inverse_consistency(field, inverse, label)["inverse_mean_mm"] < 1e-9
     wrong = maps.inverse_consistency(field, field, label)
     assert wrong["inverse_mean_mm"] == pytest.approx(2 * np.linalg.norm([1.5, -0.5, 2.0]))
+    assert wrong["inverse_outside_percent"] == 0
+    # Points sent off the moving crop have no inverse there: counted, not averaged.
+    away = sitk.GetImageFromArray(np.tile(np.array([30.0, 0.0, 0.0]), shape + (1,)), isVector=True)
+    off = maps.inverse_consistency(away, inverse, label)
+    assert off["inverse_outside_percent"] == 100 and np.isnan(off["inverse_mean_mm"])
 
 
 def test_random_map_sizes_and_its_transform_agree():

@@ -180,31 +180,29 @@ def cmd_register(args):
     return 0
 
 
-def cmd_evaluate(args):
-    from .evaluation import ants_method, evaluate, network_method
+def _methods(args, **ants_options):
+    """The methods an evaluation compares: each model (and its refined variant), then ANTs SyN."""
+    from .evaluation import ants_method, network_method
     methods = []
     for checkpoint in args.checkpoint or [DEFAULT_MODEL]:
         methods.append(network_method(checkpoint, args.device, precision=args.precision))
         if args.refine_steps:
             methods.append(network_method(checkpoint, args.device, args.refine_steps, args.precision))
     if args.ants:
-        methods.append(ants_method())
-    evaluate(methods, args.crops, args.out, args.pairs)
+        methods.append(ants_method(**ants_options))
+    return methods
+
+
+def cmd_evaluate(args):
+    from .evaluation import evaluate
+    evaluate(_methods(args), args.crops, args.out, args.pairs)
     return 0
 
 
 def cmd_evaluate_maps(args):
-    from .evaluation import ants_method, network_method
     from .map_evaluation import acceptance_markdown, evaluate_maps, read_manifest
-    methods = []
-    for checkpoint in args.checkpoint or [DEFAULT_MODEL]:
-        methods.append(network_method(checkpoint, args.device, precision=args.precision))
-        if args.refine_steps:
-            methods.append(network_method(checkpoint, args.device, args.refine_steps, args.precision))
-    if args.ants:
-        methods.append(ants_method(random_seed=0))
-    rows = evaluate_maps(methods, read_manifest(args.manifest), args.out, seeds=range(args.seeds),
-                         pair_mode=args.pairs, kinds=args.kinds.split(","))
+    rows = evaluate_maps(_methods(args, random_seed=0), read_manifest(args.manifest), args.out,
+                         seeds=range(args.seeds), pair_mode=args.pairs, kinds=args.kinds.split(","))
     print(acceptance_markdown(rows))
     print(f"tables: {os.path.join(args.out, 'maps.md')}, {os.path.join(args.out, 'maps.csv')}")
     return 0

@@ -126,9 +126,9 @@ def map_loss_config() -> LossConfig:
     - diffusion 0.001 -> 0.5 (voxel units of the model's grid), a folding penalty (1.0, below det J = 0.2)
       and a log-Jacobian penalty (0.3);
     - Dice 0.01 -> 0.3 (affine), so that the affine stage does its share on inter-subject pairs, and
-      0.1 -> 0.3 (deformable), to hold the outline against the stronger regularisers.
+      0.1 -> 1.0 (deformable), to hold the outline against the stronger regularisers.
     """
-    return LossConfig(smoothness=0.5, affine_dice=0.3, deformable_dice=0.3, known_map=1.0, affine_known_map=0.2,
+    return LossConfig(smoothness=0.5, affine_dice=0.3, deformable_dice=1.0, known_map=1.0, affine_known_map=0.2,
                       folding=1.0, log_jacobian=0.3)
 
 

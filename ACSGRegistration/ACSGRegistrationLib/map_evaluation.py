@@ -30,7 +30,7 @@ from .validation import InputError
 KINDS = ("pair", "known-crop", "known-scan", "self")
 SUMMARY_COLUMNS = ("dice_initial", "dice_affine", "dice_final", "assd_final", "vertebra_nonpositive_percent",
                    "vertebra_sdlogj", "vertebra_p1", "vertebra_p99", "crop_nonpositive_percent", "crop_sdlogj",
-                   "inverse_mean_mm", "inverse_p95_mm", "tre_mean_mm", "tre_p95_mm", "tre_max_mm",
+                   "inverse_mean_mm", "inverse_p95_mm", "inverse_outside_percent", "tre_mean_mm", "tre_p95_mm", "tre_max_mm",
                    "identity_tre_mean_mm", "displacement_mm", "seconds")
 
 

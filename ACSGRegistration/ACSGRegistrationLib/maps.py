@@ -102,13 +102,24 @@ def displacement_transform(field: sitk.Image) -> sitk.DisplacementFieldTransform
 
 def inverse_consistency(forward_field: sitk.Image, inverse_field: sitk.Image, fixed_label: sitk.Image,
                         step: int = 2) -> Dict[str, float]:
-    """|inverse(forward(p)) - p| (mm) over the fixed vertebra's voxels (every ``step``-th per axis)."""
+    """|inverse(forward(p)) - p| (mm) over the fixed vertebra's voxels (every ``step``-th per axis).
+
+    The inverse is a field on the moving crop: points the forward map sends outside it (a vertebra cut by
+    its crop's edge) have no inverse there and are left out; ``inverse_outside_percent`` says how many."""
     points = label_points(fixed_label, step)
     moved = points + field_at_voxels(forward_field, fixed_label, step)
-    back = transform_points(displacement_transform(inverse_field), moved)
-    residual = np.linalg.norm(back - points, axis=1)
-    return {"inverse_mean_mm": float(residual.mean()), "inverse_p95_mm": float(np.percentile(residual, 95)),
-            "inverse_max_mm": float(residual.max())}
+    direction = np.asarray(inverse_field.GetDirection(), dtype=np.float64).reshape(3, 3)
+    index = np.linalg.solve(direction @ np.diag(inverse_field.GetSpacing()),
+                            (moved - np.asarray(inverse_field.GetOrigin())).T).T
+    inside = np.all((index >= 0) & (index <= np.asarray(inverse_field.GetSize()) - 1), axis=1)
+    out = {"inverse_outside_percent": 100.0 * float(1 - inside.mean())}
+    if not inside.any():
+        return dict(out, inverse_mean_mm=float("nan"), inverse_p95_mm=float("nan"), inverse_max_mm=float("nan"))
+    back = transform_points(displacement_transform(inverse_field), moved[inside])
+    residual = np.linalg.norm(back - points[inside], axis=1)
+    out.update(inverse_mean_mm=float(residual.mean()), inverse_p95_mm=float(np.percentile(residual, 95)),
+               inverse_max_mm=float(residual.max()))
+    return out
 
 
 # -- known deformations ---------------------------------------------------------------------------------

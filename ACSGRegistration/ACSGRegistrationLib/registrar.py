@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import os
 import time
 import warnings
@@ -16,7 +17,8 @@ from . import geometry
 from .checkpoint import build_model, load_checkpoint
 from .config import map_loss_config
 from .inference import keep_freed_memory, prepare_for_inference, release_freed_memory
-from .losses import RegistrationLoss
+from .layers import affine_coordinates, identity_grid, sample
+from .losses import RegistrationLoss, local_ncc, soft_dice
 from .maps import field_jacobian
 from .metrics import STAGES, folding, stage_metrics
 from .networks import RegistrationNet
@@ -167,6 +169,10 @@ class RegistrationCancelled(RuntimeError):
     pass
 
 
+# Steps of the affine stage's optimisation on each pair (``Registrar.refine_affine``); 0: the network's alone.
+AFFINE_STEPS = 30
+
+
 class Registrar:
     """Load a network once, then register pairs of crops (or batches of them) on GPU or CPU.
 
@@ -184,7 +190,7 @@ class Registrar:
 
     def __init__(self, checkpoint: Optional[str] = None, model: Optional[RegistrationNet] = None,
                  device: str = "auto", precision: str = "auto", keep_memory: bool = True,
-                 refine_steps: int = 0, refine_lr: float = 1.0,
+                 refine_steps: int = 0, refine_lr: float = 1.0, affine_steps: int = AFFINE_STEPS,
                  progress: Optional[Callable[[int, int], None]] = None,
                  should_stop: Optional[Callable[[], bool]] = None):
         if (checkpoint is None) == (model is None):
@@ -203,6 +209,7 @@ class Registrar:
             keep_freed_memory()
         self.shape = tuple(model.config.input_shape)
         self.refine_steps, self.refine_lr = int(refine_steps), float(refine_lr)
+        self.affine_steps = int(affine_steps)
         self.progress, self.should_stop = progress, should_stop
 
     @staticmethod
@@ -240,6 +247,33 @@ class Registrar:
         return Prepared(fixed, moving, labels[0], labels[1], *net)
 
     # -- inference --------------------------------------------------------------------------------
+    def refine_affine(self, fixed: torch.Tensor, moving: torch.Tensor, fixed_label: Optional[torch.Tensor],
+                      moving_label: Optional[torch.Tensor], matrix: torch.Tensor) -> torch.Tensor:
+        """The affine stage's matrix, optimised on the pair before the deformable stage: soft Dice of the
+        labels where both are given, else LNCC of the images. The affine network alone leaves the vertebrae
+        ~0.1 Dice apart (its 12 numbers come from one pass over a coarse grid); a few steps of this cheap
+        optimisation (one resampling per step, no integration) close most of that gap."""
+        shape = fixed.shape[2:]
+        d_matrix = torch.zeros_like(matrix, requires_grad=True)
+        optimiser = torch.optim.Adam([d_matrix], lr=0.004)
+        scale = torch.ones_like(matrix)
+        scale[:, :, 3] = 25.0  # translations (voxels) move ~25x further than matrix entries
+        use_labels = fixed_label is not None and moving_label is not None
+        # On large grids (1 mm models) every second voxel per axis: the same geometry, 8x fewer samples.
+        stride = 2 if math.prod(shape) > 300_000 else 1
+        points = identity_grid(shape, fixed.device, matrix.dtype)[:, :, ::stride, ::stride, ::stride]
+        target = (fixed_label if use_labels else fixed)[:, :, ::stride, ::stride, ::stride]
+        for _ in range(self.affine_steps):
+            coords = affine_coordinates(matrix + d_matrix * scale, shape, shape, points)
+            if use_labels:
+                loss = -soft_dice(target, sample(moving_label, coords))
+            else:
+                loss = -local_ncc(target, sample(moving, coords))
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+        return (matrix + d_matrix * scale).detach()
+
     def refine_pair(self, fixed: torch.Tensor, moving: torch.Tensor, fixed_label: Optional[torch.Tensor],
                     moving_label: Optional[torch.Tensor], matrix: torch.Tensor, velocity: torch.Tensor):
         """Test-time refinement (instance optimisation): the network's affine and velocity field for this
@@ -275,7 +309,12 @@ class Registrar:
             def t(a):
                 return None if a is None else torch.from_numpy(np.ascontiguousarray(a))[:, None].to(device)
             with torch.inference_mode():
-                out = self.engine(t(f), t(m), t(ml))
+                matrix = self.engine.affine_stage(t(f), t(m))
+            if self.affine_steps > 0:
+                with torch.enable_grad():
+                    matrix = self.refine_affine(t(f), t(m), t(fl), t(ml), matrix.clone())
+            with torch.inference_mode():
+                out = self.engine.forward_from_affine(t(f), t(m), matrix, t(ml))
             if self.refine_steps > 0:
                 outs = []
                 for k in range(len(f)):  # each pair refined on its own
@@ -319,7 +358,8 @@ class Registrar:
             with_labels = all(c.net_moving_label is not None for c in chunk)
             ml = np.stack([array(c.net_moving_label) for c in chunk]) if with_labels else None
             fl = None
-            if self.refine_steps > 0 and with_labels and all(c.fixed_label is not None for c in chunk):
+            if (self.refine_steps > 0 or self.affine_steps > 0) and with_labels \
+                    and all(c.fixed_label is not None for c in chunk):
                 fl = np.stack([array(c.net_fixed_label()) for c in chunk])
             out = self._run(np.stack([array(c.net_fixed) for c in chunk]),
                             np.stack([array(c.net_moving) for c in chunk]), ml, fl)

@@ -83,11 +83,19 @@ class RegistrationNet(nn.Module):
 
     def forward(self, fixed, moving, moving_label: Optional[torch.Tensor] = None,
                 with_inverse: bool = False) -> Dict[str, torch.Tensor]:
+        return self.forward_from_affine(fixed, moving, self.affine_stage(fixed, moving), moving_label, with_inverse)
+
+    def affine_stage(self, fixed, moving) -> torch.Tensor:
+        """The affine network's (B, 3, 4) matrix, in its precision (fp32 at inference)."""
         self.check_inputs(fixed, moving)
+        with self._affine_precision(fixed.device):
+            return self.affine_matrix(fixed, moving)
+
+    def forward_from_affine(self, fixed, moving, matrix, moving_label: Optional[torch.Tensor] = None,
+                            with_inverse: bool = False) -> Dict[str, torch.Tensor]:
+        """The deformable stage and every output, after the affine stage gave ``matrix`` (B, 3, 4)."""
         shape = fixed.shape[2:]
         fp32 = full_precision(fixed.device)
-        with self._affine_precision(fixed.device):
-            matrix = self.affine_matrix(fixed, moving)
         with fp32:
             affine_map = affine_coordinates(matrix, shape, shape)
             warped_affine = sample(moving, affine_map)
