@@ -94,6 +94,7 @@ def network_method(checkpoint: str, device: str = "auto", refine_steps: int = 0,
     from .registrar import Registrar
     registrar = Registrar(checkpoint, device=device, precision=precision, refine_steps=refine_steps)
     name = {"acsgregnet": "ACSGRegNet", "avoxelmorph": "AVoxelMorph"}[registrar.model.config.method]
+    name += f" ({os.path.basename(checkpoint)})"  # two checkpoints of one method stay apart in the tables
     if refine_steps:
         name += f" + refinement ({refine_steps} steps)"
     return name, registrar.register
