@@ -94,9 +94,10 @@ def _pair_dataset(args):
     from .synthesis import KnownDeformationDataset, MixedPairDataset
     crops = []
     if real is not None:
-        for r in (r for r in real.records if r.label):
-            crops.append((real._array(r.image, "image"), real._array(r.label, "label")))
-            spacing = _crop_spacing(r.image)
+        labelled = [r for r in real.records if r.label]
+        crops = [(real._array(r.image, "image"), real._array(r.label, "label")) for r in labelled]
+        if labelled:
+            spacing = _crop_spacing(labelled[0].image)  # crops of one folder share their grid's spacing
     known = KnownDeformationDataset(crops, masks, len(dataset), seed=args.seed + 1, spacing=spacing)
     return MixedPairDataset(dataset, known, args.known_fraction, seed=args.seed + 2)
 
@@ -282,36 +283,35 @@ def build_parser():
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_register)
 
+    def common_evaluation(p):
+        """The methods an evaluation compares (``_methods``) and where they run."""
+        p.add_argument("--checkpoint", action="append",
+                       help="a model to evaluate; repeat for several (default: the shipped model)")
+        p.add_argument("--refine-steps", type=int, default=0,
+                       help="also evaluate each model with this many steps of test-time refinement")
+        p.add_argument("--ants", action="store_true", help="also run ANTs SyN (needs the package antspyx)")
+        p.add_argument("--device", default="auto")
+        p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
+
     p = sub.add_parser("evaluate", help="the paper's tables on the pairs of a crops folder, methods side by side")
     p.add_argument("--crops", required=True)
-    p.add_argument("--checkpoint", action="append",
-                   help="a model to evaluate; repeat for several (default: the shipped model)")
+    common_evaluation(p)
     p.add_argument("--pairs", choices=("inter-subject", "mixed", "all"), default="inter-subject",
                    help="inter-subject same level (default), mixed levels, or all pairs incl. inter-level")
-    p.add_argument("--refine-steps", type=int, default=0,
-                   help="also evaluate each model with this many steps of test-time refinement")
-    p.add_argument("--ants", action="store_true", help="also run ANTs SyN (needs the package antspyx)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     p.add_argument("--out", required=True, help="folder for metrics.csv and metrics.md")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("evaluate-maps", help="judge the maps: regularity, inverse consistency, known-deformation "
                                              "TRE and self-registration beside Dice, methods side by side")
     p.add_argument("--manifest", required=True,
-                   help="CSV of whole scans: image, label, label_id, level, subject (e.g. scripts/real_vertebrae.csv)")
-    p.add_argument("--checkpoint", action="append",
-                   help="a model to evaluate; repeat for several (default: the shipped model)")
+                   help="CSV of whole scans: image, label, label_id, level, subject (e.g. scripts/real_vertebrae.csv), "
+                        "or a data folder in the VerSe, TotalSegmentator or AbdomenAtlas layout")
+    common_evaluation(p)
     p.add_argument("--pairs", choices=("inter-subject", "mixed", "all"), default="all",
                    help="which ordered pairs of the manifest's vertebrae to register (default all)")
     p.add_argument("--seeds", type=int, default=3, help="random known deformations per vertebra (default 3)")
     p.add_argument("--kinds", default="pair,known-crop,known-scan,self",
                    help="comma-separated cases: pair, known-crop, known-scan, self (default all)")
-    p.add_argument("--refine-steps", type=int, default=0,
-                   help="also evaluate each model with this many steps of test-time refinement")
-    p.add_argument("--ants", action="store_true", help="also run ANTs SyN (needs the package antspyx)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     p.add_argument("--out", required=True, help="folder for maps.csv, maps.md and acceptance.md")
     p.set_defaults(func=cmd_evaluate_maps)
 

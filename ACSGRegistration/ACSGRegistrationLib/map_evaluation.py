@@ -12,7 +12,6 @@ Writes ``maps.csv`` (one row per method and case), ``maps.md`` (means per method
 ``acceptance.md`` (the bars of the maps issue, each with its measured value).
 """
 
-import csv
 import os
 import time
 from collections import defaultdict
@@ -30,8 +29,8 @@ from .validation import InputError
 KINDS = ("pair", "known-crop", "known-scan", "self")
 SUMMARY_COLUMNS = ("dice_initial", "dice_affine", "dice_final", "assd_final", "vertebra_nonpositive_percent",
                    "vertebra_sdlogj", "vertebra_p1", "vertebra_p99", "crop_nonpositive_percent", "crop_sdlogj",
-                   "inverse_mean_mm", "inverse_p95_mm", "inverse_outside_percent", "tre_mean_mm", "tre_p95_mm", "tre_max_mm",
-                   "identity_tre_mean_mm", "displacement_mm", "seconds")
+                   "inverse_mean_mm", "inverse_p95_mm", "inverse_outside_percent", "tre_mean_mm", "tre_p95_mm",
+                   "tre_max_mm", "identity_tre_mean_mm", "displacement_mm", "seconds")
 
 
 @dataclass
@@ -45,25 +44,22 @@ class Vertebra:
 
 
 def read_manifest(path: str) -> List[Vertebra]:
-    """Vertebrae of a manifest CSV; paths are relative to the manifest's folder. Scans are read once."""
+    """Vertebrae with their scans, from a manifest CSV or a data folder (``readers.find_sources``); each
+    scan and label map is read once."""
     from .io import read_image
-    folder = os.path.dirname(os.path.abspath(path))
+    from .readers import find_sources
     cache: Dict[str, sitk.Image] = {}
 
     def load(p, what):
-        p = os.path.normpath(os.path.join(folder, p))
         if p not in cache:
             cache[p] = read_image(p, what)
         return cache[p]
     out = []
-    with open(path, newline="") as fh:
-        for row in csv.DictReader(fh):
-            try:
-                label_id = int(row["label_id"])
-            except (KeyError, ValueError) as exc:
-                raise InputError(f"{path}: each row needs an integer label_id ({exc})") from exc
-            out.append(Vertebra(f"{row['subject']}_{row['level']}", row["subject"], row["level"],
-                                load(row["image"], "image"), load(row["label"], "label map"), label_id))
+    for source in find_sources(path):
+        if not source.has_image:
+            raise InputError(f"{path}: {source.name} has no image (a label-only source cannot be registered)")
+        out.append(Vertebra(source.name, source.subject, source.level, load(source.image, "image"),
+                            load(source.label, "label map"), source.label_id))
     if not out:
         raise InputError(f"{path} lists no vertebrae")
     return out
@@ -96,9 +92,10 @@ def evaluate_maps(methods, vertebrae: Sequence[Vertebra], out_dir: str, seeds: S
                           crops[i].label, crops[j].label, None))
     for kind, whole in (("known-crop", False), ("known-scan", True)):
         if kind in kinds:
-            for v in vertebrae:
+            for v, crop in zip(vertebrae, crops):
                 for seed in seeds:
-                    c = maps.known_deformation_case(v.scan, v.segmentation, v.label_id, seed, whole_scan=whole)
+                    c = maps.known_deformation_case(v.scan, v.segmentation, v.label_id, seed, whole_scan=whole,
+                                                    fixed_crop=crop)
                     cases.append((kind, v.name, f"{v.name} warped #{seed}", c.fixed, c.moving, c.fixed_label,
                                   c.moving_label, c.psi))
     if "self" in kinds:

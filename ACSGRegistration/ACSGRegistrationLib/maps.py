@@ -21,6 +21,7 @@ from typing import Callable, Dict, Optional, Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from .geometry import apply_homogeneous, displacement_transform, index_to_physical_matrix
 from .metrics import jacobian_determinant
 from .preprocessing import HU_RANGE, crop_vertebra
 
@@ -80,10 +81,8 @@ def regularity(forward_field: sitk.Image, affine_lps: Optional[np.ndarray] = Non
 
 def label_points(label: sitk.Image, step: int = 1) -> np.ndarray:
     """(N, 3) LPS points of a label's voxels (every ``step``-th voxel along each axis)."""
-    a = sitk.GetArrayViewFromImage(label)[::step, ::step, ::step] > 0.5
-    idx = np.argwhere(a)[:, ::-1] * step  # (x, y, z) indices
-    direction = np.asarray(label.GetDirection(), dtype=np.float64).reshape(3, 3)
-    return (direction @ (idx * np.asarray(label.GetSpacing())).T).T + np.asarray(label.GetOrigin())
+    index = np.argwhere(sitk.GetArrayViewFromImage(label)[::step, ::step, ::step] > 0.5) * step  # (z, y, x)
+    return apply_homogeneous(index_to_physical_matrix(label), index.T.astype(np.float64)).T
 
 
 def field_at_voxels(field: sitk.Image, label: sitk.Image, step: int = 1) -> np.ndarray:
@@ -94,10 +93,6 @@ def field_at_voxels(field: sitk.Image, label: sitk.Image, step: int = 1) -> np.n
 
 def transform_points(transform: sitk.Transform, points: np.ndarray) -> np.ndarray:
     return np.array([transform.TransformPoint(tuple(float(c) for c in p)) for p in points])
-
-
-def displacement_transform(field: sitk.Image) -> sitk.DisplacementFieldTransform:
-    return sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
 
 
 def inverse_consistency(forward_field: sitk.Image, inverse_field: sitk.Image, fixed_label: sitk.Image,
@@ -156,12 +151,11 @@ class RandomMap:
         self.linear = rot @ np.diag(1 + rng.uniform(-cfg.scaling, cfg.scaling, 3))
         self.translation = rng.uniform(-cfg.translation_mm, cfg.translation_mm, 3)
         self.bump_centres = self.centre + rng.uniform(-cfg.spread_mm, cfg.spread_mm, (cfg.bumps, 3))
-        weights = rng.normal(size=(cfg.bumps, 3))
-        self.bump_weights = weights
+        self.bump_weights = rng.normal(size=(cfg.bumps, 3))
         # Scale the field so that its largest displacement over the region is field_mm.
         probe = self.centre + rng.uniform(-2 * cfg.spread_mm, 2 * cfg.spread_mm, (4000, 3))
         probe = np.concatenate([probe, self.bump_centres])
-        self.bump_weights = weights * (cfg.field_mm / np.linalg.norm(self._smooth(probe), axis=1).max())
+        self.bump_weights *= cfg.field_mm / np.linalg.norm(self._smooth(probe), axis=1).max()
 
     def _smooth(self, points: np.ndarray) -> np.ndarray:
         d2 = ((points[:, None, :] - self.bump_centres[None]) ** 2).sum(-1)
@@ -215,13 +209,15 @@ class KnownCase:
 
 
 def known_deformation_case(scan: sitk.Image, segmentation: sitk.Image, label_id: int, seed: int,
-                           whole_scan: bool = True, cfg: Optional[RandomMapConfig] = None) -> KnownCase:
+                           whole_scan: bool = True, cfg: Optional[RandomMapConfig] = None,
+                           fixed_crop=None) -> KnownCase:
     """One known-deformation case of vertebra ``label_id``: crops of the scan and of its warped copy.
 
     ``whole_scan``: the whole scan (and its labels) is warped and both crops are cut from whole scans, each
     centred on its own label; else the fixed crop itself is warped on its own grid (crop-level case).
+    ``fixed_crop``: the vertebra's crop (``preprocessing.crop_vertebra``) if the caller already has it.
     """
-    fixed_crop = crop_vertebra(scan, segmentation, label_id)
+    fixed_crop = fixed_crop or crop_vertebra(scan, segmentation, label_id)
     stats = sitk.LabelShapeStatisticsImageFilter()
     stats.Execute(fixed_crop.label)
     psi = RandomMap(stats.GetCentroid(1), seed, cfg)

@@ -169,6 +169,14 @@ class RegistrationCancelled(RuntimeError):
     pass
 
 
+def affine_step_scale(matrix: torch.Tensor) -> torch.Tensor:
+    """Per-entry scale of an optimiser's steps on a (B, 3, 4) affine: its translations (voxels) move ~25x
+    further than its unitless matrix entries for the same effect on the crop."""
+    scale = torch.ones_like(matrix)
+    scale[:, :, 3] = 25.0
+    return scale
+
+
 # Steps of the affine stage's optimisation on each pair (``Registrar.refine_affine``); 0: the network's alone.
 AFFINE_STEPS = 30
 
@@ -256,8 +264,7 @@ class Registrar:
         shape = fixed.shape[2:]
         d_matrix = torch.zeros_like(matrix, requires_grad=True)
         optimiser = torch.optim.Adam([d_matrix], lr=0.004)
-        scale = torch.ones_like(matrix)
-        scale[:, :, 3] = 25.0  # translations (voxels) move ~25x further than matrix entries
+        scale = affine_step_scale(matrix)
         use_labels = fixed_label is not None and moving_label is not None
         # On large grids (1 mm models) every second voxel per axis: the same geometry, 8x fewer samples.
         stride = 2 if math.prod(shape) > 300_000 else 1
@@ -288,8 +295,7 @@ class Registrar:
         scale = self.refine_lr
         optimiser = torch.optim.Adam([{"params": [d_velocity], "lr": 0.05 * scale},
                                       {"params": [d_matrix], "lr": 0.002 * scale}])
-        translation_scale = torch.ones_like(matrix)
-        translation_scale[:, :, 3] = 25.0  # translations (voxels) move ~25x further than matrix entries
+        translation_scale = affine_step_scale(matrix)
         labels = moving_label if fixed_label is not None else None
         for step in range(1, self.refine_steps + 1):
             if self.should_stop is not None and self.should_stop():
@@ -308,22 +314,23 @@ class Registrar:
         def go(device):
             def t(a):
                 return None if a is None else torch.from_numpy(np.ascontiguousarray(a))[:, None].to(device)
+            tf, tm, tfl, tml = t(f), t(m), t(fl), t(ml)
             with torch.inference_mode():
-                matrix = self.engine.affine_stage(t(f), t(m))
+                matrix = self.engine.affine_stage(tf, tm)
             if self.affine_steps > 0:
                 with torch.enable_grad():
-                    matrix = self.refine_affine(t(f), t(m), t(fl), t(ml), matrix.clone())
+                    matrix = self.refine_affine(tf, tm, tfl, tml, matrix.clone())
             with torch.inference_mode():
-                out = self.engine.forward_from_affine(t(f), t(m), matrix, t(ml))
+                out = self.engine.forward_from_affine(tf, tm, matrix, tml)
             if self.refine_steps > 0:
                 outs = []
                 for k in range(len(f)):  # each pair refined on its own
-                    one = lambda a: None if a is None else t(a[k:k + 1])  # noqa: E731
+                    pf, pm, pfl, pml = (None if a is None else a[k:k + 1] for a in (tf, tm, tfl, tml))
                     matrix, velocity = (out[key][k:k + 1].clone() for key in ("affine", "velocity"))
                     with torch.enable_grad():
-                        matrix, velocity = self.refine_pair(one(f), one(m), one(fl), one(ml), matrix, velocity)
+                        matrix, velocity = self.refine_pair(pf, pm, pfl, pml, matrix, velocity)
                     with torch.no_grad():
-                        outs.append(self.model.outputs(one(f), one(m), one(ml), matrix, velocity))
+                        outs.append(self.model.outputs(pf, pm, pml, matrix, velocity))
                 out = {key: torch.cat([o[key] for o in outs]) for key in outs[0]}
             # One transfer at the end, of what the results are built from.
             return {k: v.float().cpu().numpy() for k, v in out.items() if k in RESULT_KEYS}
