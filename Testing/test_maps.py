@@ -15,7 +15,7 @@ from ACSGRegistrationLib import maps  # noqa: E402
 from ACSGRegistrationLib.geometry import voxel_points  # noqa: E402
 from ACSGRegistrationLib.config import tiny_config  # noqa: E402
 from ACSGRegistrationLib.losses import (RegistrationLoss, folding_penalty, jacobian_determinant,  # noqa: E402
-                                        known_map_error, log_jacobian_penalty)
+                                        known_map_error, log_jacobian_penalty, masked_log_jacobian_variance)
 from ACSGRegistrationLib.map_evaluation import acceptance  # noqa: E402
 from ACSGRegistrationLib.metrics import jacobian_determinant as numpy_jacobian  # noqa: E402
 from ACSGRegistrationLib.networks import RegistrationNet  # noqa: E402
@@ -174,6 +174,25 @@ def test_jacobian_losses_match_numpy_and_penalise_what_they_name():
     assert log_jacobian_penalty(torch.tensor([np.e, 1 / np.e])) == pytest.approx(1.0)
 
 
+def test_vertebra_log_jacobian_variance_ignores_uniform_scaling_and_sees_uneven_change_inside_the_mask():
+    shape = (12, 12, 12)
+    grid = identity_grid(shape, dtype=torch.float64)
+    mask = torch.zeros(1, 1, *shape)
+    mask[..., 2:6, 2:10, 2:10] = 1
+    scaled = 0.1 * (grid - 6)  # det J = 1.1^3 everywhere
+    jac = jacobian_determinant(scaled)
+    assert log_jacobian_penalty(jac) > 0.05
+    assert masked_log_jacobian_variance(jac, mask) < 1e-10
+    # Compress along z in the mask's lower half only: uneven inside the mask, none outside it.
+    uneven = torch.zeros(1, 3, *shape, dtype=torch.float64)
+    uneven[:, 0] = torch.where(grid[:, 0] < 4, -0.3 * grid[:, 0], -1.2 + 0 * grid[:, 0])
+    jac = jacobian_determinant(uneven)
+    assert masked_log_jacobian_variance(jac, mask) > 0.02
+    elsewhere = torch.zeros_like(mask)
+    elsewhere[..., 7:11, 2:10, 2:10] = 1
+    assert masked_log_jacobian_variance(jac, elsewhere) < 1e-10
+
+
 def test_known_map_error_is_zero_for_the_truth_and_the_loss_uses_it():
     rng = np.random.default_rng(0)
     image = rng.random((16, 16, 16)).astype(np.float32)
@@ -252,6 +271,20 @@ def test_shipped_model_keeps_its_map_regular_and_invertible_on_the_readme_pair(s
                                maps.field_jacobian(result.forward_field) / np.linalg.det(result.affine_lps[:3, :3]),
                                rtol=1e-4, atol=1e-4)
     assert maps.inverse_consistency(result.forward_field, result.inverse_field, fixed.label)["inverse_mean_mm"] <= 0.5
+
+
+def test_refinement_raises_the_shipped_models_dice_without_degrading_its_map(shipped_readme_pair):
+    """Test-time refinement on the README pair: more overlap, the vertebra's interior no less regular."""
+    from ACSGRegistrationLib.registrar import Registrar
+    fixed, moving = shipped_readme_pair
+    args = (fixed.image, moving.image, fixed.label, moving.label)
+    results = [Registrar(SHIPPED, device="cpu", precision="fp32", refine_steps=steps).register(*args)
+               for steps in (0, 20)]
+    plain, refined = ({**r.metrics["final"], **maps.regularity(r.forward_field, r.affine_lps, fixed.label)}
+                      for r in results)
+    assert refined["dice"] > plain["dice"] + 0.002, (plain["dice"], refined["dice"])
+    assert refined["vertebra_sdlogj"] <= plain["vertebra_sdlogj"] + 0.02, (plain, refined)
+    assert refined["vertebra_nonpositive_percent"] < 0.1 and refined["vertebra_p1"] >= 0.2, refined
 
 
 def test_shipped_model_registers_a_scan_to_itself_as_the_identity(shipped_readme_pair):

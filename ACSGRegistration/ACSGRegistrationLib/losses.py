@@ -78,6 +78,17 @@ def log_jacobian_penalty(jacobian: torch.Tensor, floor: float = 1e-2) -> torch.T
     return torch.log(jacobian.clamp_min(floor)).pow(2).mean()
 
 
+def masked_log_jacobian_variance(jacobian: torch.Tensor, mask: torch.Tensor, floor: float = 1e-2) -> torch.Tensor:
+    """Variance of log det J over ``mask`` (B, 1, D, H, W; the Jacobian's grid is one voxel shorter per
+    axis): uneven volume change inside a structure, its overall size change left free."""
+    weight = mask[:, 0, :-1, :-1, :-1].float()
+    log_j = torch.log(jacobian.clamp_min(floor))
+    total = weight.flatten(1).sum(1).clamp_min(1.0)
+    mean = (log_j * weight).flatten(1).sum(1) / total
+    centred = (log_j - mean.view(-1, 1, 1, 1)).pow(2)
+    return ((centred * weight).flatten(1).sum(1) / total).mean()
+
+
 def known_map_error(true_inverse: torch.Tensor, coords: torch.Tensor, mask: torch.Tensor,
                     spacing: float = 1.0) -> torch.Tensor:
     """Per-item mean end-point error (mm) of a predicted map on known-deformation pairs.
@@ -114,11 +125,14 @@ class RegistrationLoss(nn.Module):
         }
         total = (c.affine_similarity * terms["affine_ncc"] + c.deformable_similarity * terms["deformable_ncc"]
                  + c.smoothness * terms["smoothness"])
-        if c.folding or c.log_jacobian:
+        if c.folding or c.log_jacobian or c.vertebra_log_jacobian_variance:
             jac = jacobian_determinant(outputs["displacement"])
             terms["folding"] = folding_penalty(jac, c.jacobian_floor)
             terms["log_jacobian"] = log_jacobian_penalty(jac)
             total = total + c.folding * terms["folding"] + c.log_jacobian * terms["log_jacobian"]
+            if c.vertebra_log_jacobian_variance and fixed_label is not None:
+                terms["vertebra_log_jacobian_variance"] = masked_log_jacobian_variance(jac, fixed_label)
+                total = total + c.vertebra_log_jacobian_variance * terms["vertebra_log_jacobian_variance"]
         if fixed_label is not None and "warped_label" in outputs:
             terms["affine_dice"] = -soft_dice(fixed_label.float(), outputs["warped_label_affine"].float())
             terms["deformable_dice"] = -soft_dice(fixed_label.float(), outputs["warped_label"].float())
