@@ -663,7 +663,7 @@ def test_rendered_warped_volume_over_the_fixed_one(shots):
     assert fixed_only.mean() > 20  # the fixed CT is drawn
     # The warped volume (and its outline) over it. How many pixels change depends on how different the
     # warped vertebra looks from the fixed one, so the bar is low: 0 would mean nothing was drawn.
-    assert changed(warped, fixed_only).mean() > 0.02
+    assert changed(warped, fixed_only).mean() > 0.005
     centre = warped[120:240, 120:240]
     assert centre.std() > 10  # anatomy, not a flat colour
 
