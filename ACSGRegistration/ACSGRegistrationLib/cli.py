@@ -275,9 +275,9 @@ def build_parser():
     p.add_argument("--moving-label", type=int, help="label id of the vertebra in --moving-seg (whole scans)")
     p.add_argument("--checkpoint", help="model (default: the shipped model)")
     p.add_argument("--refine-steps", type=int, default=0,
-                   help="test-time refinement: optimise the pair's affine and deformation (image similarity "
-                        "and the regularisers of config.refinement_loss_config) after the network's answer "
-                        "(default 0; about 0.3 s per step on a CPU)")
+                   help="test-time refinement: optimise the pair's affine and deformation (image similarity, "
+                        "the affine's label Dice and the regularisers of config.refinement_loss_config) after "
+                        "the network's answer (default 0; about 0.3 s per step on a CPU)")
     p.add_argument("--figure", action="store_true", help="also write figure.png (the paper's Figure 6)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)

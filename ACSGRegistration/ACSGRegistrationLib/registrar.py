@@ -189,10 +189,9 @@ class Registrar:
     the process for the next pair (see ``inference.keep_freed_memory``; ``release_memory()`` returns it).
 
     ``refine_steps`` > 0 turns on test-time refinement (instance optimisation, ``refine_pair``): the
-    network's affine and velocity field for each pair are optimised on that pair (LNCC and the regularisers
-    of ``config.refinement_loss_config``; a fixed label, where given, marks the vertebra), trading about
-    0.3 s per step on a CPU for accuracy; ``refine_lr`` scales its step sizes. ``progress(step, total)`` and ``should_stop()`` report on and
-    cancel it.
+    network's affine and velocity field for each pair are optimised on that pair (``refine_pair``), trading
+    about 0.3 s per step on a CPU for accuracy; ``refine_lr`` scales its step sizes. ``progress(step, total)``
+    and ``should_stop()`` report on and cancel it.
     """
 
     def __init__(self, checkpoint: Optional[str] = None, model: Optional[RegistrationNet] = None,
@@ -286,9 +285,10 @@ class Registrar:
     def refine_pair(self, fixed: torch.Tensor, moving: torch.Tensor, fixed_label: Optional[torch.Tensor],
                     moving_label: Optional[torch.Tensor], matrix: torch.Tensor, velocity: torch.Tensor):
         """Test-time refinement (instance optimisation): the network's affine and velocity field for this
-        pair, optimised on the pair's similarity, Dice (where both labels are given) and regularisers
-        (``config.refinement_loss_config``: without them refinement buys overlap by crushing the vertebra's
-        interior). The network is not changed; each step costs a pass of the geometry alone."""
+        pair, optimised on ``config.refinement_loss_config``: LNCC, the affine stage's Dice where both labels
+        are given, and regularisers, the fixed label marking the vertebra for the variance of its log J
+        (without them refinement buys overlap by crushing the vertebra's interior). The network is not
+        changed; each step costs a pass of the geometry alone."""
         loss = RegistrationLoss(refinement_loss_config())
         d_matrix = torch.zeros_like(matrix, requires_grad=True)
         d_velocity = torch.zeros_like(velocity, requires_grad=True)
