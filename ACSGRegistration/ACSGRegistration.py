@@ -16,10 +16,8 @@ The module is a thin layer over the backend in ``ACSGRegistrationLib`` (importab
 import logging
 import os
 import pathlib
-import re
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Annotated, Callable, Dict, List, Optional, Sequence, Union
 
@@ -38,15 +36,20 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 from slicer import (
-    vtkMRMLGridTransformNode,
     vtkMRMLLabelMapVolumeNode,
     vtkMRMLScalarVolumeNode,
     vtkMRMLSegmentationNode,
     vtkMRMLTableNode,
+    vtkMRMLTransformNode,
 )
 
+# The backend's errors import nothing (no numpy, no PyTorch): safe before the dependencies are checked.
+from ACSGRegistrationLib.errors import Cancelled, DependencyError, InputError
+from ACSGRegistrationLib.inputs import PreparedInput as BackendInput  # numpy and SimpleITK: shipped with Slicer
+from ACSGRegistrationLib.resources import DEFAULT_MODEL
+
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_MODEL_PATH = os.path.join(MODULE_DIR, "Resources", "Models", "acsgregnet_default.pt")
+DEFAULT_MODEL_PATH = os.path.join(MODULE_DIR, "Resources", "Models", DEFAULT_MODEL)
 
 # Packages the backend needs besides PyTorch (import name -> pip requirement). Slicer ships numpy and
 # SimpleITK; scipy is installed on demand. matplotlib is only used for the backend's figures.
@@ -56,16 +59,6 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 JACOBIAN_COLOR_TAG = "ACSGRegistrationJacobianColors"
 DEFORMATION_REFERENCE = "ACSGRegistrationDeformablePart"  # transform node -> its deformable-part node
 FOREGROUND_CHOICES = ("warped volume", "Jacobian map", "none")
-LEVEL_PATTERN = re.compile(r"(?<![A-Za-z0-9])([CTLS])[ _-]?(\d{1,2})(?!\d)", re.IGNORECASE)
-
-
-class DependencyError(RuntimeError):
-    """A package the module needs is missing; the message says how to get it."""
-
-
-def _inputError(message):
-    from ACSGRegistrationLib.validation import InputError
-    return InputError(message)
 
 
 def _hasGui() -> bool:
@@ -91,8 +84,9 @@ class ACSGRegistration(ScriptedLoadableModule):
 One-shot deep-learning registration of lumbar vertebrae in CT (ACSGRegNet: affine network, then a
 diffeomorphic network with self- and cross-attention). Choose the fixed and moving CT and, for whole scans,
 their segmentations and the vertebra (segment name, level such as L1, or label value); the vertebra is
-cropped as in the paper (128 x 128 x 64 mm). Outputs: the warped volume, a grid transform node (apply,
-harden, invert or save it like any Slicer transform), the Jacobian determinant map (blue: compression,
+cropped as in the paper (128 x 128 x 64 mm). Outputs: the warped volume, a transform node (the affine and the
+deformable displacement composed: the full map around the vertebra, the affine on the rest of the scan;
+apply, harden, invert or save it like any Slicer transform), the Jacobian determinant map (blue: compression,
 red: expansion, green: folding) and the warped segmentation; Dice and surface distances when both
 segmentations are given. The Fine-tune section continues training the model on your own pairs.
 The same logic runs from the Python console: see the README of the extension.
@@ -131,7 +125,7 @@ class ACSGRegistrationParameterNode:
     refineSteps: Annotated[int, WithinRange(0, 1000)] = 0
 
     outputWarpedVolume: vtkMRMLScalarVolumeNode
-    outputTransform: vtkMRMLGridTransformNode
+    outputTransform: vtkMRMLTransformNode
     outputJacobian: vtkMRMLScalarVolumeNode
     outputWarpedSegmentation: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
     outputMetricsTable: vtkMRMLTableNode
@@ -167,7 +161,7 @@ def ijkToRasOfNode(volumeNode, world: bool = True) -> np.ndarray:
     parent = volumeNode.GetParentTransformNode()
     if world and parent is not None:
         if not parent.IsTransformToWorldLinear():
-            raise _inputError(f"'{volumeNode.GetName()}' is under the non-linear transform '{parent.GetName()}': "
+            raise InputError(f"'{volumeNode.GetName()}' is under the non-linear transform '{parent.GetName()}': "
                               "harden the transform first (Data module: right-click, Harden transform)")
         toWorld = vtk.vtkMatrix4x4()
         parent.GetMatrixTransformToWorld(toWorld)
@@ -180,7 +174,7 @@ def imageGeometryFromIJKToRAS(ijkToRas: np.ndarray):
     lps = LPS_TO_RAS @ np.asarray(ijkToRas, dtype=np.float64)
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
     if np.any(spacing <= 0):
-        raise _inputError("the volume has a degenerate IJK-to-RAS matrix (zero spacing)")
+        raise InputError("the volume has a degenerate IJK-to-RAS matrix (zero spacing)")
     direction = lps[:3, :3] / spacing
     return spacing, direction, lps[:3, 3].copy()
 
@@ -199,9 +193,9 @@ def volumeNodeToImage(volumeNode, dtype=None):
     import SimpleITK as sitk
     if volumeNode is None or volumeNode.GetImageData() is None:
         name = volumeNode.GetName() if volumeNode is not None else "volume"
-        raise _inputError(f"'{name}' has no image data")
+        raise InputError(f"'{name}' has no image data")
     if volumeNode.GetImageData().GetNumberOfScalarComponents() != 1:
-        raise _inputError(f"'{volumeNode.GetName()}' has {volumeNode.GetImageData().GetNumberOfScalarComponents()} "
+        raise InputError(f"'{volumeNode.GetName()}' has {volumeNode.GetImageData().GetNumberOfScalarComponents()} "
                           "components per voxel; a scalar volume is needed")
     array = np.array(slicer.util.arrayFromVolume(volumeNode), copy=True)
     if dtype is not None:
@@ -258,10 +252,17 @@ def gridTransformFromField(displacementField):
     return transform
 
 
-def deformablePartField(result):
-    """Displacement field (LPS, on the fixed crop's grid) of the deformable part alone (see the backend's
-    RegistrationResult.deformable_field)."""
-    return result.deformable_field()
+def compositeTransformFromResult(result):
+    """The registration's whole map as one VTK transform (RAS; transform from parent, fixed -> moving): the
+    deformable part first (a grid on the fixed crop, falling to zero in a band beyond it), then the affine.
+    The same map as the backend's ``forward_transform.h5`` everywhere: the full map inside the crop, the affine
+    outside it (a displacement grid alone would be continued by Slicer beyond its edge)."""
+    linear = vtk.vtkTransform()
+    linear.SetMatrix(slicer.util.vtkMatrixFromArray(LPS_TO_RAS @ np.asarray(result.affine_lps) @ LPS_TO_RAS))
+    composite = vtk.vtkGeneralTransform()  # pre-multiplying: the transform concatenated last is applied first
+    composite.Concatenate(linear)
+    composite.Concatenate(gridTransformFromField(result.exported_deformable_field()))
+    return composite
 
 
 #
@@ -270,15 +271,14 @@ def deformablePartField(result):
 
 
 @dataclass
-class PreparedInput:
-    """One side of a pair as the backend gets it."""
+class PreparedInput(BackendInput):
+    """One side of a pair: the backend's prepared input and the volume node it came from."""
 
-    volume: object  # the input volume node
-    source: object  # the whole input volume as a SimpleITK image (original intensities)
-    image: object  # the crop given to the registrar (SimpleITK, normalised intensities)
-    label: object = None  # binary crop mask, or None
-    labelName: str = ""
-    notes: List[str] = field(default_factory=list)
+    volume: object = None
+
+    @classmethod
+    def of(cls, volume, prepared: BackendInput) -> "PreparedInput":
+        return cls(prepared.source, prepared.image, prepared.label, prepared.name, prepared.notes, volume)
 
 
 @dataclass
@@ -312,27 +312,6 @@ class FineTuneOutput:
     checkpoint: str  # the model to register with now (model.pt when finished, last.pt otherwise)
     lossTable: object = None
     lossChart: object = None
-
-
-class _CropPairs:
-    """Training pairs over crops kept once in memory (a map-style dataset for PyTorch's DataLoader)."""
-
-    def __init__(self, crops, pairs, withLabels=True):
-        self.crops = crops  # list of (image array, label array or None) on the model's grid
-        self.pairs = list(pairs)
-        self.withLabels = withLabels and all(c[1] is not None for c in crops)
-
-    def __len__(self):
-        return len(self.pairs)
-
-    def __getitem__(self, index):
-        import torch
-        f, m = self.pairs[index]
-        item = {"fixed": torch.from_numpy(self.crops[f][0])[None], "moving": torch.from_numpy(self.crops[m][0])[None]}
-        if self.withLabels:
-            item["fixed_label"] = torch.from_numpy(self.crops[f][1])[None]
-            item["moving_label"] = torch.from_numpy(self.crops[m][1])[None]
-        return item
 
 
 #
@@ -552,7 +531,6 @@ class ACSGRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if not self.logic.ensureDependencies(askConfirmation=True):
                     self.ui.statusLabel.text = _("Missing packages were not installed: nothing done.")
                     return
-                from ACSGRegistrationLib.registrar import RegistrationCancelled
                 try:
                     output = self.logic.register(
                         p.fixedVolume, p.movingVolume, p.fixedSegmentation, p.movingSegmentation,
@@ -561,7 +539,7 @@ class ACSGRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                         transform=p.outputTransform, jacobian=p.outputJacobian,
                         warpedSegmentation=p.outputWarpedSegmentation, metricsTable=p.outputMetricsTable,
                         show=False, progress=progress, shouldStop=shouldStop)
-                except RegistrationCancelled as exc:
+                except Cancelled as exc:
                     self.ui.statusLabel.text = _("Cancelled: ") + str(exc)
                     return
                 self.lastOutput = output
@@ -744,9 +722,9 @@ class ACSGRegistrationLogic(ScriptedLoadableModuleLogic):
         path = DEFAULT_MODEL_PATH if _isUnset(checkpoint) else os.path.expanduser(str(checkpoint))
         if not os.path.isfile(path):
             if path == DEFAULT_MODEL_PATH:
-                raise _inputError(f"the shipped model is not installed ({DEFAULT_MODEL_PATH}): choose a "
+                raise InputError(f"the shipped model is not installed ({DEFAULT_MODEL_PATH}): choose a "
                                   "checkpoint file (.pt) under Model")
-            raise _inputError(f"checkpoint not found: {path}")
+            raise InputError(f"checkpoint not found: {path}")
         return path
 
     @staticmethod
@@ -778,6 +756,8 @@ class ACSGRegistrationLogic(ScriptedLoadableModuleLogic):
     # -- labels -----------------------------------------------------------------------------------------
     @staticmethod
     def _labelmapNames(labelmapNode) -> Dict[int, str]:
+        """Label value -> name: from the labelmap's colour table, else the level names of the label convention
+        that fits its centroids (the backend's rule for label map files, so that "L1" means the same here)."""
         display = labelmapNode.GetDisplayNode()
         color = display.GetColorNode() if display is not None else None
         if color is not None and color.GetSingletonTag():
@@ -789,6 +769,11 @@ class ACSGRegistrationLogic(ScriptedLoadableModuleLogic):
                 continue
             name = color.GetColorName(int(v)) if color is not None and int(v) < color.GetNumberOfColors() else ""
             names[int(v)] = "" if name in (None, "(none)", "invalid") else name
+        if len(names) > 1 and not any(names.values()):
+            from ACSGRegistrationLib.preprocessing import label_centroids
+            from ACSGRegistrationLib.vertebrae import convention_names
+            levels = convention_names(label_centroids(volumeNodeToImage(labelmapNode)))
+            names = {v: levels.get(v, "") for v in names}
         return names
 
     def labelChoices(self, segmentationNode) -> List[str]:
@@ -802,75 +787,29 @@ class ACSGRegistrationLogic(ScriptedLoadableModuleLogic):
             return []
         return [f"{v}: {n}" if n else str(v) for v, n in self._labelmapNames(segmentationNode).items()]
 
-    @staticmethod
-    def _level(text) -> Optional[str]:
-        match = LEVEL_PATTERN.search(str(text or ""))
-        return f"{match.group(1).upper()}{int(match.group(2))}" if match else None
-
     def matchesChoice(self, text, choices) -> bool:
         return str(text) in choices
 
     def sameLevelChoice(self, text, choices) -> Optional[str]:
-        level = self._level(text)
+        from ACSGRegistrationLib.vertebrae import level_of
+        level = level_of(text)
         if level is None:
             return None
-        hits = [c for c in choices if self._level(c) == level]
+        hits = [c for c in choices if level_of(c) == level]
         return hits[0] if len(hits) == 1 else None
 
     def resolveLabel(self, segmentationNode, label, what: str):
-        """(segment ID or label value, readable name) of the vertebra ``label`` in a segmentation or labelmap.
-
-        ``label`` may be a segment ID or name, a level ("L1" matches "vertebrae_L1"), a label value, or None
-        when there is a single segment or label.
-        """
-        text = "" if label is None else str(label).strip()
+        """(segment ID or label value, readable name) of the vertebra ``label`` in a segmentation or labelmap:
+        a segment ID or name, a level ("L1" matches "vertebrae_L1"), a label value, or None when there is a
+        single segment or label (the backend's ``vertebrae.resolve_vertebra``)."""
+        from ACSGRegistrationLib.vertebrae import resolve_vertebra
+        owner = f"'{segmentationNode.GetName()}'"
         if segmentationNode.IsA("vtkMRMLSegmentationNode"):
             seg = segmentationNode.GetSegmentation()
             ids = [seg.GetNthSegmentID(i) for i in range(seg.GetNumberOfSegments())]
-            names = {sid: seg.GetSegment(sid).GetName() for sid in ids}
-            if not ids:
-                raise _inputError(f"the {what} segmentation '{segmentationNode.GetName()}' has no segment")
-            if not text:
-                if len(ids) == 1:
-                    return ids[0], names[ids[0]]
-                raise _inputError(f"choose the {what} vertebra: '{segmentationNode.GetName()}' has "
-                                  f"{len(ids)} segments ({', '.join(names.values())})")
-            if text in names:
-                return text, names[text]
-            exact = [sid for sid in ids if names[sid] == text] or [sid for sid in ids if names[sid].lower() == text.lower()]
-            if len(exact) >= 1:
-                return exact[0], names[exact[0]]
-            level = self._level(text)
-            byLevel = [sid for sid in ids if level and self._level(names[sid]) == level]
-            if len(byLevel) == 1:
-                return byLevel[0], names[byLevel[0]]
-            raise _inputError(f"the {what} segmentation '{segmentationNode.GetName()}' has no segment '{text}' "
-                              f"(segments: {', '.join(names.values())})")
-        # Labelmap volume
-        names = self._labelmapNames(segmentationNode)
-        if not names:
-            raise _inputError(f"the {what} labelmap '{segmentationNode.GetName()}' is empty")
-        if not text:
-            if len(names) == 1:
-                value = next(iter(names))
-                return value, names[value] or str(value)
-            raise _inputError(f"choose the {what} vertebra: '{segmentationNode.GetName()}' has labels "
-                              f"{', '.join(map(str, names))}")
-        number = re.match(r"^\s*(\d+)\s*(:.*)?$", text)
-        if number:
-            value = int(number.group(1))
-            if value not in names:
-                raise _inputError(f"label {value} is not in the {what} labelmap '{segmentationNode.GetName()}' "
-                                  f"(labels present: {', '.join(map(str, names))})")
-            return value, names[value] or str(value)
-        byName = [v for v, n in names.items() if n and n.lower() == text.lower()]
-        level = self._level(text)
-        byLevel = [v for v, n in names.items() if level and n and self._level(n) == level]
-        for hits in (byName, byLevel):
-            if len(hits) == 1:
-                return hits[0], names[hits[0]]
-        raise _inputError(f"cannot find '{text}' in the {what} labelmap '{segmentationNode.GetName()}': give a "
-                          f"label value ({', '.join(map(str, names))})")
+            choices = {sid: seg.GetSegment(sid).GetName() for sid in ids}
+            return resolve_vertebra(choices, label, what, "segmentation", owner, kind="segment")
+        return resolve_vertebra(self._labelmapNames(segmentationNode), label, what, "labelmap", owner)
 
     def labelImage(self, segmentationNode, label, referenceVolume, what: str):
         """(binary SimpleITK mask of the chosen vertebra, its name); the segmentation node is left as it is."""
@@ -885,7 +824,7 @@ class ACSGRegistrationLogic(ScriptedLoadableModuleLogic):
                 ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
                     segmentationNode, ids, labelmap, referenceVolume)
                 if not ok or labelmap.GetImageData() is None:
-                    raise _inputError(f"could not export segment '{name}' of '{segmentationNode.GetName()}'")
+                    raise InputError(f"could not export segment '{name}' of '{segmentationNode.GetName()}'")
                 image = volumeNodeToImage(labelmap)
             finally:
                 self._removeNode(labelmap)
@@ -895,7 +834,7 @@ class ACSGRegistrationLogic(ScriptedLoadableModuleLogic):
             value = int(key)
         binary = sitk.Cast(image == value, sitk.sitkUInt8)
         if not np.any(sitk.GetArrayViewFromImage(binary)):
-            raise _inputError(f"the {what} vertebra '{name}' is empty")
+            raise InputError(f"the {what} vertebra '{name}' is empty")
         return binary, name
 
     @staticmethod
@@ -919,52 +858,37 @@ class ACSGRegistrationLogic(ScriptedLoadableModuleLogic):
         """Raise InputError with a readable message for missing, wrong or conflicting inputs."""
         for node, what in ((fixedVolume, "fixed volume"), (movingVolume, "moving volume")):
             if node is None:
-                raise _inputError(f"no {what}: select one")
+                raise InputError(f"no {what}: select one")
             if not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
-                raise _inputError(f"the {what} '{node.GetName()}' must be a scalar volume (not {node.GetClassName()})")
+                raise InputError(f"the {what} '{node.GetName()}' must be a scalar volume (not {node.GetClassName()})")
             if node.GetImageData() is None:
-                raise _inputError(f"the {what} '{node.GetName()}' has no image data")
+                raise InputError(f"the {what} '{node.GetName()}' has no image data")
         for node, what in ((fixedSegmentation, "fixed segmentation"), (movingSegmentation, "moving segmentation")):
             if node is not None and not (node.IsA("vtkMRMLSegmentationNode") or node.IsA("vtkMRMLLabelMapVolumeNode")):
-                raise _inputError(f"the {what} '{node.GetName()}' must be a segmentation or a labelmap volume")
+                raise InputError(f"the {what} '{node.GetName()}' must be a segmentation or a labelmap volume")
         if (fixedSegmentation is None) != (movingSegmentation is None):
             given = "fixed" if fixedSegmentation is not None else "moving"
-            raise _inputError(f"only the {given} volume has a segmentation: give one for both (whole scans, the "
+            raise InputError(f"only the {given} volume has a segmentation: give one for both (whole scans, the "
                               "vertebra is cropped) or for neither (the volumes are ready vertebra crops)")
         inputs = {n.GetID(): n.GetName() for n in (fixedVolume, movingVolume, fixedSegmentation, movingSegmentation)
                   if n is not None}
         for key, node in (outputs or {}).items():
             if node is not None and node.GetID() in inputs:
-                raise _inputError(f"the {key} output is the input '{inputs[node.GetID()]}': inputs are never "
+                raise InputError(f"the {key} output is the input '{inputs[node.GetID()]}': inputs are never "
                                   "overwritten; choose another node or 'Create new'")
 
     def prepareInput(self, volume, segmentation=None, label=None, what: str = "fixed") -> PreparedInput:
-        """The crop of the chosen vertebra (or the whole volume as a ready crop when there is no segmentation)."""
-        import SimpleITK as sitk
-        from ACSGRegistrationLib.preprocessing import PreprocessingError, crop_vertebra, normalise_ct
+        """The crop of the chosen vertebra (or the whole volume as a ready crop when there is no segmentation),
+        by the backend's input rules (``ACSGRegistrationLib.inputs.prepare_input``)."""
+        from ACSGRegistrationLib.inputs import prepare_input
         source = volumeNodeToImage(volume, np.float32)
         if min(source.GetSize()) < 2:
-            raise _inputError(f"the {what} volume '{volume.GetName()}' is not 3D (size {source.GetSize()})")
+            raise InputError(f"the {what} volume '{volume.GetName()}' is not 3D (size {source.GetSize()})")
         if segmentation is None:
-            values = sitk.GetArrayFromImage(source)
-            notes = []
-            if values.size and (values.max() > 1.5 or values.min() < -0.5):
-                # Intensities in Hounsfield units: the same window and scaling as the crops of the training data.
-                values = normalise_ct(values)
-                notes.append(f"{what}: intensities taken as Hounsfield units and scaled like the training crops")
-            image = sitk.GetImageFromArray(values)
-            image.CopyInformation(source)
-            return PreparedInput(volume, source, image, None, "", notes)
+            return PreparedInput.of(volume, prepare_input(source, what=what))
         mask, name = self.labelImage(segmentation, label, volume, what)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                crop = crop_vertebra(source, mask, 1, self.cropSize, self.cropSpacing, name=f"{what} {name}")
-            except PreprocessingError as exc:
-                raise _inputError(f"{exc} (does the {what} segmentation belong to '{volume.GetName()}'?)") from exc
-        # The backend names the exported mask's value (1); the user knows the vertebra by its name.
-        notes = [str(w.message).replace("label 1 ", f"'{name}' ") for w in caught]
-        return PreparedInput(volume, source, crop.image, crop.label, name, notes)
+        prepared = prepare_input(source, mask, 1, what, {1: name}, f"'{segmentation.GetName()}'", "segmentation")
+        return PreparedInput.of(volume, prepared)
 
     # -- registration -------------------------------------------------------------------------------------
     def register(self, fixedVolume, movingVolume, fixedSegmentation=None, movingSegmentation=None,
@@ -995,8 +919,7 @@ class ACSGRegistrationLogic(ScriptedLoadableModuleLogic):
         registrar.progress = refineProgress if refineSteps else None
         registrar.should_stop = shouldStop
         if shouldStop is not None and shouldStop():
-            from ACSGRegistrationLib.registrar import RegistrationCancelled
-            raise RegistrationCancelled("cancelled before the registration started")
+            raise Cancelled("cancelled before the registration started")
         from ACSGRegistrationLib.inference import describe
         report(0.15 if not refineSteps else 0.1, _("Registering on {device} ({precision})...").format(
             device=registrar.device, precision=describe(registrar.engine)))
@@ -1019,8 +942,8 @@ class ACSGRegistrationLogic(ScriptedLoadableModuleLogic):
         import SimpleITK as sitk
         from ACSGRegistrationLib.metrics import folding
         scene = fixed.volume.GetScene() or slicer.mrmlScene
-        base = name or f"{moving.volume.GetName()}{' ' + moving.labelName if moving.labelName else ''} to " \
-                       f"{fixed.volume.GetName()}{' ' + fixed.labelName if fixed.labelName else ''}"
+        base = name or f"{moving.volume.GetName()}{' ' + moving.name if moving.name else ''} to " \
+                       f"{fixed.volume.GetName()}{' ' + fixed.name if fixed.name else ''}"
 
         def newNode(className, suffix):
             return scene.AddNewNodeByClass(className, scene.GenerateUniqueName(f"{base} {suffix}"))
@@ -1041,9 +964,9 @@ class ACSGRegistrationLogic(ScriptedLoadableModuleLogic):
             wl.AutoWindowLevelOff()
             wl.SetWindowLevel(movingDisplay.GetWindow(), movingDisplay.GetLevel())
 
-        # Transform: displacement field (fixed -> moving, RAS) in a grid transform node.
-        transform = transform or newNode("vtkMRMLGridTransformNode", "transform")
-        transform.SetAndObserveTransformFromParent(gridTransformFromField(result.forward_field))
+        # Transform: the affine and the deformable part composed (fixed -> moving, RAS), valid on the whole scan.
+        transform = transform or newNode("vtkMRMLTransformNode", "transform")
+        transform.SetAndObserveTransformFromParent(compositeTransformFromResult(result))
         transform.SetNodeReferenceID(slicer.vtkMRMLTransformNode.GetMovingNodeReferenceRole(), moving.volume.GetID())
         transform.SetNodeReferenceID(slicer.vtkMRMLTransformNode.GetFixedNodeReferenceRole(), fixed.volume.GetID())
         # Grid display prepared, but off: the whole transform carries the (often large) offset between the
@@ -1054,7 +977,7 @@ class ACSGRegistrationLogic(ScriptedLoadableModuleLogic):
         # slice views: the same part of the transform that the Jacobian map describes.
         deformation = deformation or transform.GetNodeReference(DEFORMATION_REFERENCE) \
             or newNode("vtkMRMLGridTransformNode", "deformation")
-        deformation.SetAndObserveTransformFromParent(gridTransformFromField(deformablePartField(result)))
+        deformation.SetAndObserveTransformFromParent(gridTransformFromField(result.deformable_field()))
         transform.SetNodeReferenceID(DEFORMATION_REFERENCE, deformation.GetID())
         self._gridDisplay(deformation, warpedVolume, visible=True)
 
@@ -1065,7 +988,7 @@ class ACSGRegistrationLogic(ScriptedLoadableModuleLogic):
 
         # Warped segmentation.
         if result.warped_label is not None:
-            segName = f"{moving.labelName or 'vertebra'} (warped)"
+            segName = f"{moving.name or 'vertebra'} (warped)"
             warpedSegmentation = self._labelOutput(result.warped_label, warpedSegmentation, newNode,
                                                    moving.volume, segName)
         else:
@@ -1274,11 +1197,10 @@ class ACSGRegistrationLogic(ScriptedLoadableModuleLogic):
         A pair is ``(fixed, moving[, fixedSegmentation, movingSegmentation, fixedLabel, movingLabel])`` or a
         dict with those keys (and optionally ``name``).
         """
-        from ACSGRegistrationLib.registrar import RegistrationCancelled
         outputs = []
         for k, pair in enumerate(pairs):
             if shouldStop is not None and shouldStop():
-                raise RegistrationCancelled(f"batch cancelled after {k} of {len(pairs)} pairs")
+                raise Cancelled(f"batch cancelled after {k} of {len(pairs)} pairs")
             a = self._pairArgs(pair)
             outputs.append(self.register(a["fixed"], a["moving"], a.get("fixedSegmentation"),
                                          a.get("movingSegmentation"), a.get("fixedLabel"), a.get("movingLabel"),
@@ -1349,67 +1271,45 @@ class ACSGRegistrationLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def _writeBatchTable(rows, path):
+        """The batch's metrics.csv, in the schema of every metrics table (``metrics.table_row``)."""
         from ACSGRegistrationLib.geometry import write_csv
-        fields = ["name", "seconds", "error", "nonpositive_jacobian_percent"]
-        stageKeys = ["dice", "precision", "recall", "assd_mm"]
-        for stage in ("initial", "affine", "final"):
-            fields += [f"{stage}_{k}" for k in stageKeys]
-        table = []
-        for r in rows:
-            row = {"name": r["name"], "seconds": round(r["seconds"], 3), "error": r.get("error") or "",
-                   "nonpositive_jacobian_percent": (r["folding"] or {}).get("nonpositive_jacobian_percent")}
-            for stage, values in (r["metrics"] or {}).items():
-                for k in stageKeys:
-                    row[f"{stage}_{k}"] = values.get(k)
-            table.append(row)
-        write_csv(table, path, fields)  # atomic, like every other output
+        from ACSGRegistrationLib.metrics import table_row
+        table = [table_row(r["metrics"], r["folding"], name=r["name"], seconds=round(r["seconds"], 3),
+                           error=r.get("error") or "") for r in rows]
+        write_csv(table, path)  # atomic, like every other output
 
     # -- fine-tuning ------------------------------------------------------------------------------------
-    def _networkGridArrays(self, image, label, modelConfig):
-        import SimpleITK as sitk
-        from ACSGRegistrationLib.registrar import model_grid, onto
-        grid = model_grid(image, modelConfig.input_shape, modelConfig.input_spacing)
-        img = sitk.GetArrayFromImage(onto(sitk.Cast(image, sitk.sitkFloat32), grid)).astype(np.float32)
-        lab = None
-        if label is not None:
-            lab = sitk.GetArrayFromImage(onto(label, grid, label=True)).astype(np.float32)
-        return np.ascontiguousarray(img), None if lab is None else np.ascontiguousarray(lab)
-
     def trainingDataset(self, modelConfig, trainingFolder=None, scenePairs=None, workFolder=None):
         """Training pairs on the model's grid from a folder (a crops folder with crops.csv, a manifest CSV, or a
-        VerSe / TotalSegmentator / AbdomenAtlas folder, cropped into ``workFolder``) and/or pairs of the scene."""
-        import SimpleITK as sitk
-        from ACSGRegistrationLib.datasets import INDEX, make_pairs, read_index
-        crops, pairs = [], []
+        VerSe / TotalSegmentator / AbdomenAtlas folder, cropped into ``workFolder``) and/or pairs of the scene
+        (cropped by the registration's input rules and written to ``workFolder/scene_crops``)."""
+        from ACSGRegistrationLib.datasets import CropRecord, PairDataset, make_pairs, write_crop, write_index
+        from ACSGRegistrationLib.readers import crop_records
+        workFolder = workFolder or tempfile.mkdtemp(prefix="acsg-crops-")
+        records, pairs = [], []
         if trainingFolder:
             folder = os.path.expanduser(str(trainingFolder))
-            if os.path.isdir(folder) and os.path.isfile(os.path.join(folder, INDEX)):
-                records = read_index(folder)
-            else:
-                from ACSGRegistrationLib.readers import prepare
-                target = os.path.join(workFolder or tempfile.mkdtemp(prefix="acsg-crops-"), "crops")
-                records = read_index(target) if os.path.isfile(os.path.join(target, INDEX)) else prepare(folder, target)
-            records = [r for r in records if r.image]
+            records = [r for r in crop_records(folder, workFolder) if r.image]
             if len(records) < 2:
-                raise _inputError(f"{folder}: fewer than two crops with an image; fine-tuning needs image pairs")
-            found = make_pairs(records) or make_pairs(records, mode="all")
-            first = len(crops)
-            for r in records:
-                label = sitk.ReadImage(r.label) if r.label else None
-                crops.append(self._networkGridArrays(sitk.ReadImage(r.image), label, modelConfig))
-            pairs += [(first + i, first + j) for i, j in found]
-        for pair in scenePairs or []:
+                raise InputError(f"{folder}: fewer than two crops with an image; fine-tuning needs image pairs")
+            pairs = make_pairs(records) or make_pairs(records, mode="all")
+        sceneRecords = []
+        for k, pair in enumerate(scenePairs or []):
             a = self._pairArgs(pair)
             self.checkInputs(a["fixed"], a["moving"], a.get("fixedSegmentation"), a.get("movingSegmentation"))
-            f = self.prepareInput(a["fixed"], a.get("fixedSegmentation"), a.get("fixedLabel"), "fixed")
-            m = self.prepareInput(a["moving"], a.get("movingSegmentation"), a.get("movingLabel"), "moving")
-            first = len(crops)
-            crops.append(self._networkGridArrays(f.image, f.label, modelConfig))
-            crops.append(self._networkGridArrays(m.image, m.label, modelConfig))
+            first = len(records) + len(sceneRecords)
+            for side in ("fixed", "moving"):
+                prepared = self.prepareInput(a[side], a.get(side + "Segmentation"), a.get(side + "Label"), side)
+                name = f"scene{k:03d}_{side}"
+                image, label = write_crop(os.path.join(workFolder, "scene_crops"), name, prepared.image,
+                                          prepared.label)
+                sceneRecords.append(CropRecord(name, name, prepared.name, image, label))
             pairs += [(first, first + 1), (first + 1, first)]  # both directions
+        if sceneRecords:
+            write_index(os.path.join(workFolder, "scene_crops"), sceneRecords)
         if not pairs:
-            raise _inputError("no training pairs: choose a training data folder or add pairs from the scene")
-        return _CropPairs(crops, pairs)
+            raise InputError("no training pairs: choose a training data folder or add pairs from the scene")
+        return PairDataset(records + sceneRecords, pairs, grid=(modelConfig.input_shape, modelConfig.input_spacing))
 
     def _newLossChart(self, title: str):
         scene = slicer.mrmlScene
@@ -1457,7 +1357,7 @@ class ACSGRegistrationLogic(ScriptedLoadableModuleLogic):
         from ACSGRegistrationLib.trainer import FINAL, LAST, Trainer
         outputFolder = os.path.expanduser(str(outputFolder))
         if _isUnset(outputFolder):
-            raise _inputError("choose an output folder for the fine-tuned model")
+            raise InputError("choose an output folder for the fine-tuned model")
         os.makedirs(outputFolder, exist_ok=True)
         init = self.resolveCheckpoint(checkpoint)
         lastPath = os.path.join(outputFolder, LAST)
@@ -1673,7 +1573,6 @@ class ACSGRegistrationTest(ScriptedLoadableModuleTest):
         data = self.createSyntheticScene()
         logic = ACSGRegistrationLogic()
         model = self._model()
-        from ACSGRegistrationLib.validation import InputError
         cases = [
             (dict(fixedVolume=None), "no fixed volume"),
             (dict(movingSegmentation=None), "only the fixed volume has a segmentation"),

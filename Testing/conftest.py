@@ -1,19 +1,20 @@
-"""Shared fixtures: the backend on sys.path, real vertebra crops from ../shared/data, tiny models."""
+"""Shared fixtures: real vertebra crops from ../shared/data, tiny models.
+
+The backend under test is the installed package (``pip install -e .``; CI installs it with ``pip install .``).
+"""
 
 import os
-import sys
 import warnings
 
 import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "ACSGRegistration"))
 
 DATA = os.environ.get("ACSG_DATA", os.path.join(os.path.dirname(ROOT), "shared", "data"))
 
-import SimpleITK as sitk  # noqa: E402
-import torch  # noqa: E402
+import SimpleITK as sitk
+import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -11,7 +11,6 @@ Run as a script to render the README pictures from real data (``../shared/data``
 
 import argparse
 import os
-import sys
 
 import numpy as np
 
@@ -133,7 +132,6 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "images"))
     parser.add_argument("--refine-steps", type=int, default=0)
     args = parser.parse_args(argv)
-    sys.path[:0] = [HERE, os.path.join(ROOT, "ACSGRegistration")]
     import slicer_stubs
     module = slicer_stubs.load_module()
     slicer_stubs.new_scene()

@@ -182,11 +182,21 @@ def new_scene():
     return scene
 
 
+MODULE_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ACSGRegistration",
+                           "ACSGRegistration.py")
+
+
 def load_module():
-    """Import ACSGRegistration.py (the scripted module) with the stand-ins in place."""
+    """Import ACSGRegistration.py (the scripted module) from its file with the stand-ins in place; its backend
+    is the installed ``ACSGRegistrationLib`` (in Slicer, the module folder's own copy)."""
     install()
-    import importlib
-    return importlib.import_module("ACSGRegistration")
+    if "ACSGRegistration" not in sys.modules:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("ACSGRegistration", MODULE_FILE)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["ACSGRegistration"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["ACSGRegistration"]
 
 
 def app_logic(scene):

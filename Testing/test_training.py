@@ -200,7 +200,7 @@ def test_distributed_training_under_torchrun(tmp_path):
 
 
 def test_test_time_refinement_improves_the_pair_and_can_be_cancelled(real_pair_2mm):
-    from ACSGRegistrationLib.registrar import RegistrationCancelled
+    from ACSGRegistrationLib.errors import Cancelled
     # The real L1 pair at 4 mm (16 x 32 x 32), to keep 25 optimisation steps cheap.
     half = lambda a: torch.nn.functional.avg_pool3d(torch.from_numpy(a)[None, None], 2)[0, 0].numpy()  # noqa: E731
     items = pair_items(real_pair_2mm)[0]
@@ -226,7 +226,7 @@ def test_test_time_refinement_improves_the_pair_and_can_be_cancelled(real_pair_2
     calls = []
     stopper = Registrar(model=net, device="cpu", refine_steps=25, should_stop=lambda: len(calls) >= 2,
                         progress=lambda step, total: calls.append(step))
-    with pytest.raises(RegistrationCancelled, match="cancelled at step 2 of 25"):
+    with pytest.raises(Cancelled, match="cancelled at step 2 of 25"):
         stopper.register(*args)
 
 

@@ -20,19 +20,17 @@ import json
 import os
 import platform
 import resource
-import sys
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ACSGRegistration"))
 
-from ACSGRegistrationLib.config import PRECISIONS, paper_config  # noqa: E402
-from ACSGRegistrationLib.inference import describe  # noqa: E402
-from ACSGRegistrationLib.losses import RegistrationLoss  # noqa: E402
-from ACSGRegistrationLib.networks import RegistrationNet  # noqa: E402
-from ACSGRegistrationLib.registrar import Registrar, choose_device  # noqa: E402
+from ACSGRegistrationLib.config import PRECISIONS, paper_config
+from ACSGRegistrationLib.inference import describe
+from ACSGRegistrationLib.losses import RegistrationLoss
+from ACSGRegistrationLib.networks import RegistrationNet
+from ACSGRegistrationLib.registrar import Registrar, choose_device
 
 
 def peak_rss_mb():
@@ -208,15 +206,15 @@ def main(argv=None):
                                                        "..", "shared", "data"))
     args = parser.parse_args(argv)
     device = choose_device(args.device)
-    from ACSGRegistrationLib.cli import DEFAULT_MODEL
+    from ACSGRegistrationLib.resources import BASELINE_MODEL, shipped_model_path
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     info = {"date": time.strftime("%Y-%m-%d"), "device": gpu or
             f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
             "torch": str(torch.__version__)}
     peak = args.peak_tflops or (gpu_peak_tflops(gpu) if gpu else None)
     registrars = []
-    baseline = os.path.join(os.path.dirname(DEFAULT_MODEL), "avoxelmorph_baseline.pt")
-    for path in args.checkpoint or [DEFAULT_MODEL] + ([baseline] if os.path.isfile(baseline) else []):
+    baseline = shipped_model_path(BASELINE_MODEL, must_exist=False)
+    for path in args.checkpoint or [shipped_model_path()] + ([baseline] if os.path.isfile(baseline) else []):
         registrar = Registrar(path, device=str(device), precision=args.precision)
         registrars.append((f"{registrar.model.config.method} ({os.path.basename(path)})", registrar))
     if not args.no_paper_pair:

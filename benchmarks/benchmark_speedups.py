@@ -27,7 +27,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import sys
 import tempfile
 import time
 import warnings
@@ -37,13 +36,12 @@ import SimpleITK as sitk
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "ACSGRegistration"))
 
-from ACSGRegistrationLib import layers  # noqa: E402
-from ACSGRegistrationLib.config import paper_config  # noqa: E402
-from ACSGRegistrationLib.inference import keep_freed_memory, native_bf16, prepare_for_inference  # noqa: E402
-from ACSGRegistrationLib.networks import RegistrationNet  # noqa: E402
-from ACSGRegistrationLib.registrar import Registrar, choose_device  # noqa: E402
+from ACSGRegistrationLib import layers
+from ACSGRegistrationLib.config import paper_config
+from ACSGRegistrationLib.inference import keep_freed_memory, native_bf16, prepare_for_inference
+from ACSGRegistrationLib.networks import RegistrationNet
+from ACSGRegistrationLib.registrar import Registrar, choose_device
 
 STEPS = ("reference", "lazy inverse", "every core", "folded + CL", "bf16", "kept memory")
 
@@ -180,8 +178,8 @@ def paper_section(crops, device, repeats, compile_step):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from ACSGRegistrationLib.cli import DEFAULT_MODEL
-    parser.add_argument("--checkpoint", default=DEFAULT_MODEL)
+    from ACSGRegistrationLib.resources import shipped_model_path
+    parser.add_argument("--checkpoint", default=shipped_model_path())
     parser.add_argument("--crops", help="a crops folder (default: prepared from scripts/real_vertebrae.csv)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes over the pairs (median)")

@@ -15,22 +15,20 @@ Resumes the run in OUT_DIR; Ctrl+C or SIGTERM stops after the current step and s
 import argparse
 import os
 import signal
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "ACSGRegistration"))
 
-import numpy as np  # noqa: E402
-import SimpleITK as sitk  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import SimpleITK as sitk
+import torch
 
-from ACSGRegistrationLib.checkpoint import build_model, load_checkpoint, save_checkpoint  # noqa: E402
-from ACSGRegistrationLib.datasets import read_index  # noqa: E402
-from ACSGRegistrationLib.config import TrainConfig, compact_config, map_loss_config  # noqa: E402
-from ACSGRegistrationLib.preprocessing import CROP_SIZE, crop_vertebra  # noqa: E402
-from ACSGRegistrationLib.readers import prepare  # noqa: E402
-from ACSGRegistrationLib.synthesis import KnownDeformationDataset, MixedPairDataset, SyntheticPairDataset  # noqa: E402
-from ACSGRegistrationLib.trainer import Trainer  # noqa: E402
+from ACSGRegistrationLib.checkpoint import build_model, load_checkpoint, save_checkpoint
+from ACSGRegistrationLib.datasets import read_index
+from ACSGRegistrationLib.config import TrainConfig, compact_config, map_loss_config
+from ACSGRegistrationLib.preprocessing import CROP_SIZE, crop_vertebra
+from ACSGRegistrationLib.readers import prepare
+from ACSGRegistrationLib.synthesis import KnownDeformationDataset, MixedPairDataset, SyntheticPairDataset
+from ACSGRegistrationLib.trainer import Trainer
 
 DATA = os.path.join(ROOT, "..", "shared", "data")
 TRAINING_CT = ("totalsegmentator-example", (30, 29, 28, 27))  # L2-L5; L1 held out

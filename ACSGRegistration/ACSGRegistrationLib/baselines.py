@@ -5,7 +5,8 @@ their uint8 vertebra masks) and reports the same table: Dice, precision, recall 
 ``initial`` / ``affine`` / ``final``, plus folding of the deformable part, and the wall time.
 
 antspyx is optional (``pip install antspyx``): this module imports without it, and ``register_ants_syn``
-raises an ``ImportError`` that says so. Note that antspyx 0.6.3 pins ``numpy<2.4`` and ``scipy<1.16``.
+raises a ``DependencyError`` (an ``ImportError``) that says so. Note that antspyx 0.6.3 pins ``numpy<2.4`` and
+``scipy<1.16``.
 """
 
 import os
@@ -19,7 +20,8 @@ import SimpleITK as sitk
 
 from .maps import field_jacobian
 from .metrics import STAGES, folding, stage_metrics
-from .validation import InputError, check_label, check_pair, check_volume
+from .errors import DependencyError, InputError
+from .validation import check_label, check_pair, check_volume
 
 ANTS_MISSING = "ANTs SyN needs the optional package antspyx: pip install antspyx"
 THREADS_ENV = "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"
@@ -31,7 +33,7 @@ def _ants():
     try:
         import ants  # noqa: F401  (antspyx)
     except ImportError as err:
-        raise ImportError(ANTS_MISSING) from err
+        raise DependencyError(ANTS_MISSING) from err
     return ants
 
 

@@ -14,15 +14,12 @@ import torch
 
 from . import __version__
 from .config import ModelConfig, model_config_from_dict, to_dict
+from .errors import CheckpointError
 from .geometry import write_atomically
 from .networks import RegistrationNet
 
 FORMAT = "acsgregistration-checkpoint"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def versions() -> Dict[str, str]:

@@ -1,7 +1,7 @@
 """Command line: prepare, train, finetune, register, evaluate, export.
 
-Run as ``python -m ACSGRegistrationLib <command> --help`` from the ``ACSGRegistration`` folder (or with it on
-PYTHONPATH). Errors about the user's input end the program with a one-line message and exit code 2.
+Installed with the package as ``acsgreg <command>`` (also ``python -m ACSGRegistrationLib <command>``).
+Errors about the user's input end the program with a one-line message and exit code 2.
 """
 
 import argparse
@@ -11,12 +11,12 @@ import sys
 import time
 import warnings
 
-from .config import PRECISIONS
+from .config import METHODS, PRECISIONS
+from .errors import ACSGError, InputError
+from .resources import shipped_model_path
 
 PRECISION_HELP = ("inference precision: auto (default: bf16 where the CPU or GPU computes it natively, else "
                   "fp32), fp32 or bf16")
-DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                             "Resources", "Models", "acsgregnet_default.pt")
 
 
 def _progress_printer(every: int = 10):
@@ -37,13 +37,15 @@ def _refine_printer():
     return show
 
 
-def _model_config(args, crop_shape):
+def _model_config(args, crop_shape, crop_spacing):
+    """The model to train: the paper's on the crops' own grid, or a named or JSON configuration (whose grid
+    the crops are resampled to)."""
     from .config import compact_config, model_config_from_dict, paper_config, tiny_config
     if args.config in ("paper", None):
         cfg = paper_config(args.method)
-        cfg.input_shape = tuple(crop_shape)
+        cfg.input_shape, cfg.input_spacing = tuple(crop_shape), float(crop_spacing)
     elif args.config == "tiny":
-        cfg = tiny_config(args.method, crop_shape)
+        cfg = tiny_config(args.method, crop_shape, crop_spacing)
     elif args.config == "compact":
         cfg = compact_config(args.method)
     else:
@@ -62,27 +64,26 @@ def _train_config(args):
                        num_workers=args.workers, loss=loss_config(args.recipe))
 
 
-def _pair_dataset(args):
-    """Real crop pairs (--crops), synthetic pairs from mask crops (--synthetic-labels), or both."""
+def _pair_dataset(args, grid):
+    """Real crop pairs (--crops), synthetic pairs from mask crops (--synthetic-labels), or both, on the
+    network's ``grid`` (input shape, voxel size) whatever the crops' own spacing."""
     from torch.utils.data import ConcatDataset
-    from .datasets import PairDataset, make_pairs, read_index
+    from .datasets import PairDataset, make_pairs, read_crop_array
+    from .readers import crop_records
     if not args.crops and not args.synthetic_labels:
-        raise ValueError("give --crops (real crop pairs) and/or --synthetic-labels (mask crops to synthesise from)")
+        raise InputError("give --crops (real crop pairs) and/or --synthetic-labels (mask crops to synthesise from)")
     parts, real = [], None
     if args.crops:
-        records = [r for r in read_index(args.crops) if r.image]  # mask-only crops have no image to pair
+        records = [r for r in crop_records(args.crops, args.out) if r.image]  # mask-only crops: no image to pair
         pairs = make_pairs(records, mixed_levels=args.mixed_levels, max_per_moving=args.pairs_per_moving,
                            seed=args.seed)
-        real = PairDataset(records, pairs, with_labels=not args.no_labels)
+        real = PairDataset(records, pairs, with_labels=not args.no_labels, grid=grid)
         parts.append(real)
-    masks, spacing = [], 1.0
+    masks, spacing = [], float(grid[1])
     if args.synthetic_labels:
-        import SimpleITK as sitk
         from .synthesis import SyntheticPairDataset
-        records = [r for r in read_index(args.synthetic_labels) if r.label]
-        images = [sitk.ReadImage(r.label) for r in records]
-        masks = [sitk.GetArrayFromImage(im) for im in images]
-        spacing = images[0].GetSpacing()[0]
+        records = [r for r in crop_records(args.synthetic_labels, args.out) if r.label]
+        masks = [read_crop_array(r.label, "label", grid) for r in records]
         length = args.synthetic_pairs or args.steps * args.batch_size
         parts.append(SyntheticPairDataset(masks, [r.subject for r in records], [r.level for r in records], length,
                                           seed=args.seed, mixed_levels=True, spacing=spacing))
@@ -96,18 +97,8 @@ def _pair_dataset(args):
     if real is not None:
         labelled = [r for r in real.records if r.label]
         crops = [(real._array(r.image, "image"), real._array(r.label, "label")) for r in labelled]
-        if labelled:
-            spacing = _crop_spacing(labelled[0].image)  # crops of one folder share their grid's spacing
     known = KnownDeformationDataset(crops, masks, len(dataset), seed=args.seed + 1, spacing=spacing)
     return MixedPairDataset(dataset, known, args.known_fraction, seed=args.seed + 2)
-
-
-def _crop_spacing(path):
-    import SimpleITK as sitk
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(path)
-    reader.ReadImageInformation()
-    return reader.GetSpacing()[0]
 
 
 def _stop_requests():
@@ -124,30 +115,37 @@ def _stop_requests():
     return lambda: bool(requested)
 
 
+def _first_crop_grid(args):
+    """(shape z, y, x; spacing) of the first crop training will read: a new paper-size model takes its grid."""
+    import SimpleITK as sitk
+    folder = args.crops or args.synthetic_labels
+    if not folder:
+        raise InputError("give --crops (real crop pairs) and/or --synthetic-labels (mask crops to synthesise from)")
+    from .readers import crop_records
+    record = crop_records(folder, args.out)[0]
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(record.image or record.label)
+    reader.ReadImageInformation()
+    return reader.GetSize()[::-1], reader.GetSpacing()[0]
+
+
 def cmd_train(args, finetune=False):
-    from .trainer import Trainer
-    dataset = _pair_dataset(args)
-    cfg = None if finetune else _model_config(args, tuple(dataset[0]["fixed"].shape[1:]))
-    trainer = Trainer(cfg, _train_config(args), dataset, args.out, init_checkpoint=args.checkpoint if finetune else None,
+    from .trainer import LAST, Trainer
+    if finetune:
+        from .checkpoint import load_checkpoint
+        last = os.path.join(args.out, LAST)
+        source = last if os.path.isfile(last) and not args.restart else args.checkpoint
+        cfg, model_config = None, load_checkpoint(source)["model_config_obj"]
+    else:
+        cfg = model_config = _model_config(args, *_first_crop_grid(args))
+    dataset = _pair_dataset(args, (model_config.input_shape, model_config.input_spacing))
+    trainer = Trainer(cfg, _train_config(args), dataset, args.out,
+                      init_checkpoint=args.checkpoint if finetune else None,
                       device=args.device, resume=not args.restart, progress=_progress_printer(args.print_every),
                       should_stop=_stop_requests())
     summary = trainer.train()
     print(json.dumps(summary, indent=2))
     return 0 if summary["status"] == "finished" else 130
-
-
-def _crop_input(image_path, seg_path, label_id, name):
-    """Whole scan + segmentation + label id -> crop; otherwise the files are taken as ready crops."""
-    from .io import read_image
-    from .preprocessing import crop_vertebra
-    image = read_image(image_path, f"{name} image")
-    seg = read_image(seg_path, f"{name} segmentation") if seg_path else None
-    if label_id is None:
-        return image, seg
-    if seg is None:
-        raise ValueError(f"--{name}-label needs --{name}-seg")
-    crop = crop_vertebra(image, seg, label_id, name=os.path.basename(image_path))
-    return crop.image, crop.label
 
 
 def _short(path):
@@ -158,19 +156,31 @@ def _short(path):
 def cmd_register(args):
     from .inference import describe
     from .registrar import Registrar
-    checkpoint = args.checkpoint or DEFAULT_MODEL
+    checkpoint = args.checkpoint or shipped_model_path()
     if not os.path.isfile(checkpoint):
-        raise ValueError(f"no model at {checkpoint}: pass --checkpoint")
-    fixed, fixed_label = _crop_input(args.fixed, args.fixed_seg, args.fixed_label, "fixed")
-    moving, moving_label = _crop_input(args.moving, args.moving_seg, args.moving_label, "moving")
+        raise InputError(f"no model at {checkpoint}: pass --checkpoint")
+    from .inputs import read_input
+    fixed = read_input(args.fixed, args.fixed_seg, args.fixed_vertebra, "fixed")
+    moving = read_input(args.moving, args.moving_seg, args.moving_vertebra, "moving")
+    for note in fixed.notes + moving.notes:
+        print(f"note: {note}")
     registrar = Registrar(checkpoint, device=args.device, precision=args.precision, refine_steps=args.refine_steps,
                           progress=_refine_printer() if args.refine_steps else None)
-    result = registrar.register(fixed, moving, fixed_label, moving_label)
+    result = registrar.register(fixed.image, moving.image, fixed.label, moving.label)
     paths = result.save(args.out)
+    if args.whole_scan:
+        from .geometry import write_image
+        paths["moving_on_fixed_scan"] = os.path.join(args.out, "moving_on_fixed_scan.nii.gz")
+        write_image(result.warp_scan(moving.source, fixed.source), paths["moving_on_fixed_scan"])
+        if args.moving_seg:
+            from .io import read_image
+            paths["moving_seg_on_fixed_scan"] = os.path.join(args.out, "moving_seg_on_fixed_scan.nii.gz")
+            labels = read_image(args.moving_seg, "moving label map")
+            write_image(result.warp_scan(labels, fixed.source, label=True), paths["moving_seg_on_fixed_scan"])
     if args.figure:
         from .figures import registration_figure
         paths["figure"] = os.path.join(args.out, "figure.png")
-        registration_figure(result, paths["figure"], fixed_label=fixed_label,
+        registration_figure(result, paths["figure"], fixed_label=fixed.label,
                             title=f"{_short(args.moving)} -> {_short(args.fixed)}")
     print(f"registered in {result.seconds:.2f} s on {registrar.device} ({describe(registrar.engine)})")
     if result.metrics:
@@ -185,7 +195,7 @@ def _methods(args, **ants_options):
     """The methods an evaluation compares: each model (and its refined variant), then ANTs SyN."""
     from .evaluation import ants_method, network_method
     methods = []
-    for checkpoint in args.checkpoint or [DEFAULT_MODEL]:
+    for checkpoint in args.checkpoint or [shipped_model_path()]:
         methods.append(network_method(checkpoint, args.device, precision=args.precision))
         if args.refine_steps:
             methods.append(network_method(checkpoint, args.device, args.refine_steps, args.precision))
@@ -222,19 +232,21 @@ def cmd_export(args):
 
 def cmd_prepare(args):
     from .readers import prepare_manifest
-    records = prepare_manifest(args.manifest, args.out)
+    records = prepare_manifest(args.manifest, args.out, args.spacing)
     print(f"wrote {len(records)} crops to {args.out}")
     return 0
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="acsgregistration",
+    parser = argparse.ArgumentParser(prog="acsgreg",
                                      description="ACSGRegNet registration of lumbar vertebra CT.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common_training(p):
-        p.add_argument("--crops", help="crops folder written by 'prepare' (real image pairs)")
-        p.add_argument("--synthetic-labels", help="crops folder of vertebra masks to synthesise training pairs from")
+        p.add_argument("--crops", help="crops folder written by 'prepare' (any spacing: resampled to the model's "
+                                       "grid), or a manifest CSV / data folder, cropped first into --out")
+        p.add_argument("--synthetic-labels", help="crops folder (or data folder) of vertebra masks to synthesise "
+                                                  "training pairs from")
         p.add_argument("--synthetic-pairs", type=int, help="number of synthetic pairs (default: steps x batch)")
         p.add_argument("--out", required=True, help="run folder: checkpoints, history.csv")
         p.add_argument("--steps", type=int, default=1000, help="total optimisation steps (default 1000)")
@@ -257,7 +269,7 @@ def build_parser():
 
     p = sub.add_parser("train", help="train a model from scratch (resumes the run in --out)")
     common_training(p)
-    p.add_argument("--method", choices=("acsgregnet", "avoxelmorph"), default="acsgregnet")
+    p.add_argument("--method", choices=tuple(METHODS), default="acsgregnet")
     p.add_argument("--config", default="paper", help="'paper' (default), 'compact', 'tiny', or a JSON model config")
     p.set_defaults(func=cmd_train)
 
@@ -267,17 +279,25 @@ def build_parser():
     p.set_defaults(func=lambda a: cmd_train(a, finetune=True))
 
     p = sub.add_parser("register", help="register a moving vertebra to a fixed one")
-    p.add_argument("--fixed", required=True, help="fixed image: a crop, or a whole scan with --fixed-seg/--fixed-label")
+    p.add_argument("--fixed", required=True,
+                   help="fixed image: a whole scan with --fixed-seg (the vertebra is cropped), or a ready crop; "
+                        "Hounsfield units or [0, 1]")
     p.add_argument("--moving", required=True, help="moving image (as --fixed)")
-    p.add_argument("--fixed-seg", help="fixed label map (crop mask, or the scan's multi-label map)")
+    p.add_argument("--fixed-seg", help="fixed label map (the scan's multi-label map, or the vertebra's mask)")
     p.add_argument("--moving-seg", help="moving label map")
-    p.add_argument("--fixed-label", type=int, help="label id of the vertebra in --fixed-seg (whole scans)")
-    p.add_argument("--moving-label", type=int, help="label id of the vertebra in --moving-seg (whole scans)")
+    p.add_argument("--fixed-vertebra", "--fixed-label", dest="fixed_vertebra",
+                   help="the vertebra in --fixed-seg: a level (L1, T12, S1), a label value, or a structure name; "
+                        "may be omitted when the label map has one label")
+    p.add_argument("--moving-vertebra", "--moving-label", dest="moving_vertebra",
+                   help="the vertebra in --moving-seg (as --fixed-vertebra)")
     p.add_argument("--checkpoint", help="model (default: the shipped model)")
     p.add_argument("--refine-steps", type=int, default=0,
                    help="test-time refinement: optimise the pair's affine and deformation (image similarity, "
                         "the affine's label Dice and the regularisers of config.refinement_loss_config) after "
                         "the network's answer (default 0; about 0.3 s per step on a CPU)")
+    p.add_argument("--whole-scan", action="store_true",
+                   help="also write the moving scan (and its label map) resampled onto the fixed scan's grid through "
+                        "the transform: moving_on_fixed_scan.nii.gz, moving_seg_on_fixed_scan.nii.gz")
     p.add_argument("--figure", action="store_true", help="also write figure.png (the paper's Figure 6)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
@@ -327,19 +347,20 @@ def build_parser():
                    help="CSV with columns image, label, label_id, level, subject; or a data folder in the "
                         "VerSe, TotalSegmentator or AbdomenAtlas layout")
     p.add_argument("--out", required=True, help="crops folder to write")
+    p.add_argument("--spacing", type=float, default=1.0,
+                   help="voxel size of the crops in mm (default 1, the paper's); they always cover 128 x 128 x 64 mm")
     p.set_defaults(func=cmd_prepare)
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from .checkpoint import CheckpointError
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
             return args.func(args)
-    except (ValueError, CheckpointError, FileNotFoundError) as exc:
+    except (ACSGError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -12,7 +12,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
-METHODS = ("acsgregnet", "avoxelmorph")
+from .errors import InputError
+
+# The registry of methods: name (as in configurations, checkpoints and --method) -> name shown in tables. A new
+# network adds its entry here, its configuration section to ModelConfig and its builder to
+# networks.model.DEFORMABLE_NETWORKS; every command, table and check reads the methods from these.
+METHODS = {"acsgregnet": "ACSGRegNet", "avoxelmorph": "AVoxelMorph"}
 # Inference precision: "auto" is bf16 where the hardware computes it natively, else fp32 (inference.py).
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -78,9 +83,9 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+            raise InputError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if len(self.input_shape) != 3 or min(self.input_shape) < 1:
-            raise ValueError(f"input_shape must be three positive sizes (z, y, x), got {self.input_shape}")
+            raise InputError(f"input_shape must be three positive sizes (z, y, x), got {self.input_shape}")
 
     @property
     def steps_for_method(self) -> int:
@@ -151,7 +156,7 @@ def refinement_loss_config() -> LossConfig:
 
 def loss_config(preset: str) -> LossConfig:
     if preset not in LOSS_PRESETS:
-        raise ValueError(f"unknown loss preset {preset!r}; choose one of {', '.join(LOSS_PRESETS)}")
+        raise InputError(f"unknown loss preset {preset!r}; choose one of {', '.join(LOSS_PRESETS)}")
     return map_loss_config() if preset == "maps" else paper_loss_config()
 
 
@@ -210,11 +215,11 @@ def _build(cls, data: Optional[Dict[str, Any]]):
     if data is None:
         return cls()
     if not isinstance(data, dict):
-        raise ValueError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}")
+        raise InputError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}")
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ValueError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}")
+        raise InputError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}")
     kwargs = {}
     nested = {"affine": AffineNetConfig, "acsg": ACSGNetConfig, "voxelmorph": VoxelMorphConfig, "loss": LossConfig}
     for name, value in data.items():

@@ -17,7 +17,9 @@ import torch
 from torch.utils.data import Dataset
 
 from .geometry import write_csv, write_image
-from .validation import InputError
+from .io import read_image
+from .preprocessing import to_network_grid
+from .errors import InputError
 
 INDEX = "crops.csv"
 FIELDS = ("name", "subject", "level", "image", "label")
@@ -116,28 +118,39 @@ def split_by_subject(records: Sequence[CropRecord], test_fraction: float = 0.2,
     return train, test
 
 
-def _read_array(path: str, what: str) -> np.ndarray:
-    try:
-        return sitk.GetArrayFromImage(sitk.ReadImage(path)).astype(np.float32)
-    except RuntimeError as exc:
-        raise InputError(f"cannot read {what} {path}: {str(exc).strip().splitlines()[-1]}") from exc
+NetworkGrid = Tuple[Sequence[int], float]  # a network's input shape (z, y, x) and voxel size (mm)
+
+
+def read_crop_array(path: str, what: str, grid: Optional[NetworkGrid] = None) -> np.ndarray:
+    """A crop file as a float32 (z, y, x) array, resampled onto ``grid`` when given (any crop spacing)."""
+    image = read_image(path, what)
+    if grid is not None:
+        return to_network_grid(image, grid[0], grid[1], label=what == "label")
+    return sitk.GetArrayFromImage(image).astype(np.float32)
 
 
 class PairDataset(Dataset):
-    """(fixed, moving) crop pairs as tensors (1, D, H, W); crops are read once and kept in memory."""
+    """(fixed, moving) crop pairs as tensors (1, D, H, W); crops are read once and kept in memory.
 
-    def __init__(self, records: Sequence[CropRecord], pairs: Sequence[Tuple[int, int]], with_labels: bool = True):
+    With ``grid`` (a model's ``(input_shape, input_spacing)``) crops of any size and spacing are resampled
+    onto the network's grid as they are read, so that training takes the crops ``prepare`` writes at any
+    ``--spacing``.
+    """
+
+    def __init__(self, records: Sequence[CropRecord], pairs: Sequence[Tuple[int, int]], with_labels: bool = True,
+                 grid: Optional[NetworkGrid] = None):
         if not pairs:
             raise InputError("no training pairs: need crops of at least two subjects (of the same level, "
                              "unless mixed levels are allowed)")
         self.records = list(records)
         self.pairs = list(pairs)
         self.with_labels = with_labels and all(r.label for r in self.records)
+        self.grid = grid
         self._cache: Dict[str, np.ndarray] = {}
 
     def _array(self, path, what):
         if path not in self._cache:
-            self._cache[path] = _read_array(path, what)
+            self._cache[path] = read_crop_array(path, what, self.grid)
         return self._cache[path]
 
     def __len__(self):

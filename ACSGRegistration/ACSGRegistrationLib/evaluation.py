@@ -6,10 +6,10 @@ from typing import Dict, List
 
 import numpy as np
 
+from .config import METHODS
+from .errors import InputError
 from .geometry import write_csv, write_text
-from .metrics import STAGES
-
-METRICS = ("dice", "precision", "recall", "assd_mm")
+from .metrics import METRICS, STAGES, table_row
 
 
 def format_stage_table(metrics: Dict[str, Dict[str, float]]) -> str:
@@ -22,16 +22,6 @@ def format_stage_table(metrics: Dict[str, Dict[str, float]]) -> str:
     if "nonpositive_jacobian" in fold:
         lines.append(f"|J|<=0: {fold['nonpositive_jacobian']} voxels ({fold['nonpositive_jacobian_percent']:.2f} %)")
     return "\n".join(lines)
-
-
-def flatten(method: str, fixed: str, moving: str, level: str, metrics: Dict, seconds: float) -> Dict:
-    row = {"method": method, "fixed": fixed, "moving": moving, "level": level, "seconds": seconds}
-    for stage in STAGES:
-        for m in METRICS:
-            row[f"{m}_{stage}"] = metrics[stage][m]
-    row["nonpositive_jacobian"] = metrics["final"].get("nonpositive_jacobian", float("nan"))
-    row["nonpositive_jacobian_percent"] = metrics["final"].get("nonpositive_jacobian_percent", float("nan"))
-    return row
 
 
 # The map beside the overlap (see maps.py): inside the fixed vertebra, from the exported transform.
@@ -93,7 +83,7 @@ def network_method(checkpoint: str, device: str = "auto", refine_steps: int = 0,
     (``metrics``, ``seconds``, ``forward_field``, ``inverse_field``, ``affine_lps``)."""
     from .registrar import Registrar
     registrar = Registrar(checkpoint, device=device, precision=precision, refine_steps=refine_steps)
-    name = {"acsgregnet": "ACSGRegNet", "avoxelmorph": "AVoxelMorph"}[registrar.model.config.method]
+    name = METHODS[registrar.model.config.method]
     name += f" ({os.path.basename(checkpoint)})"  # two checkpoints of one method stay apart in the tables
     if refine_steps:
         name += f" + refinement ({refine_steps} steps)"
@@ -118,7 +108,7 @@ def evaluate(methods, crops_dir: str, out_dir: str, pair_mode: str = "inter-subj
     records = [r for r in read_index(crops_dir) if r.image and r.label]
     pairs = make_pairs(records, mode=pair_mode)
     if not pairs:
-        raise ValueError(f"{crops_dir} has no {pair_mode} pairs of image crops to evaluate")
+        raise InputError(f"{crops_dir} has no {pair_mode} pairs of image crops to evaluate")
     images = {}
 
     def load(path):
@@ -131,7 +121,8 @@ def evaluate(methods, crops_dir: str, out_dir: str, pair_mode: str = "inter-subj
             f, m = records[i], records[j]
             result = run(load(f.image), load(m.image), load(f.label), load(m.label))
             level = f.level if f.level == m.level else f"{m.level}->{f.level}"
-            row = flatten(name, f.name, m.name, level, result.metrics, result.seconds)
+            row = table_row(result.metrics, method=name, fixed=f.name, moving=m.name, level=level,
+                            seconds=result.seconds)
             row.update(map_columns(result, load(f.label)))
             rows.append(row)
             log(f"{name} [{n}/{len(pairs)}] {m.name} -> {f.name}: Dice {result.metrics['final']['dice']:.3f}, "

@@ -91,10 +91,74 @@ def displacement_transform(field: sitk.Image) -> sitk.DisplacementFieldTransform
     return sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
 
 
+def tapered_field(field: sitk.Image, max_band: int = 32) -> sitk.Image:
+    """``field`` extended beyond its grid by a band over which it falls linearly to zero.
+
+    Outside a displacement field's grid ITK, SimpleITK and ANTs apply the identity while Slicer continues the
+    edge displacement; with a field that is zero at its own edge, every tool applies the same map everywhere.
+    The band is as wide as needed for the field to fall by at most half a voxel per voxel (no folding in it),
+    at least one voxel and at most ``max_band``; inside the original grid the field is unchanged.
+    """
+    u = sitk.GetArrayFromImage(field).astype(np.float64)  # (D, H, W, 3)
+    faces = np.concatenate([u[[0, -1]].reshape(-1, 3), u[:, [0, -1]].reshape(-1, 3), u[:, :, [0, -1]].reshape(-1, 3)])
+    edge = float(np.linalg.norm(faces, axis=1).max()) if faces.size else 0.0
+    band = int(min(max_band, max(1, np.ceil(2.0 * edge / min(field.GetSpacing())))))
+    padded = np.pad(u, [(band, band)] * 3 + [(0, 0)], mode="edge")
+    rise = np.arange(band) / band  # 0 at the band's outer voxel
+    for axis, n in enumerate(u.shape[:3]):
+        weights = np.concatenate([rise, np.ones(n), rise[::-1]])
+        padded *= weights.reshape([-1 if a == axis else 1 for a in range(3)] + [1])
+    out = sitk.GetImageFromArray(padded, isVector=True)
+    out.SetSpacing(field.GetSpacing())
+    out.SetDirection(field.GetDirection())
+    out.SetOrigin(field.TransformContinuousIndexToPhysicalPoint([-float(band)] * 3))
+    return out
+
+
+def composite_transform(affine4: np.ndarray, deformable: sitk.Image) -> sitk.CompositeTransform:
+    """The map p -> A(p + u(p)) as one ITK transform: the displacement first, then the affine (ITK applies a
+    composite transform's last transform first). Written to .h5, ITK, SimpleITK, ANTs and Slicer read it."""
+    return sitk.CompositeTransform([affine_transform(affine4), displacement_transform(deformable)])
+
+
+def inverse_composite_transform(affine4: np.ndarray, inverse_deformable: sitk.Image) -> sitk.CompositeTransform:
+    """The inverse map q -> r + w(r), r = A^-1 q, ``inverse_deformable`` w being on the fixed grid."""
+    return sitk.CompositeTransform([displacement_transform(inverse_deformable),
+                                    affine_transform(np.linalg.inv(affine4))])
+
+
 def image_like(array: np.ndarray, reference: sitk.Image, is_vector: bool = False) -> sitk.Image:
     image = sitk.GetImageFromArray(np.asarray(array), isVector=is_vector)
     image.CopyInformation(reference)
     return image
+
+
+def model_grid(image: sitk.Image, shape_zyx, spacing: float) -> sitk.Image:
+    """The network's grid for a crop: the model's size and voxel size, the crop's centre and direction."""
+    size = tuple(int(n) for n in shape_zyx[::-1])
+    centre = np.asarray(image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in image.GetSize()]))
+    reference = sitk.Image(size, sitk.sitkUInt8)
+    reference.SetSpacing([float(spacing)] * 3)
+    reference.SetDirection(image.GetDirection())
+    half_extent = np.asarray(image.GetDirection()).reshape(3, 3) @ (float(spacing) * (np.asarray(size) - 1) / 2.0)
+    reference.SetOrigin(tuple(centre - half_extent))
+    return reference
+
+
+def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    return (a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-6)
+            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-4)
+            and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-6))
+
+
+def onto(image: sitk.Image, reference: sitk.Image, transform=None, label: bool = False) -> sitk.Image:
+    """Resample onto ``reference`` (identity by default); labels linearly, then thresholded at 0.5."""
+    transform = transform if transform is not None else sitk.Transform()
+    if label:
+        soft = sitk.Resample(sitk.Cast(image, sitk.sitkFloat32), reference, transform, sitk.sitkLinear, 0.0)
+        return sitk.Cast(soft > 0.5, sitk.sitkUInt8)
+    # Nearest-neighbour extrapolation keeps fields defined where the reference reaches past the source.
+    return sitk.Resample(image, reference, transform, sitk.sitkLinear, 0.0, image.GetPixelID(), True)
 
 
 def atomic_path(path: str):

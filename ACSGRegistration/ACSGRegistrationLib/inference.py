@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from .config import PRECISIONS
+from .errors import InputError
 from .layers import Conv3d, ConvBlock
 from .networks import RegistrationNet
 
@@ -37,7 +38,7 @@ def native_bf16(device: torch.device) -> bool:
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     """The compute dtype for ``precision`` ("auto": bf16 where native, fp32 elsewhere)."""
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        raise InputError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if precision == "fp32":
         return torch.float32
     if precision == "bf16":

@@ -4,7 +4,7 @@ import os
 
 import SimpleITK as sitk
 
-from .validation import InputError
+from .errors import InputError
 
 
 def read_image(path: str, what: str = "image") -> sitk.Image:

@@ -24,7 +24,7 @@ import SimpleITK as sitk
 from . import maps
 from .evaluation import map_columns
 from .geometry import write_csv, write_text
-from .validation import InputError
+from .errors import InputError
 
 KINDS = ("pair", "known-crop", "known-scan", "self")
 SUMMARY_COLUMNS = ("dice_initial", "dice_affine", "dice_final", "assd_final", "vertebra_nonpositive_percent",

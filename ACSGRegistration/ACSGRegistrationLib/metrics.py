@@ -1,12 +1,27 @@
 """Evaluation metrics of the paper's tables: overlap, surface distance and deformation regularity."""
 
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 from scipy.ndimage import distance_transform_edt
 
 STAGES = ("initial", "affine", "final")
+METRICS = ("dice", "precision", "recall", "assd_mm")
+FOLDING = ("nonpositive_jacobian", "nonpositive_jacobian_percent")
+
+
+def table_row(metrics: Optional[Dict], folds: Optional[Dict] = None, **fields) -> Dict:
+    """One row of every metrics table (``evaluate``'s metrics.csv, the Slicer module's batch metrics.csv):
+    the identifying ``fields``, then ``{metric}_{stage}`` (e.g. ``dice_final``) and the folding of the map
+    (``folds``, else the final stage's). Missing values are None; ``metrics`` as in ``stage_metrics``."""
+    row = dict(fields)
+    for stage in STAGES:
+        for m in METRICS:
+            row[f"{m}_{stage}"] = (metrics or {}).get(stage, {}).get(m)
+    final = folds or (metrics or {}).get("final", {})
+    row.update({k: final.get(k) for k in FOLDING})
+    return row
 
 
 def _masks(fixed, warped):

@@ -7,18 +7,16 @@ full physical geometry: every voxel of every result maps back into the original 
 
 import warnings
 from dataclasses import dataclass, field
-from typing import List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 
+from .errors import PreprocessingError
+
 # The paper's crop, 128 x 128 x 64 voxels in SimpleITK (x, y, z) order.
 CROP_SIZE = (128, 128, 64)
 HU_RANGE = (-1000.0, 2000.0)
-
-
-class PreprocessingError(ValueError):
-    pass
 
 
 @dataclass
@@ -43,13 +41,42 @@ def crop_grid(center, size=CROP_SIZE, spacing=1.0) -> sitk.Image:
     return reference
 
 
+def looks_like_hounsfield(image: sitk.Image) -> bool:
+    """Whether an image's values are Hounsfield units rather than the crops' [0, 1] scale."""
+    stats = sitk.MinimumMaximumImageFilter()
+    stats.Execute(image)
+    return stats.GetMaximum() > 1.5 or stats.GetMinimum() < -0.5
+
+
 def label_ids(labels: sitk.Image) -> List[int]:
     return [int(v) for v in np.unique(sitk.GetArrayViewFromImage(labels)) if v != 0]
 
 
+def label_statistics(labels: sitk.Image) -> sitk.LabelShapeStatisticsImageFilter:
+    """Shape statistics of every non-zero label (one pass over the volume; perimeters are not needed)."""
+    if labels.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
+        labels = sitk.Cast(labels, sitk.sitkInt32)  # label maps saved as float: the statistics need integers
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.ComputePerimeterOff()
+    stats.Execute(labels)
+    return stats
+
+
+def label_centroids(labels: sitk.Image) -> Dict[int, Tuple[float, float, float]]:
+    """Physical centroid (LPS, mm) of every non-zero label: +z is superior whatever the file's orientation."""
+    stats = label_statistics(labels)
+    return {int(lab): tuple(stats.GetCentroid(lab)) for lab in stats.GetLabels()}
+
+
+def crop_size(spacing: float = 1.0) -> tuple:
+    """Voxels per axis of a crop that covers the paper's 128 x 128 x 64 mm at ``spacing`` mm."""
+    return tuple(max(1, int(round(n / float(spacing)))) for n in CROP_SIZE)
+
+
 def crop_vertebra(image: sitk.Image, labels: sitk.Image, label_id: int, size: Sequence[int] = CROP_SIZE,
-                  spacing: float = 1.0, name: str = "", mask: bool = True) -> VertebraCrop:
-    """Crop one vertebra (label ``label_id`` of ``labels``) from a CT scan in Hounsfield units."""
+                  spacing: float = 1.0, name: str = "", mask: bool = True, hounsfield: bool = True) -> VertebraCrop:
+    """Crop one vertebra (label ``label_id`` of ``labels``) from a CT scan in Hounsfield units (or, with
+    ``hounsfield`` False, from an image already scaled to [0, 1], whose values are kept)."""
     where = f"{name}: " if name else ""
     if image.GetDimension() != 3 or labels.GetDimension() != 3:
         raise PreprocessingError(f"{where}expected 3D image and label map, got {image.GetDimension()}D "
@@ -79,8 +106,10 @@ def crop_vertebra(image: sitk.Image, labels: sitk.Image, label_id: int, size: Se
                              mask_array[:, :, [0, -1]].ravel()])
     if border.any():
         notes.append(f"{where}vertebra label {label_id} is larger than the {tuple(size)} crop: its edges are cut")
-    ct = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, HU_RANGE[0], sitk.sitkFloat32)
-    values = normalise_ct(sitk.GetArrayFromImage(ct))
+    outside = HU_RANGE[0] if hounsfield else 0.0
+    ct = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, outside, sitk.sitkFloat32)
+    values = sitk.GetArrayFromImage(ct)
+    values = normalise_ct(values) if hounsfield else values.astype(np.float32)
     if mask:
         values = values * mask_array
     out_image = sitk.GetImageFromArray(values)
@@ -90,3 +119,14 @@ def crop_vertebra(image: sitk.Image, labels: sitk.Image, label_id: int, size: Se
     for note in notes:
         warnings.warn(note, stacklevel=2)
     return VertebraCrop(out_image, out_label, name, notes)
+
+
+def to_network_grid(image: sitk.Image, shape_zyx: Sequence[int], spacing: float, label: bool = False) -> np.ndarray:
+    """A crop of any size and spacing as a float32 (z, y, x) array on a network's grid: its size and voxel size,
+    centred where the crop is centred (``geometry.model_grid``); labels resampled to a binary mask."""
+    from .geometry import model_grid, onto, same_grid
+    grid = model_grid(image, shape_zyx, spacing)
+    if not same_grid(image, grid):
+        image = onto(image if label else sitk.Cast(image, sitk.sitkFloat32), grid, label=label)
+    values = sitk.GetArrayFromImage(image).astype(np.float32)
+    return np.ascontiguousarray((values > 0.5).astype(np.float32) if label else values)

@@ -19,25 +19,16 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from .datasets import CropRecord, write_crop, write_index
+from .datasets import INDEX, CropRecord, read_index, write_crop, write_index
 from .geometry import write_image
 from .io import read_image
-from .preprocessing import CROP_SIZE, PreprocessingError, VertebraCrop, crop_vertebra
-from .validation import InputError
+from .preprocessing import (PreprocessingError, VertebraCrop, crop_size, crop_vertebra, label_centroids,
+                            label_statistics)
+from .errors import InputError
+from .vertebrae import (ABDOMENATLAS_IDS, LUMBAR, SPINE, TOTALSEGMENTATOR_IDS, VERSE_IDS, convention_names,
+                        level_order_problem, normalise_levels)
 
 MANIFEST_FIELDS = ("image", "label", "label_id", "level", "subject")
-
-# Levels from head to feet, T13 and L6 being anatomical variants (both occur in VerSe).
-SPINE = tuple([f"C{i}" for i in range(1, 8)] + [f"T{i}" for i in range(1, 14)] + [f"L{i}" for i in range(1, 7)]
-              + ["S1"])
-LUMBAR = ("L1", "L2", "L3", "L4", "L5")
-_COMMON = [lv for lv in SPINE if lv not in ("T13", "L6", "S1")]  # C1 ... L5, the levels every convention has
-
-# Label conventions. VerSe counts from C1 down; AbdomenAtlas counts from L5 up; TotalSegmentator v2 counts
-# from S1 (26) up, i.e. AbdomenAtlas + 26.
-VERSE_IDS = dict({lv: i + 1 for i, lv in enumerate(_COMMON)}, L6=25, T13=28)
-ABDOMENATLAS_IDS = {lv: i + 1 for i, lv in enumerate(reversed(_COMMON))}
-TOTALSEGMENTATOR_IDS = dict({lv: i + 26 for lv, i in ABDOMENATLAS_IDS.items()}, S1=26)
 
 _NIFTI = re.compile(r"\.nii(\.gz)?$", re.IGNORECASE)
 _VERSE_MASK = re.compile(r"^(?P<prefix>.+)_seg-vert_msk\.nii(\.gz)?$", re.IGNORECASE)
@@ -73,31 +64,14 @@ class VertebraSource:
 # ---------------------------------------------------------------------------------------------- levels
 
 
-def normalise_levels(levels: Sequence[str]) -> Tuple[str, ...]:
-    """Upper-case level names, checked against SPINE; a single string is one level."""
-    if isinstance(levels, str):
-        levels = (levels,)
-    out = tuple(str(lv).strip().upper() for lv in levels)
-    unknown = [lv for lv in out if lv not in SPINE]
-    if unknown or not out:
-        raise InputError(f"unknown vertebra level(s) {', '.join(unknown) or '(none given)'}: "
-                         f"use names such as {', '.join(LUMBAR)} or T12")
-    return out
-
-
-def label_statistics(labels: sitk.Image) -> sitk.LabelShapeStatisticsImageFilter:
-    """Shape statistics of every non-zero label (one pass over the volume; perimeters are not needed)."""
-    if labels.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
-        labels = sitk.Cast(labels, sitk.sitkInt32)  # label maps saved as float: the statistics need integers
-    stats = sitk.LabelShapeStatisticsImageFilter()
-    stats.ComputePerimeterOff()
-    stats.Execute(labels)
-    return stats
-
-
-def label_centroids(labels: sitk.Image) -> Dict[int, Tuple[float, float, float]]:
-    """Physical centroid (LPS, mm) of every non-zero label: +z is superior whatever the file's orientation."""
-    return {lab: centroid for lab, (centroid, _) in _measure(labels).items()}
+def label_map_names(path: str, labels: sitk.Image) -> Dict[int, str]:
+    """Value -> level name ("L1"; "" where unknown) of every label of a label map file: from a TotalSegmentator
+    ``structures.csv`` beside it, else from the label convention that fits its centroids."""
+    centroids = label_centroids(labels)
+    structures = os.path.join(os.path.dirname(os.path.abspath(path)), "structures.csv")
+    ids = _structure_ids(structures) if os.path.isfile(structures) else None
+    named = {i: lv for lv, i in ids.items()} if ids else convention_names(centroids)
+    return {value: named.get(value, "") for value in sorted(centroids)}
 
 
 def _measure(labels: sitk.Image) -> Dict[int, Tuple[Tuple[float, float, float], float]]:
@@ -115,16 +89,6 @@ def _warn_small_levels(volumes: Dict[str, float], where: str):
         if len(near) >= 2 and volume < 0.5 * float(np.median(near)):
             warnings.warn(f"{where}: {lv} is {volume / 1000:.1f} cm^3 against {np.median(near) / 1000:.1f} cm^3 "
                           f"for its neighbours: partial or fragmented label?", stacklevel=3)
-
-
-def level_order_problem(centroids: Dict[str, Sequence[float]], where: str) -> Optional[str]:
-    """Why the levels' centroids do not run from head to feet (S coordinate decreasing), or None."""
-    ordered = sorted(centroids, key=SPINE.index)
-    for upper, lower in zip(ordered, ordered[1:]):
-        if centroids[upper][2] <= centroids[lower][2]:
-            return (f"{where}: {upper} (S {centroids[upper][2]:.1f} mm) is not above {lower} "
-                    f"(S {centroids[lower][2]:.1f} mm): the label convention does not fit this file")
-    return None
 
 
 def _order_accepted(centroids: Dict[str, Sequence[float]], where: str, strict: bool) -> bool:
@@ -398,11 +362,11 @@ def _crop_label_only(labels: sitk.Image, label_id: int, size, spacing: float, na
     return VertebraCrop(None, crop.label, crop.name, crop.warnings)
 
 
-def crop_label_only(labels: sitk.Image, label_id: int, size: Sequence[int] = CROP_SIZE, spacing: float = 1.0,
+def crop_label_only(labels: sitk.Image, label_id: int, size: Optional[Sequence[int]] = None, spacing: float = 1.0,
                     name: str = "") -> sitk.Image:
     """Binary uint8 mask of one vertebra on the crop grid ``crop_vertebra`` uses (``preprocessing.crop_grid``
     centred on the vertebra's centroid), for label maps whose CT is not available."""
-    return _crop_label_only(labels, label_id, size, spacing, name).label
+    return _crop_label_only(labels, label_id, size or crop_size(spacing), spacing, name).label
 
 
 class _ScanCache:
@@ -457,9 +421,9 @@ def prepare_sources(sources: List[VertebraSource], out_dir: str, size=None, spac
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if image is not None:
-                crop = crop_vertebra(image, labels, s.label_id, size or CROP_SIZE, spacing, name=where)
+                crop = crop_vertebra(image, labels, s.label_id, size or crop_size(spacing), spacing, name=where)
             else:
-                crop = _crop_label_only(labels, s.label_id, size or CROP_SIZE, spacing, where,
+                crop = _crop_label_only(labels, s.label_id, size or crop_size(spacing), spacing, where,
                                         cache.label_stats(s.label))
         for note in crop.warnings:
             warnings.warn(note)
@@ -479,6 +443,19 @@ def prepare(path: str, out_dir: str, levels: Sequence[str] = LUMBAR, size=None,
     return prepare_sources(find_sources(path, levels), out_dir, size, spacing)
 
 
-def prepare_manifest(manifest: str, out_dir: str) -> List[CropRecord]:
-    """The CLI's 'prepare': a manifest CSV, or any data folder the readers recognise."""
-    return prepare(manifest, out_dir)
+def prepare_manifest(manifest: str, out_dir: str, spacing: float = 1.0) -> List[CropRecord]:
+    """The CLI's 'prepare': a manifest CSV, or any data folder the readers recognise; crops cover the paper's
+    128 x 128 x 64 mm at ``spacing`` mm."""
+    return prepare(manifest, out_dir, spacing=spacing)
+
+
+def crop_records(path: str, work_folder: str) -> List[CropRecord]:
+    """The crops of a crops folder (``crops.csv``), or of a manifest CSV or data folder cropped (at 1 mm) into
+    ``work_folder`` first; cropped once: a later call finds the crops there."""
+    if os.path.isfile(os.path.join(path, INDEX)):
+        return read_index(path)
+    target = os.path.join(work_folder, "crops_" + _NIFTI.sub("", os.path.basename(os.path.normpath(path)))
+                          .replace(".csv", ""))
+    if os.path.isfile(os.path.join(target, INDEX)):
+        return read_index(target)
+    return prepare(path, target)

@@ -13,15 +13,17 @@ import SimpleITK as sitk
 import torch
 
 from . import geometry
+from .geometry import model_grid, onto, same_grid
 from .checkpoint import build_model, load_checkpoint
 from .config import refinement_loss_config
+from .errors import Cancelled, InputError
 from .inference import keep_freed_memory, prepare_for_inference, release_freed_memory
 from .layers import affine_coordinates, identity_grid, sample
 from .losses import RegistrationLoss, local_ncc, soft_dice
 from .maps import field_jacobian
 from .metrics import STAGES, folding, stage_metrics
 from .networks import RegistrationNet
-from .validation import InputError, check_label, check_volume
+from .validation import check_label, check_volume
 
 ImageLike = Union[sitk.Image, np.ndarray]
 
@@ -47,34 +49,6 @@ def as_image(data: ImageLike, name: str) -> sitk.Image:
     return image
 
 
-def model_grid(image: sitk.Image, shape_zyx: Sequence[int], spacing: float) -> sitk.Image:
-    """The network's grid for a crop: the model's size and voxel size, the crop's centre and direction."""
-    size = tuple(int(n) for n in shape_zyx[::-1])
-    centre = np.asarray(image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in image.GetSize()]))
-    reference = sitk.Image(size, sitk.sitkUInt8)
-    reference.SetSpacing([float(spacing)] * 3)
-    reference.SetDirection(image.GetDirection())
-    half_extent = np.asarray(image.GetDirection()).reshape(3, 3) @ (float(spacing) * (np.asarray(size) - 1) / 2.0)
-    reference.SetOrigin(tuple(centre - half_extent))
-    return reference
-
-
-def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
-    return (a.GetSize() == b.GetSize() and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=1e-6)
-            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=1e-4)
-            and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-6))
-
-
-def onto(image: sitk.Image, reference: sitk.Image, transform=None, label: bool = False) -> sitk.Image:
-    """Resample onto ``reference`` (identity by default); labels linearly, then thresholded at 0.5."""
-    transform = transform if transform is not None else sitk.Transform()
-    if label:
-        soft = sitk.Resample(sitk.Cast(image, sitk.sitkFloat32), reference, transform, sitk.sitkLinear, 0.0)
-        return sitk.Cast(soft > 0.5, sitk.sitkUInt8)
-    # Nearest-neighbour extrapolation keeps fields defined where the reference reaches past the source.
-    return sitk.Resample(image, reference, transform, sitk.sitkLinear, 0.0, image.GetPixelID(), True)
-
-
 @dataclass
 class RegistrationResult:
     """Everything one registration produces; images live on the fixed grid, the inverse on the moving one."""
@@ -96,6 +70,9 @@ class RegistrationResult:
     # Slicer module, evaluation), so it is computed on first access of ``inverse_field``.
     inverse_source: Optional[Callable[[], sitk.Image]] = field(default=None, repr=False)
     _inverse_field: Optional[sitk.Image] = field(default=None, repr=False)
+    inverse_deformable_source: Optional[Callable[[], sitk.Image]] = field(default=None, repr=False)
+    _inverse_deformable: Optional[sitk.Image] = field(default=None, repr=False)
+    _deformable: Optional[sitk.Image] = field(default=None, repr=False)
 
     @property
     def inverse_field(self) -> sitk.Image:
@@ -106,11 +83,45 @@ class RegistrationResult:
             self._inverse_field, self.inverse_source = self.inverse_source(), None
         return self._inverse_field
 
-    def forward_transform(self) -> sitk.DisplacementFieldTransform:
-        return geometry.displacement_transform(self.forward_field)
+    @property
+    def inverse_deformable_field(self) -> sitk.Image:
+        """The deformable part's inverse w (LPS mm) on the fixed grid: the inverse map is q -> r + w(r),
+        r = A^-1 q (computed on first access, like ``inverse_field``)."""
+        if self._inverse_deformable is None:
+            if self.inverse_deformable_source is None:
+                raise ValueError("this result has no inverse")
+            self._inverse_deformable, self.inverse_deformable_source = self.inverse_deformable_source(), None
+        return self._inverse_deformable
 
-    def inverse_transform(self) -> sitk.DisplacementFieldTransform:
-        return geometry.displacement_transform(self.inverse_field)
+    def exported_deformable_field(self) -> sitk.Image:
+        """The deformable part as exported: on the fixed crop's grid, extended by a band over which it falls
+        to zero (``geometry.tapered_field``), so that beyond it every tool applies the affine alone."""
+        if self._deformable is None:
+            self._deformable = geometry.tapered_field(self.deformable_field())
+        return self._deformable
+
+    def exported_inverse_deformable_field(self) -> sitk.Image:
+        """The inverse's deformable part as exported (fixed grid, tapered like the forward one)."""
+        return geometry.tapered_field(self.inverse_deformable_field)
+
+    def forward_transform(self) -> sitk.CompositeTransform:
+        """The map for the whole fixed scan: p -> A(p + u(p)), the deformable part u inside the crop (and its
+        band), the affine A everywhere (ITK resampling direction: fixed point -> moving point)."""
+        return geometry.composite_transform(self.affine_lps, self.exported_deformable_field())
+
+    def inverse_transform(self) -> sitk.CompositeTransform:
+        """The inverse map for the whole moving scan (moving point -> fixed point)."""
+        return geometry.inverse_composite_transform(self.affine_lps, self.exported_inverse_deformable_field())
+
+    def warp_scan(self, moving_scan: sitk.Image, fixed_scan: sitk.Image, label: bool = False) -> sitk.Image:
+        """The moving whole scan (or its label map: nearest neighbour, values kept) resampled onto the fixed
+        scan's grid through ``forward_transform``: the full map around the vertebra, the affine elsewhere."""
+        if label:
+            return sitk.Resample(moving_scan, fixed_scan, self.forward_transform(), sitk.sitkNearestNeighbor, 0,
+                                 moving_scan.GetPixelID())
+        background = float(sitk.GetArrayViewFromImage(moving_scan).min())
+        return sitk.Resample(moving_scan, fixed_scan, self.forward_transform(), sitk.sitkLinear, background,
+                             moving_scan.GetPixelID())
 
     def deformable_field(self) -> sitk.Image:
         """The deformable stage alone, as a displacement field (LPS mm) on the fixed grid.
@@ -140,12 +151,15 @@ class RegistrationResult:
         put("warped_affine", "warped_affine.nii.gz", geometry.write_image, self.warped_affine)
         put("warped_label", "warped_label.nii.gz", geometry.write_image, self.warped_label)
         put("jacobian", "jacobian.nii.gz", geometry.write_image, self.jacobian)
-        put("forward_field", "forward_field.nii.gz", geometry.write_image, self.forward_field)
-        put("inverse_field", "inverse_field.nii.gz", geometry.write_image, self.inverse_field)
+        # The transforms: whole map and inverse (affine + deformable, valid on the whole scans), and each part.
+        inverse = self.exported_inverse_deformable_field()
         put("forward_transform", "forward_transform.h5", geometry.write_transform, self.forward_transform())
-        put("inverse_transform", "inverse_transform.h5", geometry.write_transform, self.inverse_transform())
+        put("inverse_transform", "inverse_transform.h5", geometry.write_transform,
+            geometry.inverse_composite_transform(self.affine_lps, inverse))
         put("affine_transform", "affine_transform.tfm", geometry.write_transform,
             geometry.affine_transform(self.affine_lps))
+        put("deformable_field", "deformable_field.nii.gz", geometry.write_image, self.exported_deformable_field())
+        put("inverse_deformable_field", "inverse_deformable_field.nii.gz", geometry.write_image, inverse)
         summary = {"affine_lps": self.affine_lps.tolist(), "seconds": self.seconds, "notes": self.notes,
                    "folding": folding(sitk.GetArrayViewFromImage(self.jacobian))}
         if self.metrics is not None:
@@ -162,10 +176,6 @@ def _write_json(data, path):
 # The network outputs a RegistrationResult is built from.
 RESULT_KEYS = ("affine", "velocity", "displacement", "total_map", "warped_affine", "warped", "warped_label_affine",
                "warped_label")
-
-
-class RegistrationCancelled(RuntimeError):
-    pass
 
 
 def affine_step_scale(matrix: torch.Tensor) -> torch.Tensor:
@@ -300,7 +310,7 @@ class Registrar:
         labels = moving_label if fixed_label is not None else None
         for step in range(1, self.refine_steps + 1):
             if self.should_stop is not None and self.should_stop():
-                raise RegistrationCancelled(f"refinement cancelled at step {step - 1} of {self.refine_steps}")
+                raise Cancelled(f"refinement cancelled at step {step - 1} of {self.refine_steps}")
             out = self.model.outputs(fixed, moving, labels, matrix + d_matrix * translation_scale,
                                      velocity + d_velocity)
             terms = loss(fixed, out, fixed_label if labels is not None else None)
@@ -401,7 +411,9 @@ class Registrar:
         res = RegistrationResult(
             fixed=p.fixed, moving=p.moving, affine_voxel=out["affine"], affine_lps=affine_lps,
             warped_affine=warped_affine, warped=warped, forward_field=forward, jacobian=jacobian,
-            inverse_source=self._inverse_source(p, out), warped_label_affine=labels[0], warped_label=labels[1],
+            inverse_source=self._inverse_source(p, out),
+            inverse_deformable_source=self._inverse_deformable_source(p, out), warped_label_affine=labels[0],
+            warped_label=labels[1],
             seconds=seconds)
         if p.fixed_label is not None and p.moving_label is not None:
             # "initial" compares the crops as they are, both centred on their vertebra (on the network's
@@ -425,6 +437,19 @@ class Registrar:
             inverse = geometry.coordinates_to_field(self._inverse_map(affine, velocity), p.net_moving, p.net_fixed)
             return inverse if p.on_network_grid else onto(inverse, p.moving)
         return inverse_field
+
+
+    def _inverse_deformable_source(self, p: "Prepared", out) -> Callable[[], sitk.Image]:
+        velocity = np.array(out["velocity"])
+
+        def inverse_deformable_field():
+            with torch.inference_mode():
+                v = torch.from_numpy(velocity)[None].to(self.device)
+                displacement = self.engine.deformable_displacement(v, self.shape, inverse=True).float()
+                coords = identity_grid(self.shape, self.device, torch.float32) + displacement
+            field = geometry.coordinates_to_field(coords[0].cpu().numpy(), p.net_fixed, p.net_fixed)
+            return field if p.on_network_grid else onto(field, p.fixed)
+        return inverse_deformable_field
 
 
 @dataclass

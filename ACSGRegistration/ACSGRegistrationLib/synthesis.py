@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .errors import InputError
 from .layers import affine_coordinates, identity_grid, sample
 
 
@@ -128,7 +129,7 @@ class SyntheticPairDataset(Dataset):
         self.pairs = [(i, j) for i in range(len(labels)) for j in range(len(labels))
                       if subjects[i] != subjects[j] and (mixed_levels or levels[i] == levels[j])]
         if not self.pairs:
-            raise ValueError("synthetic pairs need mask crops of at least two subjects")
+            raise InputError("synthetic pairs need mask crops of at least two subjects")
         self.length, self.seed, self.cfg, self.spacing = length, seed, cfg or SynthesisConfig(), spacing
 
     def __len__(self):
@@ -194,7 +195,7 @@ class KnownDeformationDataset(Dataset):
     def __init__(self, crops: List[tuple], masks: List[np.ndarray], length: int, seed: int = 0,
                  cfg: Optional[KnownDeformationConfig] = None, spacing: float = 1.0, real_fraction: float = 0.5):
         if not crops and not masks:
-            raise ValueError("known-deformation pairs need image crops or mask crops")
+            raise InputError("known-deformation pairs need image crops or mask crops")
         self.crops = [(np.asarray(i, dtype=np.float32), np.asarray(m, dtype=np.float32)) for i, m in crops]
         self.masks = [np.asarray(m, dtype=np.float32) for m in masks]
         self.length, self.seed, self.cfg, self.spacing = length, seed, cfg or KnownDeformationConfig(), spacing
@@ -235,7 +236,7 @@ class MixedPairDataset(Dataset):
 
     def __init__(self, inter_subject: Dataset, known: Dataset, known_fraction: float = 0.5, seed: int = 0):
         if not 0.0 <= known_fraction <= 1.0:
-            raise ValueError(f"known_fraction must be within [0, 1], got {known_fraction}")
+            raise InputError(f"known_fraction must be within [0, 1], got {known_fraction}")
         self.inter, self.known, self.fraction, self.seed = inter_subject, known, known_fraction, seed
 
     def __len__(self):

@@ -2,9 +2,7 @@
 
 import numpy as np
 
-
-class InputError(ValueError):
-    """Raised for inputs the registration cannot use; the message says which input and why."""
+from .errors import InputError
 
 
 def check_volume(array, name: str) -> np.ndarray:

@@ -7,11 +7,19 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
+from ..errors import InputError
 from ..layers import (affine_coordinates, full_precision, identity_grid, integrate_velocity, invert_affine,
                       resize_field, sample, warp)
 from .acsgregnet import ACSGDeformableNet
 from .affine import AffineNet
 from .voxelmorph import VoxelMorphNet
+
+
+# The deformable network of each method of ``config.METHODS``.
+DEFORMABLE_NETWORKS = {
+    "acsgregnet": lambda cfg: ACSGDeformableNet(cfg.acsg, cfg.input_shape),
+    "avoxelmorph": lambda cfg: VoxelMorphNet(cfg.voxelmorph),
+}
 
 
 class RegistrationNet(nn.Module):
@@ -25,10 +33,7 @@ class RegistrationNet(nn.Module):
         super().__init__()
         self.config = cfg
         self.affine = AffineNet(cfg.affine, cfg.input_shape)
-        if cfg.method == "acsgregnet":
-            self.deformable = ACSGDeformableNet(cfg.acsg, cfg.input_shape)
-        else:
-            self.deformable = VoxelMorphNet(cfg.voxelmorph)
+        self.deformable = DEFORMABLE_NETWORKS[cfg.method](cfg)
         self.integration_steps = cfg.steps_for_method
         self.symmetric = bool(cfg.symmetric)
         # Dtype the deformable network runs in (autocast); None leaves any autocast the caller opened.
@@ -51,9 +56,9 @@ class RegistrationNet(nn.Module):
             if t.dim() != 5 or t.shape[1] != 1:
                 raise ValueError(f"{name} image must be a (batch, 1, D, H, W) tensor, got shape {tuple(t.shape)}")
         if fixed.shape != moving.shape:
-            raise ValueError(f"fixed and moving shapes differ: {tuple(fixed.shape)} vs {tuple(moving.shape)}")
+            raise InputError(f"fixed and moving shapes differ: {tuple(fixed.shape)} vs {tuple(moving.shape)}")
         if tuple(fixed.shape[2:]) != tuple(self.config.input_shape):
-            raise ValueError(f"the model takes {tuple(self.config.input_shape)} (z, y, x) volumes, got "
+            raise InputError(f"the model takes {tuple(self.config.input_shape)} (z, y, x) volumes, got "
                              f"{tuple(fixed.shape[2:])}; crop or resample the pair to that size first")
 
     def deformable_displacement(self, velocity: torch.Tensor, shape, inverse: bool = False) -> torch.Tensor:

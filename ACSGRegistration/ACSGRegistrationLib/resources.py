@@ -1,0 +1,28 @@
+"""Where the shipped models are, whether the backend runs from the Slicer module's folder or is installed.
+
+Installed (``pip install``), the models travel inside the package as ``ACSGRegistrationLib/models``; run from
+the module's folder (Slicer, or an editable install), they are the module's ``Resources/Models``. Imports
+nothing heavy: the Slicer module reads this before its dependencies are checked.
+"""
+
+import os
+
+from .errors import InputError
+
+DEFAULT_MODEL = "acsgregnet_default.pt"
+BASELINE_MODEL = "avoxelmorph_baseline.pt"
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+MODEL_FOLDERS = (os.path.join(_PACKAGE, "models"),  # installed package
+                 os.path.join(os.path.dirname(_PACKAGE), "Resources", "Models"))  # the Slicer module's folder
+
+
+def shipped_model_path(name: str = DEFAULT_MODEL, must_exist: bool = True) -> str:
+    """Path of a shipped model file (the default model unless ``name`` says otherwise)."""
+    for folder in MODEL_FOLDERS:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    if must_exist:
+        raise InputError(f"the shipped model {name} is not installed (looked in {', '.join(MODEL_FOLDERS)}): "
+                         "pass a checkpoint file")
+    return os.path.join(MODEL_FOLDERS[-1], name)
