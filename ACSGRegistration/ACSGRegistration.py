@@ -4,8 +4,9 @@ The module is a thin layer over the backend in ``ACSGRegistrationLib`` (importab
 
 - ``ACSGRegistrationLogic`` turns MRML nodes into SimpleITK images and back (through the nodes' IJK-to-RAS
   matrices; SimpleITK works in LPS, Slicer in RAS), crops the vertebra from whole scans and their
-  segmentations, runs ``ACSGRegistrationLib.registrar.Registrar`` and creates the output nodes: the warped
-  volume, a grid transform node holding the displacement field, the Jacobian determinant map and the warped
+  segmentations by the backend's input rules (``ACSGRegistrationLib.inputs``), runs ``ACSGRegistrationLib.registrar.Registrar`` and creates the output nodes: the warped
+  volume, a transform node holding the affine and the deformable field composed (valid on the whole scan), the
+  deformable part alone for the grid display, the Jacobian determinant map and the warped
   segmentation, plus a metrics table. It also registers lists of pairs (nodes or files) and fine-tunes a
   model with ``ACSGRegistrationLib.trainer.Trainer``. Everything in the logic works without the GUI.
 - ``ACSGRegistrationWidget`` is the panel (``Resources/UI/ACSGRegistration.ui``).

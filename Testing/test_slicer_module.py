@@ -290,6 +290,14 @@ def test_transform_node_moves_points_where_the_backend_does(registered):
         got_ras = np.array(node_transform.TransformPoint(list(lps * [-1, -1, 1])))
         errors.append(np.abs(got_ras - expected_ras).max())
     assert max(errors) < 1e-4
+    # Beyond the crop (and the band over which its deformable field falls to zero): the affine, as in ITK.
+    centre = np.array(fixed_crop.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in size]))
+    affine = out.result.affine_lps
+    for offset in rng.normal(size=(50, 3)):
+        lps = centre + 250.0 * offset / np.linalg.norm(offset)
+        expected_ras = (affine[:3, :3] @ lps + affine[:3, 3]) * [-1, -1, 1]
+        assert np.abs(np.array(node_transform.TransformPoint(list(lps * [-1, -1, 1]))) - expected_ras).max() < 0.01
+        assert np.allclose(forward.TransformPoint(tuple(lps)), affine[:3, :3] @ lps + affine[:3, 3], atol=1e-6)
     # Far from trivial: the two scans are 100 mm apart and the deformation varies.
     u = sitk.GetArrayFromImage(out.result.forward_field)
     assert np.abs(u).max() > 50 and u.std(axis=(0, 1, 2)).max() > 0.1
