@@ -4,11 +4,12 @@ The module is a thin layer over the backend in ``ACSGRegistrationLib`` (importab
 
 - ``ACSGRegistrationLogic`` turns MRML nodes into SimpleITK images and back (through the nodes' IJK-to-RAS
   matrices; SimpleITK works in LPS, Slicer in RAS), crops the vertebra from whole scans and their
-  segmentations by the backend's input rules (``ACSGRegistrationLib.inputs``), runs ``ACSGRegistrationLib.registrar.Registrar`` and creates the output nodes: the warped
-  volume, a transform node holding the affine and the deformable field composed (valid on the whole scan), the
-  deformable part alone for the grid display, the Jacobian determinant map and the warped
-  segmentation, plus a metrics table. It also registers lists of pairs (nodes or files) and fine-tunes a
-  model with ``ACSGRegistrationLib.trainer.Trainer``. Everything in the logic works without the GUI.
+  segmentations by the backend's input rules (``ACSGRegistrationLib.inputs``), runs
+  ``ACSGRegistrationLib.registrar.Registrar`` and creates the output nodes: the warped volume, a transform node
+  holding the affine and the deformable field composed (valid on the whole scan), the deformable part alone for
+  the grid display, the Jacobian determinant map and the warped segmentation, plus a metrics table. It also
+  registers lists of pairs (nodes or files) and fine-tunes a model with ``ACSGRegistrationLib.trainer.Trainer``.
+  Everything in the logic works without the GUI.
 - ``ACSGRegistrationWidget`` is the panel (``Resources/UI/ACSGRegistration.ui``).
 - ``ACSGRegistrationTest`` registers synthetic vertebrae made by the test itself (nothing is downloaded),
   through the logic and then through the panel.
@@ -47,6 +48,7 @@ from slicer import (
 # The backend's errors import nothing (no numpy, no PyTorch): safe before the dependencies are checked.
 from ACSGRegistrationLib.errors import Cancelled, DependencyError, InputError
 from ACSGRegistrationLib.inputs import PreparedInput as BackendInput  # numpy and SimpleITK: shipped with Slicer
+from ACSGRegistrationLib.preprocessing import CROP_SIZE
 from ACSGRegistrationLib.resources import DEFAULT_MODEL
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -163,7 +165,7 @@ def ijkToRasOfNode(volumeNode, world: bool = True) -> np.ndarray:
     if world and parent is not None:
         if not parent.IsTransformToWorldLinear():
             raise InputError(f"'{volumeNode.GetName()}' is under the non-linear transform '{parent.GetName()}': "
-                              "harden the transform first (Data module: right-click, Harden transform)")
+                             "harden the transform first (Data module: right-click, Harden transform)")
         toWorld = vtk.vtkMatrix4x4()
         parent.GetMatrixTransformToWorld(toWorld)
         m = slicer.util.arrayFromVTKMatrix(toWorld) @ m
@@ -197,7 +199,7 @@ def volumeNodeToImage(volumeNode, dtype=None):
         raise InputError(f"'{name}' has no image data")
     if volumeNode.GetImageData().GetNumberOfScalarComponents() != 1:
         raise InputError(f"'{volumeNode.GetName()}' has {volumeNode.GetImageData().GetNumberOfScalarComponents()} "
-                          "components per voxel; a scalar volume is needed")
+                         "components per voxel; a scalar volume is needed")
     array = np.array(slicer.util.arrayFromVolume(volumeNode), copy=True)
     if dtype is not None:
         array = array.astype(dtype)
@@ -279,7 +281,7 @@ class PreparedInput(BackendInput):
 
     @classmethod
     def of(cls, volume, prepared: BackendInput) -> "PreparedInput":
-        return cls(prepared.source, prepared.image, prepared.label, prepared.name, prepared.notes, volume)
+        return cls(**vars(prepared), volume=volume)
 
 
 @dataclass
@@ -659,8 +661,8 @@ class ACSGRegistrationLogic(ScriptedLoadableModuleLogic):
         out.metrics["final"]["dice"], out.transform, out.warpedVolume
     """
 
-    # The paper's crop: 128 x 128 x 64 mm at 1 mm (SimpleITK x, y, z order).
-    cropSize = (128, 128, 64)
+    # The crop's grid (the paper's: 128 x 128 x 64 mm at 1 mm, SimpleITK x, y, z order).
+    cropSize = CROP_SIZE
     cropSpacing = 1.0
 
     def __init__(self) -> None:
@@ -724,7 +726,7 @@ class ACSGRegistrationLogic(ScriptedLoadableModuleLogic):
         if not os.path.isfile(path):
             if path == DEFAULT_MODEL_PATH:
                 raise InputError(f"the shipped model is not installed ({DEFAULT_MODEL_PATH}): choose a "
-                                  "checkpoint file (.pt) under Model")
+                                 "checkpoint file (.pt) under Model")
             raise InputError(f"checkpoint not found: {path}")
         return path
 
@@ -870,13 +872,13 @@ class ACSGRegistrationLogic(ScriptedLoadableModuleLogic):
         if (fixedSegmentation is None) != (movingSegmentation is None):
             given = "fixed" if fixedSegmentation is not None else "moving"
             raise InputError(f"only the {given} volume has a segmentation: give one for both (whole scans, the "
-                              "vertebra is cropped) or for neither (the volumes are ready vertebra crops)")
+                             "vertebra is cropped) or for neither (the volumes are ready vertebra crops)")
         inputs = {n.GetID(): n.GetName() for n in (fixedVolume, movingVolume, fixedSegmentation, movingSegmentation)
                   if n is not None}
         for key, node in (outputs or {}).items():
             if node is not None and node.GetID() in inputs:
                 raise InputError(f"the {key} output is the input '{inputs[node.GetID()]}': inputs are never "
-                                  "overwritten; choose another node or 'Create new'")
+                                 "overwritten; choose another node or 'Create new'")
 
     def prepareInput(self, volume, segmentation=None, label=None, what: str = "fixed") -> PreparedInput:
         """The crop of the chosen vertebra (or the whole volume as a ready crop when there is no segmentation),
@@ -888,7 +890,8 @@ class ACSGRegistrationLogic(ScriptedLoadableModuleLogic):
         if segmentation is None:
             return PreparedInput.of(volume, prepare_input(source, what=what))
         mask, name = self.labelImage(segmentation, label, volume, what)
-        prepared = prepare_input(source, mask, 1, what, {1: name}, f"'{segmentation.GetName()}'", "segmentation")
+        prepared = prepare_input(source, mask, 1, what, {1: name}, f"'{segmentation.GetName()}'", "segmentation",
+                                 self.cropSize, self.cropSpacing)
         return PreparedInput.of(volume, prepared)
 
     # -- registration -------------------------------------------------------------------------------------

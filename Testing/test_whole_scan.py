@@ -43,6 +43,7 @@ def affine_points(affine, points):
     return points @ affine[:3, :3].T + affine[:3, 3]
 
 
+@pytest.fixture(scope="module")
 def sample_points(cli_run):
     """Points inside the crop (voxel centres of the deformable field's original grid), and points of the fixed
     scan at least 40 mm outside the crop and its taper band."""
@@ -65,8 +66,8 @@ def transform_points(transform, points):
     return np.array([transform.TransformPoint(p.tolist()) for p in points])
 
 
-def test_composite_is_the_full_map_inside_the_crop_and_the_affine_outside(cli_run):
-    inside, outside = sample_points(cli_run)
+def test_composite_is_the_full_map_inside_the_crop_and_the_affine_outside(cli_run, sample_points):
+    inside, outside = sample_points
     t = cli_run["transform"]
     assert isinstance(t, sitk.CompositeTransform) and t.GetNumberOfTransforms() == 2
     assert np.abs(transform_points(t, outside) - affine_points(cli_run["affine"], outside)).max() < 1e-6
@@ -83,10 +84,10 @@ def test_composite_is_the_full_map_inside_the_crop_and_the_affine_outside(cli_ru
     assert np.abs(transform_points(inverse, far) - outside).max() < 1e-4
 
 
-def test_ants_reads_the_composite_file_and_moves_points_as_simpleitk(cli_run):
+def test_ants_reads_the_composite_file_and_moves_points_as_simpleitk(cli_run, sample_points):
     ants = pytest.importorskip("ants")
     import pandas as pd
-    inside, outside = sample_points(cli_run)
+    inside, outside = sample_points
     points = np.vstack([inside[:50], outside[:50]])
     moved = ants.apply_transforms_to_points(3, pd.DataFrame(points, columns=["x", "y", "z"]),
                                             [str(cli_run["out"] / "forward_transform.h5")])
@@ -95,7 +96,7 @@ def test_ants_reads_the_composite_file_and_moves_points_as_simpleitk(cli_run):
     assert np.abs(got[50:] - affine_points(cli_run["affine"], outside[:50])).max() < 0.01
 
 
-def test_slicer_reads_the_composite_file_and_moves_points_as_simpleitk(cli_run):
+def test_slicer_reads_the_composite_file_and_moves_points_as_simpleitk(cli_run, sample_points):
     slicer = pytest.importorskip("slicer")
     if not hasattr(slicer, "vtkMRMLTransformStorageNode"):
         pytest.skip("the 'slicer' package here is not slicer-core")
@@ -104,7 +105,7 @@ def test_slicer_reads_the_composite_file_and_moves_points_as_simpleitk(cli_run):
     storage = scene.AddNewNodeByClass("vtkMRMLTransformStorageNode")
     storage.SetFileName(str(cli_run["out"] / "forward_transform.h5"))
     assert storage.ReadData(node)
-    inside, outside = sample_points(cli_run)
+    inside, outside = sample_points
     ras = node.GetTransformFromParent()
     got = np.array([np.array(ras.TransformPoint((p * FLIP).tolist())) * FLIP for p in np.vstack([inside, outside])])
     expected = transform_points(cli_run["transform"], np.vstack([inside, outside]))

@@ -64,25 +64,30 @@ def _train_config(args):
                        num_workers=args.workers, loss=loss_config(args.recipe))
 
 
-def _pair_dataset(args, grid):
-    """Real crop pairs (--crops), synthetic pairs from mask crops (--synthetic-labels), or both, on the
-    network's ``grid`` (input shape, voxel size) whatever the crops' own spacing."""
-    from torch.utils.data import ConcatDataset
-    from .datasets import PairDataset, make_pairs, read_crop_array
+def _training_records(args):
+    """(real crop records, mask crop records) of --crops and --synthetic-labels (each None when not given)."""
     from .readers import crop_records
     if not args.crops and not args.synthetic_labels:
         raise InputError("give --crops (real crop pairs) and/or --synthetic-labels (mask crops to synthesise from)")
+    return tuple(crop_records(folder, args.out) if folder else None for folder in (args.crops, args.synthetic_labels))
+
+
+def _pair_dataset(args, crops, masks_records, grid):
+    """Real crop pairs (``crops``), synthetic pairs from mask crops, or both, on the network's ``grid``
+    (input shape, voxel size) whatever the crops' own spacing."""
+    from torch.utils.data import ConcatDataset
+    from .datasets import PairDataset, make_pairs, read_crop_array
     parts, real = [], None
-    if args.crops:
-        records = [r for r in crop_records(args.crops, args.out) if r.image]  # mask-only crops: no image to pair
+    if crops:
+        records = [r for r in crops if r.image]  # mask-only crops: no image to pair
         pairs = make_pairs(records, mixed_levels=args.mixed_levels, max_per_moving=args.pairs_per_moving,
                            seed=args.seed)
         real = PairDataset(records, pairs, with_labels=not args.no_labels, grid=grid)
         parts.append(real)
     masks, spacing = [], float(grid[1])
-    if args.synthetic_labels:
+    if masks_records:
         from .synthesis import SyntheticPairDataset
-        records = [r for r in crop_records(args.synthetic_labels, args.out) if r.label]
+        records = [r for r in masks_records if r.label]
         masks = [read_crop_array(r.label, "label", grid) for r in records]
         length = args.synthetic_pairs or args.steps * args.batch_size
         parts.append(SyntheticPairDataset(masks, [r.subject for r in records], [r.level for r in records], length,
@@ -115,14 +120,9 @@ def _stop_requests():
     return lambda: bool(requested)
 
 
-def _first_crop_grid(args):
-    """(shape z, y, x; spacing) of the first crop training will read: a new paper-size model takes its grid."""
+def _crop_grid(record):
+    """(shape z, y, x; spacing) of a crop: a new paper-size model takes the training crops' grid."""
     import SimpleITK as sitk
-    folder = args.crops or args.synthetic_labels
-    if not folder:
-        raise InputError("give --crops (real crop pairs) and/or --synthetic-labels (mask crops to synthesise from)")
-    from .readers import crop_records
-    record = crop_records(folder, args.out)[0]
     reader = sitk.ImageFileReader()
     reader.SetFileName(record.image or record.label)
     reader.ReadImageInformation()
@@ -131,14 +131,15 @@ def _first_crop_grid(args):
 
 def cmd_train(args, finetune=False):
     from .trainer import LAST, Trainer
+    crops, masks = _training_records(args)
     if finetune:
         from .checkpoint import load_checkpoint
         last = os.path.join(args.out, LAST)
         source = last if os.path.isfile(last) and not args.restart else args.checkpoint
         cfg, model_config = None, load_checkpoint(source)["model_config_obj"]
     else:
-        cfg = model_config = _model_config(args, *_first_crop_grid(args))
-    dataset = _pair_dataset(args, (model_config.input_shape, model_config.input_spacing))
+        cfg = model_config = _model_config(args, *_crop_grid((crops or masks)[0]))
+    dataset = _pair_dataset(args, crops, masks, (model_config.input_shape, model_config.input_spacing))
     trainer = Trainer(cfg, _train_config(args), dataset, args.out,
                       init_checkpoint=args.checkpoint if finetune else None,
                       device=args.device, resume=not args.restart, progress=_progress_printer(args.print_every),

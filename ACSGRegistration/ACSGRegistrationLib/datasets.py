@@ -16,10 +16,10 @@ import SimpleITK as sitk
 import torch
 from torch.utils.data import Dataset
 
+from .errors import InputError
 from .geometry import write_csv, write_image
 from .io import read_image
 from .preprocessing import to_network_grid
-from .errors import InputError
 
 INDEX = "crops.csv"
 FIELDS = ("name", "subject", "level", "image", "label")

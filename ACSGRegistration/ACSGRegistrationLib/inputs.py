@@ -9,19 +9,19 @@ inputs are and how they become the crops the registrar takes.
 - **Intensities**: images in Hounsfield units (any value below -0.5 or above 1.5) are clipped to
   [-1000, 2000] HU and scaled to [0, 1] like the training crops; images already on that scale are kept.
 - Resampling to the network's own grid (size and voxel size of the model) happens in the registrar, for
-  any crop spacing; training data goes through ``preprocessing.network_grid_arrays``.
+  any crop spacing; training data goes through ``preprocessing.to_network_grid``.
 """
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError, PreprocessingError
 from .io import read_image
-from .preprocessing import crop_vertebra, label_centroids, looks_like_hounsfield, normalise_ct
+from .preprocessing import CROP_SIZE, crop_vertebra, label_centroids, looks_like_hounsfield, normalise_ct
 from .vertebrae import resolve_vertebra
 
 HU_NOTE = "{what}: intensities taken as Hounsfield units and scaled like the training crops"
@@ -40,12 +40,14 @@ class PreparedInput:
 
 
 def prepare_input(image: sitk.Image, labels: Optional[sitk.Image] = None, vertebra=None, what: str = "fixed",
-                  names: Optional[Dict[int, str]] = None, owner: str = "", noun: str = "label map") -> PreparedInput:
+                  names: Optional[Dict[int, str]] = None, owner: str = "", noun: str = "label map",
+                  size: Sequence[int] = CROP_SIZE, spacing: float = 1.0) -> PreparedInput:
     """The registrar's crop of one side (see the module docstring for the rules).
 
     ``labels``: a label map on any grid (multi-label, or the vertebra's binary mask); ``vertebra``: the user's
-    choice in it; ``names``: label value -> name where known (segment names, a colour table, a convention);
-    ``owner`` and ``noun`` name the label map in error messages ("'seg'", "labelmap").
+    choice in it; ``names``: every label value of the map -> its name ("" where unknown: segment names, a
+    colour table, a convention), or None to list the values from the map; ``owner`` and ``noun`` name the label
+    map in error messages ("'seg'", "labelmap"); ``size`` and ``spacing``: the crop's grid (the paper's).
     """
     if min(image.GetSize()) < 2 or image.GetDimension() != 3:
         raise InputError(f"the {what} image is not a 3D volume (size {image.GetSize()})")
@@ -57,13 +59,13 @@ def prepare_input(image: sitk.Image, labels: Optional[sitk.Image] = None, verteb
         crop.CopyInformation(image)
         return PreparedInput(image, crop, None, "", notes)
     notes = [] if hounsfield else [SCALED_NOTE.format(what=what)]
-    present = sorted(label_centroids(labels))
-    choices = {value: (names or {}).get(value, "") for value in present}
-    value, name = resolve_vertebra(choices, vertebra, what, noun, owner or "")
+    choices = names if names is not None else {value: "" for value in sorted(label_centroids(labels))}
+    value, name = resolve_vertebra(choices, vertebra, what, noun, owner)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            crop = crop_vertebra(image, labels, int(value), name=f"{what} {name}", hounsfield=hounsfield)
+            crop = crop_vertebra(image, labels, int(value), size, spacing, name=f"{what} {name}",
+                                 hounsfield=hounsfield)
         except PreprocessingError as exc:
             raise PreprocessingError(f"{exc} (does the {what} {noun} belong to its image?)") from exc
     notes += [str(w.message).replace(f"label {value} ", f"'{name}' ") for w in caught]

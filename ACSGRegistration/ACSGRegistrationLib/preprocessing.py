@@ -108,8 +108,9 @@ def crop_vertebra(image: sitk.Image, labels: sitk.Image, label_id: int, size: Se
         notes.append(f"{where}vertebra label {label_id} is larger than the {tuple(size)} crop: its edges are cut")
     outside = HU_RANGE[0] if hounsfield else 0.0
     ct = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkLinear, outside, sitk.sitkFloat32)
-    values = sitk.GetArrayFromImage(ct)
-    values = normalise_ct(values) if hounsfield else values.astype(np.float32)
+    values = sitk.GetArrayFromImage(ct)  # float32
+    if hounsfield:
+        values = normalise_ct(values)
     if mask:
         values = values * mask_array
     out_image = sitk.GetImageFromArray(values)

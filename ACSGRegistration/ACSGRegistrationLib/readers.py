@@ -20,11 +20,11 @@ import numpy as np
 import SimpleITK as sitk
 
 from .datasets import INDEX, CropRecord, read_index, write_crop, write_index
+from .errors import InputError
 from .geometry import write_image
 from .io import read_image
 from .preprocessing import (PreprocessingError, VertebraCrop, crop_size, crop_vertebra, label_centroids,
                             label_statistics)
-from .errors import InputError
 from .vertebrae import (ABDOMENATLAS_IDS, LUMBAR, SPINE, TOTALSEGMENTATOR_IDS, VERSE_IDS, convention_names,
                         level_order_problem, normalise_levels)
 

@@ -13,10 +13,10 @@ import SimpleITK as sitk
 import torch
 
 from . import geometry
-from .geometry import model_grid, onto, same_grid
 from .checkpoint import build_model, load_checkpoint
 from .config import refinement_loss_config
 from .errors import Cancelled, InputError
+from .geometry import model_grid, onto, same_grid
 from .inference import keep_freed_memory, prepare_for_inference, release_freed_memory
 from .layers import affine_coordinates, identity_grid, sample
 from .losses import RegistrationLoss, local_ncc, soft_dice
@@ -72,7 +72,9 @@ class RegistrationResult:
     _inverse_field: Optional[sitk.Image] = field(default=None, repr=False)
     inverse_deformable_source: Optional[Callable[[], sitk.Image]] = field(default=None, repr=False)
     _inverse_deformable: Optional[sitk.Image] = field(default=None, repr=False)
+    # Derived from forward_field and affine_lps on first use (the module needs it twice, save() thrice).
     _deformable: Optional[sitk.Image] = field(default=None, repr=False)
+    _exported_deformable: Optional[sitk.Image] = field(default=None, repr=False)
 
     @property
     def inverse_field(self) -> sitk.Image:
@@ -96,9 +98,9 @@ class RegistrationResult:
     def exported_deformable_field(self) -> sitk.Image:
         """The deformable part as exported: on the fixed crop's grid, extended by a band over which it falls
         to zero (``geometry.tapered_field``), so that beyond it every tool applies the affine alone."""
-        if self._deformable is None:
-            self._deformable = geometry.tapered_field(self.deformable_field())
-        return self._deformable
+        if self._exported_deformable is None:
+            self._exported_deformable = geometry.tapered_field(self.deformable_field())
+        return self._exported_deformable
 
     def exported_inverse_deformable_field(self) -> sitk.Image:
         """The inverse's deformable part as exported (fixed grid, tapered like the forward one)."""
@@ -116,11 +118,9 @@ class RegistrationResult:
     def warp_scan(self, moving_scan: sitk.Image, fixed_scan: sitk.Image, label: bool = False) -> sitk.Image:
         """The moving whole scan (or its label map: nearest neighbour, values kept) resampled onto the fixed
         scan's grid through ``forward_transform``: the full map around the vertebra, the affine elsewhere."""
-        if label:
-            return sitk.Resample(moving_scan, fixed_scan, self.forward_transform(), sitk.sitkNearestNeighbor, 0,
-                                 moving_scan.GetPixelID())
-        background = float(sitk.GetArrayViewFromImage(moving_scan).min())
-        return sitk.Resample(moving_scan, fixed_scan, self.forward_transform(), sitk.sitkLinear, background,
+        interpolator = sitk.sitkNearestNeighbor if label else sitk.sitkLinear
+        background = 0.0 if label else float(sitk.GetArrayViewFromImage(moving_scan).min())
+        return sitk.Resample(moving_scan, fixed_scan, self.forward_transform(), interpolator, background,
                              moving_scan.GetPixelID())
 
     def deformable_field(self) -> sitk.Image:
@@ -128,14 +128,16 @@ class RegistrationResult:
 
         The forward map is p -> A(p + u(p)), so u(p) = A^-1(p + field(p)) - p: the field whose Jacobian
         ``jacobian`` holds. Between two subjects' crops the affine part carries their whole offset in the
-        scanner, which would swamp any display of the local deformation.
+        scanner, which would swamp any display of the local deformation. Computed once.
         """
-        total = sitk.GetArrayFromImage(self.forward_field).astype(np.float64)  # (D, H, W, 3)
-        points = geometry.voxel_points(self.forward_field)
-        inverse = np.linalg.inv(np.asarray(self.affine_lps, dtype=np.float64))
-        back = geometry.apply_homogeneous(inverse, points + total.reshape(-1, 3).T)
-        return geometry.image_like((back - points).T.reshape(*total.shape[:3], 3), self.forward_field,
-                                   is_vector=True)
+        if self._deformable is None:
+            total = sitk.GetArrayFromImage(self.forward_field).astype(np.float64)  # (D, H, W, 3)
+            points = geometry.voxel_points(self.forward_field)
+            inverse = np.linalg.inv(np.asarray(self.affine_lps, dtype=np.float64))
+            back = geometry.apply_homogeneous(inverse, points + total.reshape(-1, 3).T)
+            self._deformable = geometry.image_like((back - points).T.reshape(*total.shape[:3], 3),
+                                                   self.forward_field, is_vector=True)
+        return self._deformable
 
     def save(self, out_dir: str) -> Dict[str, str]:
         """Write every output (atomically, file by file) and return their paths."""
@@ -437,7 +439,6 @@ class Registrar:
             inverse = geometry.coordinates_to_field(self._inverse_map(affine, velocity), p.net_moving, p.net_fixed)
             return inverse if p.on_network_grid else onto(inverse, p.moving)
         return inverse_field
-
 
     def _inverse_deformable_source(self, p: "Prepared", out) -> Callable[[], sitk.Image]:
         velocity = np.array(out["velocity"])
