@@ -873,12 +873,35 @@ class ACSGRegistrationLogic(ScriptedLoadableModuleLogic):
             given = "fixed" if fixedSegmentation is not None else "moving"
             raise InputError(f"only the {given} volume has a segmentation: give one for both (whole scans, the "
                              "vertebra is cropped) or for neither (the volumes are ready vertebra crops)")
-        inputs = {n.GetID(): n.GetName() for n in (fixedVolume, movingVolume, fixedSegmentation, movingSegmentation)
-                  if n is not None}
-        for key, node in (outputs or {}).items():
-            if node is not None and node.GetID() in inputs:
-                raise InputError(f"the {key} output is the input '{inputs[node.GetID()]}': inputs are never "
+        self.checkOutputs([fixedVolume, movingVolume, fixedSegmentation, movingSegmentation], outputs or {})
+
+    @staticmethod
+    def checkOutputs(inputs: Sequence, outputs: Dict) -> None:
+        """Outputs must be distinct nodes, none an input and none a transform that an input sits under (filling
+        it would move that input)."""
+        inputs = [n for n in inputs if n is not None]
+        names = {n.GetID(): n.GetName() for n in inputs}
+        parents = {}
+        for node in inputs:
+            parent = node.GetParentTransformNode() if hasattr(node, "GetParentTransformNode") else None
+            while parent is not None and parent.GetID() not in parents:
+                parents[parent.GetID()] = node.GetName()
+                parent = parent.GetParentTransformNode()
+        given = {}
+        for key, node in outputs.items():
+            if node is None:
+                continue
+            if node.GetID() in names:
+                raise InputError(f"the {key} output is the input '{names[node.GetID()]}': inputs are never "
                                  "overwritten; choose another node or 'Create new'")
+            if node.GetID() in given:
+                raise InputError(f"the node '{node.GetName()}' is chosen both as the {given[node.GetID()]} and the "
+                                 f"{key} output: one would overwrite the other; choose another node or 'Create new'")
+            given[node.GetID()] = key
+            if node.GetID() in parents:
+                raise InputError(f"the {key} output '{node.GetName()}' is a transform that the input "
+                                 f"'{parents[node.GetID()]}' is under: filling it would move that input; choose "
+                                 "another node or 'Create new'")
 
     def prepareInput(self, volume, segmentation=None, label=None, what: str = "fixed") -> PreparedInput:
         """The crop of the chosen vertebra (or the whole volume as a ready crop when there is no segmentation),
@@ -1607,7 +1630,8 @@ class ACSGRegistrationTest(ScriptedLoadableModuleTest):
         model = self._model()
         pairs = [(data["fixedVolume"], data["movingVolume"], data["fixedSegmentation"], data["movingSegmentation"],
                   "L1", "L1"),
-                 dict(fixed=data["fixedVolume"], moving=data["movingVolume"], fixedSegmentation=data["fixedSegmentation"],
+                 dict(fixed=data["fixedVolume"], moving=data["movingVolume"],
+                      fixedSegmentation=data["fixedSegmentation"],
                       movingSegmentation=data["movingSegmentation"], fixedLabel="L2", movingLabel="21", name="L2")]
         outs = logic.registerPairs(pairs, checkpoint=model, device="cpu")
         self.assertEqual(len(outs), 2)

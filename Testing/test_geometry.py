@@ -7,6 +7,7 @@ import torch
 
 from ACSGRegistrationLib import geometry
 from ACSGRegistrationLib.config import tiny_config
+from ACSGRegistrationLib.errors import OutputError
 from ACSGRegistrationLib.networks import RegistrationNet
 from ACSGRegistrationLib.registrar import Registrar
 from conftest import arr
@@ -140,7 +141,7 @@ def test_outputs_are_written_atomically(registered, tmp_path, monkeypatch):
         open(path, "wb").write(b"half")
         raise RuntimeError("disk full")
     monkeypatch.setattr(sitk, "WriteImage", broken)
-    with pytest.raises(RuntimeError, match="disk full"):
+    with pytest.raises(OutputError, match=f"cannot write {target}: disk full"):
         geometry.write_image(result.warped, str(target))
     assert target.read_bytes() == b"previous result"
     assert [p.name for p in tmp_path.iterdir()] == ["warped.nii.gz"]

@@ -469,12 +469,34 @@ def test_clear_errors_for_missing_or_wrong_inputs(scene_data, tiny_model, change
     assert_same(before, snapshot(scene_data))
 
 
+def test_outputs_aliasing_each_other_or_an_inputs_parent_transform_are_refused(scene_data, tiny_model):
+    logic = M.ACSGRegistrationLogic()
+    args = (scene_data["fixedVolume"], scene_data["movingVolume"], scene_data["fixedSegmentation"],
+            scene_data["movingSegmentation"], "L1", "20")
+    shared = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "one node")
+    with pytest.raises(InputError, match="'one node' is chosen both as the warped volume and the Jacobian output"):
+        logic.register(*args, checkpoint=tiny_model, device="cpu", warpedVolume=shared, jacobian=shared)
+    placement = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTransformNode", "moving placement")
+    moving = scene_data["movingVolume"]
+    moving.SetAndObserveTransformNodeID(placement.GetID())
+    try:
+        before = snapshot(scene_data)
+        with pytest.raises(InputError, match=f"transform that the input '{moving.GetName()}' is under"):
+            logic.register(*args, checkpoint=tiny_model, device="cpu", transform=placement)
+        assert_same(before, snapshot(scene_data))
+        assert placement.GetTransformToParent() is None  # untouched: still no transform set in it
+    finally:
+        moving.SetAndObserveTransformNodeID(None)
+        for node in (shared, placement):
+            slicer.mrmlScene.RemoveNode(node)
+
+
 def test_errors_for_segmentation_of_another_scan_and_volume_without_data(scene_data, tiny_model):
     logic = M.ACSGRegistrationLogic()
     # The moving labels on a grid far from the moving CT (another patient's file): nothing to crop.
     stray = M.ACSGRegistrationTest.addVolume(arr(scene_data["movingSegmentation"]), M.ACSGRegistrationTest.geometry((1.0, 1.0, 1.0), shape=(56, 88, 88),
                            centre=(500.0, 500.0, 500.0)), "stray labels", "vtkMRMLLabelMapVolumeNode")
-    with pytest.raises(InputError, match="does the moving segmentation belong to its image"):
+    with pytest.raises(InputError, match="moving segmentation .stray labels. .* does not lie on its image"):
         logic.register(scene_data["fixedVolume"], scene_data["movingVolume"], scene_data["fixedSegmentation"], stray,
                        "L1", "20", checkpoint=tiny_model, device="cpu")
     empty = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")

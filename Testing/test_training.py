@@ -14,6 +14,7 @@ import torch
 from ACSGRegistrationLib.checkpoint import load_checkpoint
 from ACSGRegistrationLib.config import TrainConfig, tiny_config
 from ACSGRegistrationLib.datasets import ArrayPairDataset
+from ACSGRegistrationLib.errors import ResultError
 from ACSGRegistrationLib.layers import affine_coordinates, identity_grid, sample
 from ACSGRegistrationLib.losses import local_ncc
 from ACSGRegistrationLib.networks.affine import AffineNet
@@ -121,6 +122,39 @@ def test_cancel_saves_and_resume_continues_the_same_schedule(tmp_path):
     assert run_losses == pytest.approx(ref_losses, rel=1e-4, abs=1e-6)
     for a, b in zip(reference.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-5)
+
+
+def test_diverging_training_stops_without_saving_the_bad_state(tmp_path):
+    """A non-finite loss stops the run with an error; last.pt keeps the last good step (here: step 2)."""
+    out = str(tmp_path / "run")
+    trainer = Trainer(tiny_config(), TrainConfig(learning_rate=1e-3, batch_size=2, max_steps=6, checkpoint_every=2),
+                      ArrayPairDataset(synthetic_items()), out, device="cpu", log=lambda *_: None)
+    real_loss = trainer.loss
+
+    def diverging(*args, **kwargs):
+        terms = real_loss(*args, **kwargs)
+        if trainer.step >= 3:
+            terms["total"] = terms["total"] * float("nan")
+        return terms
+    trainer.loss = diverging
+    with pytest.raises(ResultError, match="training diverged at step 4: non-finite loss"):
+        trainer.train()
+    payload = load_checkpoint(os.path.join(out, "last.pt"))  # checked: finite weights, intact checksum
+    assert payload["step"] == 2
+    assert not [name for name in os.listdir(out) if name.startswith(".tmp-")]
+
+
+def test_one_training_run_per_folder(tmp_path):
+    from ACSGRegistrationLib.errors import InputError
+    from ACSGRegistrationLib.outputs import FolderLock
+    out = str(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".tmp-abc-last.pt").write_bytes(b"half a checkpoint")  # left by a killed run
+    with FolderLock(out, "the run folder"):
+        with pytest.raises(InputError, match="the run folder .* is being written by another run"):
+            small_run(out, 2, cfg=tiny_config())
+    small_run(out, 2, cfg=tiny_config())
+    assert not (tmp_path / "run" / ".tmp-abc-last.pt").exists()
 
 
 def test_killed_training_resumes_from_its_checkpoint(tmp_path):

@@ -14,6 +14,31 @@ import warnings
 from .config import METHODS, PRECISIONS
 from .errors import ACSGError, InputError
 from .resources import shipped_model_path
+from .validation import INTENSITY_SCALES
+
+DEVICE_HELP = "auto (default: a CUDA GPU where there is one), cpu, cuda, cuda:N or mps"
+
+def _number(kind, minimum=None, maximum=None, above=None):
+    """An argparse type: a number of ``kind`` within bounds (argparse then names the option and exits 2)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
+        low = (minimum is not None and value < minimum) or (above is not None and value <= above)
+        if value != value or low or (maximum is not None and value > maximum):
+            bounds = [f"at least {minimum}" if minimum is not None else "",
+                      f"above {above}" if above is not None else "",
+                      f"at most {maximum}" if maximum is not None else ""]
+            raise argparse.ArgumentTypeError(f"must be {' and '.join(b for b in bounds if b)}, got {text}")
+        return value
+    return parse
+
+
+COUNT = _number(int, minimum=1)
+STEPS = _number(int, minimum=0)
+POSITIVE = _number(float, above=0.0)
+FRACTION = _number(float, minimum=0.0, maximum=1.0)
 
 PRECISION_HELP = ("inference precision: auto (default: bf16 where the CPU or GPU computes it natively, else "
                   "fp32), fp32 or bf16")
@@ -37,21 +62,33 @@ def _refine_printer():
     return show
 
 
+NAMED_CONFIGS = ("paper", "compact", "tiny")
+
+
+def _config_file(path):
+    """A JSON model configuration file, read before any work."""
+    from .config import model_config_from_dict
+    try:
+        with open(path) as fh:
+            return model_config_from_dict(json.load(fh))
+    except OSError as exc:
+        raise InputError(f"--config {path}: cannot read it ({exc.strerror or exc}); give "
+                         f"{', '.join(NAMED_CONFIGS)} or a JSON model configuration file") from None
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"--config {path} is not a valid JSON model configuration: {exc}") from None
+
+
 def _model_config(args, crop_shape, crop_spacing):
-    """The model to train: the paper's on the crops' own grid, or a named or JSON configuration (whose grid
-    the crops are resampled to)."""
-    from .config import compact_config, model_config_from_dict, paper_config, tiny_config
+    """The model to train: the paper's on the crops' own grid, or a named configuration (the crops are
+    resampled to its grid)."""
+    from .config import compact_config, paper_config, tiny_config
     if args.config in ("paper", None):
         cfg = paper_config(args.method)
         cfg.input_shape, cfg.input_spacing = tuple(crop_shape), float(crop_spacing)
     elif args.config == "tiny":
         cfg = tiny_config(args.method, crop_shape, crop_spacing)
-    elif args.config == "compact":
-        cfg = compact_config(args.method)
     else:
-        with open(args.config) as fh:
-            cfg = model_config_from_dict(json.load(fh))
-        return cfg  # a configuration file says everything, symmetry included
+        cfg = compact_config(args.method)
     # The recipe "maps" (default) makes the networks symmetric; "paper" keeps the paper's one-way networks.
     cfg.symmetric = args.recipe == "maps"
     return cfg
@@ -129,15 +166,29 @@ def _crop_grid(record):
     return reader.GetSize()[::-1], reader.GetSpacing()[0]
 
 
+def _check_device(args):
+    """The device and precision options, refused before any work where this machine lacks them."""
+    from .inference import check_precision
+    from .registrar import choose_device
+    device = choose_device(args.device)
+    if getattr(args, "precision", None):
+        check_precision(args.precision, device)
+
+
 def cmd_train(args, finetune=False):
     from .trainer import LAST, Trainer
-    crops, masks = _training_records(args)
+    _check_device(args)
+    # The model first (a checkpoint or a configuration file is checked before any crop is written).
     if finetune:
         from .checkpoint import load_checkpoint
         last = os.path.join(args.out, LAST)
         source = last if os.path.isfile(last) and not args.restart else args.checkpoint
         cfg, model_config = None, load_checkpoint(source)["model_config_obj"]
     else:
+        # A configuration file says everything, symmetry included.
+        cfg = model_config = None if args.config in NAMED_CONFIGS + (None,) else _config_file(args.config)
+    crops, masks = _training_records(args)
+    if model_config is None:
         cfg = model_config = _model_config(args, *_crop_grid((crops or masks)[0]))
     dataset = _pair_dataset(args, crops, masks, (model_config.input_shape, model_config.input_spacing))
     trainer = Trainer(cfg, _train_config(args), dataset, args.out,
@@ -156,38 +207,44 @@ def _short(path):
 
 def cmd_register(args):
     from .inference import describe
+    from .inputs import read_input
+    from .outputs import OutputFolder
     from .registrar import Registrar
     checkpoint = args.checkpoint or shipped_model_path()
     if not os.path.isfile(checkpoint):
         raise InputError(f"no model at {checkpoint}: pass --checkpoint")
-    from .inputs import read_input
-    fixed = read_input(args.fixed, args.fixed_seg, args.fixed_vertebra, "fixed")
-    moving = read_input(args.moving, args.moving_seg, args.moving_vertebra, "moving")
+    _check_device(args)
+    # Every input and option is checked before any work; the folder is written as a unit at the end.
+    folder = OutputFolder(args.out, inputs=(args.fixed, args.moving, args.fixed_seg, args.moving_seg, checkpoint),
+                          kind="registration")
+    fixed = read_input(args.fixed, args.fixed_seg, args.fixed_vertebra, "fixed", args.intensity)
+    moving = read_input(args.moving, args.moving_seg, args.moving_vertebra, "moving", args.intensity)
     for note in fixed.notes + moving.notes:
         print(f"note: {note}")
     registrar = Registrar(checkpoint, device=args.device, precision=args.precision, refine_steps=args.refine_steps,
                           progress=_refine_printer() if args.refine_steps else None)
-    result = registrar.register(fixed.image, moving.image, fixed.label, moving.label)
-    paths = result.save(args.out)
-    if args.whole_scan:
-        from .geometry import write_image
-        paths["moving_on_fixed_scan"] = os.path.join(args.out, "moving_on_fixed_scan.nii.gz")
-        write_image(result.warp_scan(moving.source, fixed.source), paths["moving_on_fixed_scan"])
-        if args.moving_seg:
-            from .io import read_image
-            paths["moving_seg_on_fixed_scan"] = os.path.join(args.out, "moving_seg_on_fixed_scan.nii.gz")
-            labels = read_image(args.moving_seg, "moving label map")
-            write_image(result.warp_scan(labels, fixed.source, label=True), paths["moving_seg_on_fixed_scan"])
-    if args.figure:
-        from .figures import registration_figure
-        paths["figure"] = os.path.join(args.out, "figure.png")
-        registration_figure(result, paths["figure"], fixed_label=fixed.label,
-                            title=f"{_short(args.moving)} -> {_short(args.fixed)}")
+    with folder:
+        result = registrar.register(fixed.image, moving.image, fixed.label, moving.label)
+        paths = result.write_files(folder.path)
+        if args.whole_scan:
+            from .geometry import write_image
+            paths["moving_on_fixed_scan"] = os.path.join(folder.path, "moving_on_fixed_scan.nii.gz")
+            write_image(result.warp_scan(moving.source, fixed.source), paths["moving_on_fixed_scan"])
+            if args.moving_seg:
+                from .io import read_image
+                paths["moving_seg_on_fixed_scan"] = os.path.join(folder.path, "moving_seg_on_fixed_scan.nii.gz")
+                labels = read_image(args.moving_seg, "moving label map")
+                write_image(result.warp_scan(labels, fixed.source, label=True), paths["moving_seg_on_fixed_scan"])
+        if args.figure:
+            from .figures import registration_figure
+            paths["figure"] = os.path.join(folder.path, "figure.png")
+            registration_figure(result, paths["figure"], fixed_label=fixed.label,
+                                title=f"{_short(args.moving)} -> {_short(args.fixed)}")
     print(f"registered in {result.seconds:.2f} s on {registrar.device} ({describe(registrar.engine)})")
     if result.metrics:
         from .evaluation import format_stage_table
         print(format_stage_table(result.metrics))
-    for key, path in paths.items():
+    for key, path in folder.final_paths(paths).items():
         print(f"  {key}: {path}")
     return 0
 
@@ -207,12 +264,16 @@ def _methods(args, **ants_options):
 
 def cmd_evaluate(args):
     from .evaluation import evaluate
+    _check_device(args)
     evaluate(_methods(args), args.crops, args.out, args.pairs)
     return 0
 
 
 def cmd_evaluate_maps(args):
     from .map_evaluation import acceptance_markdown, evaluate_maps, read_manifest
+    from .outputs import check_target
+    _check_device(args)
+    check_target(args.out, [args.manifest])
     rows = evaluate_maps(_methods(args, random_seed=0), read_manifest(args.manifest), args.out,
                          seeds=range(args.seeds), pair_mode=args.pairs, kinds=args.kinds.split(","))
     print(acceptance_markdown(rows))
@@ -248,24 +309,25 @@ def build_parser():
                                        "grid), or a manifest CSV / data folder, cropped first into --out")
         p.add_argument("--synthetic-labels", help="crops folder (or data folder) of vertebra masks to synthesise "
                                                   "training pairs from")
-        p.add_argument("--synthetic-pairs", type=int, help="number of synthetic pairs (default: steps x batch)")
+        p.add_argument("--synthetic-pairs", type=COUNT, help="number of synthetic pairs (default: steps x batch)")
         p.add_argument("--out", required=True, help="run folder: checkpoints, history.csv")
-        p.add_argument("--steps", type=int, default=1000, help="total optimisation steps (default 1000)")
-        p.add_argument("--batch-size", type=int, default=8, help="pairs per step (default 8, the paper's)")
-        p.add_argument("--lr", type=float, default=1e-5, help="Adam learning rate (default 1e-5, the paper's)")
-        p.add_argument("--checkpoint-every", type=int, default=100)
+        p.add_argument("--steps", type=COUNT, default=1000, help="total optimisation steps (default 1000)")
+        p.add_argument("--batch-size", type=COUNT, default=8, help="pairs per step (default 8, the paper's)")
+        p.add_argument("--lr", type=POSITIVE, default=1e-5, help="Adam learning rate (default 1e-5, the paper's)")
+        p.add_argument("--checkpoint-every", type=COUNT, default=100,
+                       help="save last.pt every this many steps (default 100)")
         p.add_argument("--mixed-levels", action="store_true", help="pair different vertebra levels too")
-        p.add_argument("--pairs-per-moving", type=int, default=None, help="random fixed partners per moving crop")
+        p.add_argument("--pairs-per-moving", type=COUNT, default=None, help="random fixed partners per moving crop")
         p.add_argument("--no-labels", action="store_true", help="no Dice terms (unsupervised)")
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--workers", type=int, default=0, help="data-loading processes")
-        p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+        p.add_argument("--workers", type=STEPS, default=0, help="data-loading processes")
+        p.add_argument("--device", default="auto", help=DEVICE_HELP)
         p.add_argument("--restart", action="store_true", help="ignore a checkpoint already in --out")
-        p.add_argument("--print-every", type=int, default=10)
+        p.add_argument("--print-every", type=COUNT, default=10)
         p.add_argument("--recipe", choices=("maps", "paper"), default="maps",
                        help="'maps' (default): symmetric networks, known-deformation pairs and the regularised "
                             "loss of config.map_loss_config(); 'paper': the paper's one-way networks and eq. (9)")
-        p.add_argument("--known-fraction", type=float, default=0.5,
+        p.add_argument("--known-fraction", type=FRACTION, default=0.5,
                        help="share of known-deformation pairs with the 'maps' recipe (default 0.5)")
 
     p = sub.add_parser("train", help="train a model from scratch (resumes the run in --out)")
@@ -292,7 +354,7 @@ def build_parser():
     p.add_argument("--moving-vertebra", "--moving-label", dest="moving_vertebra",
                    help="the vertebra in --moving-seg (as --fixed-vertebra)")
     p.add_argument("--checkpoint", help="model (default: the shipped model)")
-    p.add_argument("--refine-steps", type=int, default=0,
+    p.add_argument("--refine-steps", type=STEPS, default=0,
                    help="test-time refinement: optimise the pair's affine and deformation (image similarity, "
                         "the affine's label Dice and the regularisers of config.refinement_loss_config) after "
                         "the network's answer (default 0; about 0.3 s per step on a CPU)")
@@ -300,19 +362,23 @@ def build_parser():
                    help="also write the moving scan (and its label map) resampled onto the fixed scan's grid through "
                         "the transform: moving_on_fixed_scan.nii.gz, moving_seg_on_fixed_scan.nii.gz")
     p.add_argument("--figure", action="store_true", help="also write figure.png (the paper's Figure 6)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--intensity", choices=INTENSITY_SCALES, default="auto",
+                   help="the images' intensity scale: auto (default: Hounsfield units or [0, 1], anything else "
+                        "refused), hu, unit ([0, 1]), or minmax (not CT: stretched to [0, 1])")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True,
+                   help="output folder: written as a unit (this pair's complete set, or what it held before)")
     p.set_defaults(func=cmd_register)
 
     def common_evaluation(p):
         """The methods an evaluation compares (``_methods``) and where they run."""
         p.add_argument("--checkpoint", action="append",
                        help="a model to evaluate; repeat for several (default: the shipped model)")
-        p.add_argument("--refine-steps", type=int, default=0,
+        p.add_argument("--refine-steps", type=STEPS, default=0,
                        help="also evaluate each model with this many steps of test-time refinement")
         p.add_argument("--ants", action="store_true", help="also run ANTs SyN (needs the package antspyx)")
-        p.add_argument("--device", default="auto")
+        p.add_argument("--device", default="auto", help=DEVICE_HELP)
         p.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
 
     p = sub.add_parser("evaluate", help="the paper's tables on the pairs of a crops folder, methods side by side")
@@ -331,7 +397,7 @@ def build_parser():
     common_evaluation(p)
     p.add_argument("--pairs", choices=("inter-subject", "mixed", "all"), default="all",
                    help="which ordered pairs of the manifest's vertebrae to register (default all)")
-    p.add_argument("--seeds", type=int, default=3, help="random known deformations per vertebra (default 3)")
+    p.add_argument("--seeds", type=COUNT, default=3, help="random known deformations per vertebra (default 3)")
     p.add_argument("--kinds", default="pair,known-crop,known-scan,self",
                    help="comma-separated cases: pair, known-crop, known-scan, self (default all)")
     p.add_argument("--out", required=True, help="folder for maps.csv, maps.md and acceptance.md")
@@ -348,7 +414,7 @@ def build_parser():
                    help="CSV with columns image, label, label_id, level, subject; or a data folder in the "
                         "VerSe, TotalSegmentator or AbdomenAtlas layout")
     p.add_argument("--out", required=True, help="crops folder to write")
-    p.add_argument("--spacing", type=float, default=1.0,
+    p.add_argument("--spacing", type=_number(float, above=0.0, maximum=8.0), default=1.0,
                    help="voxel size of the crops in mm (default 1, the paper's); they always cover 128 x 128 x 64 mm")
     p.set_defaults(func=cmd_prepare)
     return parser

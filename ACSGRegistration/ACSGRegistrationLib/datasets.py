@@ -73,7 +73,8 @@ PAIR_MODES = ("inter-subject", "mixed", "all")
 
 
 def make_pairs(records: Sequence[CropRecord], mixed_levels: bool = False,
-               max_per_moving: Optional[int] = None, seed: int = 0, mode: Optional[str] = None) -> List[Tuple[int, int]]:
+               max_per_moving: Optional[int] = None, seed: int = 0,
+               mode: Optional[str] = None) -> List[Tuple[int, int]]:
     """Ordered (fixed, moving) index pairs.
 
     Modes: "inter-subject" (different subjects, same level; the paper's study I), "mixed" (different

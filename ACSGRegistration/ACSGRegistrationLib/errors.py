@@ -21,6 +21,14 @@ class CheckpointError(ACSGError, RuntimeError):
     """A model file that cannot be loaded, or a training run that cannot resume from its folder."""
 
 
+class ResultError(ACSGError, RuntimeError):
+    """A computation gave an unusable result (NaN or infinite values): nothing of it is written or shown."""
+
+
+class OutputError(ACSGError, OSError):
+    """Outputs that could not be written completely (disk full, permissions): their folder was left as it was."""
+
+
 class DependencyError(ACSGError, ImportError):
     """A package the backend or the module needs is missing; the message says how to get it."""
 

@@ -67,13 +67,13 @@ def summary_markdown(rows: List[Dict]) -> str:
 
 
 def write_tables(rows: List[Dict], out_dir: str) -> Dict[str, str]:
-    os.makedirs(out_dir, exist_ok=True)
-    csv_path = os.path.join(out_dir, "metrics.csv")
-    md_path = os.path.join(out_dir, "metrics.md")
-    write_csv(rows, csv_path)
-    text = summary_markdown(rows)
-    write_text(text, md_path)
-    return {"csv": csv_path, "markdown": md_path}
+    """metrics.csv and metrics.md, written as one folder (``outputs.OutputFolder``)."""
+    from .outputs import OutputFolder
+    with OutputFolder(out_dir, kind="evaluation") as folder:
+        paths = {"csv": os.path.join(folder.path, "metrics.csv"), "markdown": os.path.join(folder.path, "metrics.md")}
+        write_csv(rows, paths["csv"])
+        write_text(summary_markdown(rows), paths["markdown"])
+    return folder.final_paths(paths)
 
 
 def network_method(checkpoint: str, device: str = "auto", refine_steps: int = 0, precision: str = "auto"):
@@ -105,6 +105,8 @@ def evaluate(methods, crops_dir: str, out_dir: str, pair_mode: str = "inter-subj
     """
     from .datasets import make_pairs, read_index
     from .io import read_image
+    from .outputs import check_target
+    check_target(out_dir, [crops_dir])  # before the work, not after it
     records = [r for r in read_index(crops_dir) if r.image and r.label]
     pairs = make_pairs(records, mode=pair_mode)
     if not pairs:

@@ -192,10 +192,10 @@ def registration_figure(result, path: str, title: Optional[str] = None, fixed_la
     and sagittal planes (``slices`` may pick others: {"transversal": z, "sagittal": x}, fixed-grid
     indices; the moving image is cut at the same relative position of its own grid).
 
-    ``fixed_label`` (on the fixed grid, e.g. the crop's label; an image or a (z, y, x) array) is drawn in red on f, m_a and m_d; the
-    warped moving labels of the result, if any, in cyan on m_a and m_d. ``field`` is "deformable" (the
-    deformable stage, after the affine; what the Jacobian describes) or "total" (the exported forward
-    field, affine included).
+    ``fixed_label`` (on the fixed grid, e.g. the crop's label; an image or a (z, y, x) array) is drawn in red on
+    f, m_a and m_d; the warped moving labels of the result, if any, in cyan on m_a and m_d. ``field`` is
+    "deformable" (the deformable stage, after the affine; what the Jacobian describes) or "total" (the exported
+    forward field, affine included).
 
     Returns a dict: ``path``; ``panels``, {(row, column): (left, top, right, bottom)} pixel boxes of the
     image panels in the PNG; ``slices``; ``folds``, {row: voxels with |J| <= 0 in that plane};

@@ -13,6 +13,8 @@ import tempfile
 import numpy as np
 import SimpleITK as sitk
 
+from .errors import OutputError
+
 _REVERSE = np.eye(4)[[2, 1, 0, 3]]  # (z, y, x, 1) <-> (x, y, z, 1)
 
 
@@ -172,7 +174,10 @@ def atomic_path(path: str):
 
 def write_atomically(write, path: str):
     """Run ``write(tmp_path)`` and move the result over ``path`` only once it is complete."""
-    tmp = atomic_path(path)
+    try:
+        tmp = atomic_path(path)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
     try:
         write(tmp)
         # mkstemp creates owner-only files; give the result the permissions a plain open() would.
@@ -180,10 +185,21 @@ def write_atomically(write, path: str):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # a full disk, permissions; ITK's writers raise RuntimeError
+        _remove(tmp)
+        if isinstance(exc, OutputError):
+            raise
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (lines[-1] if lines else repr(exc))
+        raise OutputError(f"cannot write {path}: {reason}") from None
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        _remove(tmp)
         raise
+
+
+def _remove(path: str) -> None:
+    if os.path.exists(path):
+        os.remove(path)
 
 
 def write_text(text: str, path: str):

@@ -46,6 +46,16 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if native_bf16(device) else torch.float32
 
 
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse a precision this machine cannot compute at speed: bf16 is emulated where it is not native
+    (many times slower than fp32 on a CPU without AVX512-BF16 or AMX)."""
+    resolve_precision(precision, device)
+    if precision == "bf16" and not native_bf16(device):
+        raise InputError(f"precision 'bf16' was asked for, but this {device.type.upper()} does not compute bf16 "
+                         "natively (AVX512-BF16 or AMX on a CPU): emulated, it is many times slower than fp32; "
+                         "use precision 'auto' or 'fp32'")
+
+
 def fold_batch_norm(block: ConvBlock) -> None:
     """Fold an eval-mode ConvBlock's batch norm into its convolution (in place)."""
     norm = block.norm

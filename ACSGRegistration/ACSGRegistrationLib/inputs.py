@@ -6,8 +6,11 @@ inputs are and how they become the crops the registrar takes.
   128 x 128 x 64 mm at 1 mm around its centroid, the image masked by the vertebra
   (``preprocessing.crop_vertebra``).
 - **Ready crop** (an image alone): used as it is.
-- **Intensities**: images in Hounsfield units (any value below -0.5 or above 1.5) are clipped to
-  [-1000, 2000] HU and scaled to [0, 1] like the training crops; images already on that scale are kept.
+- **Intensities** (``validation.intensity_scale``): images in Hounsfield units are clipped to [-1000, 2000] HU
+  and scaled to [0, 1] like the training crops; images already on that scale are kept; anything else is
+  refused unless the caller says it is another kind of image ("minmax": stretched between percentiles).
+- **Label maps** must lie on their image (``validation.check_label_grid``) and the vertebra must be
+  vertebra-sized (``validation.MIN_VERTEBRA_MM3``); label 0 is the background, never a vertebra.
 - Resampling to the network's own grid (size and voxel size of the model) happens in the registrar, for
   any crop spacing; training data goes through ``preprocessing.to_network_grid``.
 """
@@ -21,11 +24,18 @@ import SimpleITK as sitk
 
 from .errors import InputError, PreprocessingError
 from .io import read_image
-from .preprocessing import CROP_SIZE, crop_vertebra, label_centroids, looks_like_hounsfield, normalise_ct
+from .preprocessing import CROP_SIZE, HU_RANGE, crop_vertebra, label_centroids, normalise_ct, stretch_to_unit
+from .validation import check_label_grid, intensity_scale
 from .vertebrae import resolve_vertebra
 
 HU_NOTE = "{what}: intensities taken as Hounsfield units and scaled like the training crops"
 SCALED_NOTE = "{what}: intensities within [0, 1], taken as already scaled like the training crops"
+MINMAX_NOTE = "{what}: intensities stretched to [0, 1] between their 0.5th and 99.5th percentiles (not CT)"
+# Below this median inside the vertebra (HU) the label probably lies off its bone (a cancellous-only
+# osteoporotic vertebra is ~100 HU, with its cortex above): a note, not an error.
+BONE_MEDIAN_HU = 80.0
+# How much larger than the paper's crop (per axis, sorted) an image given without labels may be.
+CROP_TOLERANCE = 1.5
 
 
 @dataclass
@@ -41,45 +51,68 @@ class PreparedInput:
 
 def prepare_input(image: sitk.Image, labels: Optional[sitk.Image] = None, vertebra=None, what: str = "fixed",
                   names: Optional[Dict[int, str]] = None, owner: str = "", noun: str = "label map",
-                  size: Sequence[int] = CROP_SIZE, spacing: float = 1.0) -> PreparedInput:
+                  size: Sequence[int] = CROP_SIZE, spacing: float = 1.0, intensity: str = "auto") -> PreparedInput:
     """The registrar's crop of one side (see the module docstring for the rules).
 
-    ``labels``: a label map on any grid (multi-label, or the vertebra's binary mask); ``vertebra``: the user's
-    choice in it; ``names``: every label value of the map -> its name ("" where unknown: segment names, a
-    colour table, a convention), or None to list the values from the map; ``owner`` and ``noun`` name the label
-    map in error messages ("'seg'", "labelmap"); ``size`` and ``spacing``: the crop's grid (the paper's).
+    ``labels``: a label map on or inside the image's grid (multi-label, or the vertebra's binary mask);
+    ``vertebra``: the user's choice in it; ``names``: every label value of the map -> its name ("" where
+    unknown: segment names, a colour table, a convention), or None to list the values from the map; ``owner``
+    and ``noun`` name the label map in error messages ("'seg'", "labelmap"); ``size`` and ``spacing``: the
+    crop's grid (the paper's); ``intensity``: the image's scale (``validation.INTENSITY_SCALES``; "auto"
+    detects Hounsfield units or [0, 1] and refuses anything else).
     """
-    if min(image.GetSize()) < 2 or image.GetDimension() != 3:
+    if image.GetDimension() != 3 or min(image.GetSize()) < 2:
         raise InputError(f"the {what} image is not a 3D volume (size {image.GetSize()})")
-    hounsfield = looks_like_hounsfield(image)
+    scale = intensity_scale(image, f"the {what} image", intensity)
+    if scale == "minmax":
+        image = stretch_to_unit(image)
+    notes = {"hu": [HU_NOTE], "unit": [SCALED_NOTE], "minmax": [MINMAX_NOTE]}[scale]
+    notes = [n.format(what=what) for n in notes]
     if labels is None:
-        notes = [HU_NOTE.format(what=what)] if hounsfield else []
+        check_is_crop(image, what)
         values = sitk.GetArrayFromImage(image)
-        crop = sitk.GetImageFromArray(normalise_ct(values) if hounsfield else values.astype(np.float32))
+        crop = sitk.GetImageFromArray(normalise_ct(values) if scale == "hu" else values.astype(np.float32))
         crop.CopyInformation(image)
         return PreparedInput(image, crop, None, "", notes)
-    notes = [] if hounsfield else [SCALED_NOTE.format(what=what)]
+    check_label_grid(image, labels, f"the {what} {noun}", owner)
     choices = names if names is not None else {value: "" for value in sorted(label_centroids(labels))}
     value, name = resolve_vertebra(choices, vertebra, what, noun, owner)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             crop = crop_vertebra(image, labels, int(value), size, spacing, name=f"{what} {name}",
-                                 hounsfield=hounsfield)
+                                 hounsfield=scale == "hu")
         except PreprocessingError as exc:
             raise PreprocessingError(f"{exc} (does the {what} {noun} belong to its image?)") from exc
     notes += [str(w.message).replace(f"label {value} ", f"'{name}' ") for w in caught]
+    if scale == "hu":
+        inside = sitk.GetArrayViewFromImage(crop.image)[sitk.GetArrayViewFromImage(crop.label) > 0]
+        median = float(np.median(inside)) * (HU_RANGE[1] - HU_RANGE[0]) + HU_RANGE[0]
+        if median < BONE_MEDIAN_HU:
+            notes.append(f"the {what} vertebra '{name}' has a median of {median:.0f} HU, low for bone: does the "
+                         f"{noun} belong to its image?")
     return PreparedInput(image, crop.image, crop.label, name, notes)
 
 
-def read_input(image_path: str, labels_path: Optional[str] = None, vertebra=None, what: str = "fixed") -> PreparedInput:
+def check_is_crop(image: sitk.Image, what: str) -> None:
+    """An image given without a label map must be a vertebra crop: a whole scan would be registered as if it
+    were one (its middle squeezed onto the crop's grid), a meaningless result."""
+    extent = sorted(n * s for n, s in zip(image.GetSize(), image.GetSpacing()))
+    if any(e > CROP_TOLERANCE * c for e, c in zip(extent, sorted(CROP_SIZE))):
+        size = " x ".join(f"{n * s:.0f}" for n, s in zip(image.GetSize(), image.GetSpacing()))
+        raise InputError(f"the {what} image covers {size} mm: a whole scan, not a vertebra crop "
+                         f"({' x '.join(map(str, CROP_SIZE))} mm); give its label map and the vertebra to crop")
+
+
+def read_input(image_path: str, labels_path: Optional[str] = None, vertebra=None, what: str = "fixed",
+               intensity: str = "auto") -> PreparedInput:
     """``prepare_input`` of image files: names of the label map's values from ``readers.label_map_names``."""
     from .readers import label_map_names
     image = read_image(image_path, f"{what} image")
     if labels_path is None:
         if vertebra not in (None, ""):
             raise InputError(f"a {what} vertebra ({vertebra}) was chosen but no {what} label map was given")
-        return prepare_input(image, what=what)
+        return prepare_input(image, what=what, intensity=intensity)
     labels = read_image(labels_path, f"{what} label map")
     return prepare_input(image, labels, vertebra, what, label_map_names(labels_path, labels),
-                         owner=labels_path)
+                         owner=labels_path, intensity=intensity)

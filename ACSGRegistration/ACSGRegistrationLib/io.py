@@ -1,15 +1,91 @@
-"""Reading images with errors that name the file."""
+"""Reading images whole, with errors that name the file; checking that a written file is complete.
 
+ITK reads a truncated NIfTI file (``.nii`` or ``.nii.gz``) without complaint, filling everything after the
+cut with zeros (0 HU: a scan that silently ends in water). Other formats (NRRD, MetaImage) fail on their own.
+So NIfTI files are checked against their header first: the gzip stream must end properly and hold the
+header's offset plus every voxel the header declares. The same check verifies the files this package
+writes before an output folder is published (``outputs.OutputFolder``).
+"""
+
+import gzip
 import os
+import struct
+import zlib
+from typing import Tuple
 
 import SimpleITK as sitk
 
 from .errors import InputError
 
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_CHUNK = 1 << 22
+
+
+def _nifti_header_size(header: bytes):
+    """(expected file length in bytes, byte order) from a NIfTI-1 or NIfTI-2 header, or None if it is not one."""
+    for order in ("<", ">"):
+        if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
+            dims = struct.unpack(order + "8h", header[40:56])
+            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            offset = struct.unpack(order + "f", header[108:112])[0]
+            break
+        if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
+            dims = struct.unpack(order + "8q", header[16:80])
+            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            offset = struct.unpack(order + "q", header[168:176])[0]
+            break
+    else:
+        return None
+    count = 1
+    for n in dims[1:1 + max(0, min(int(dims[0]), 7))]:
+        count *= max(int(n), 1)
+    return int(offset) + count * int(bitpix) // 8
+
+
+def _decompressed_length(path: str) -> Tuple[int, bytes]:
+    """(length, first 540 bytes) of a gzip file's content; raises EOFError/zlib.error where it is cut or damaged."""
+    with gzip.open(path, "rb") as fh:
+        head = fh.read(540)
+        length = len(head)
+        while True:
+            chunk = fh.read(_CHUNK)
+            if not chunk:
+                return length, head
+            length += len(chunk)
+
+
+def incomplete_reason(path: str) -> str:
+    """Why a NIfTI file is not whole ('' when it is, or when it is not NIfTI and its reader checks itself)."""
+    lower = path.lower()
+    if not lower.endswith(NIFTI_SUFFIXES):
+        return ""
+    size = os.path.getsize(path)
+    if size == 0:
+        return "the file is empty"
+    try:
+        if lower.endswith(".gz"):
+            length, head = _decompressed_length(path)
+        else:
+            length = size
+            with open(path, "rb") as fh:
+                head = fh.read(540)
+    except (EOFError, zlib.error, OSError) as exc:
+        return f"its compressed data is cut short or damaged ({exc})"
+    expected = _nifti_header_size(head)
+    if expected is None:
+        return "it has no NIfTI header"
+    if length < expected:
+        return f"it holds {length} bytes where its header declares {expected} (truncated: copy it again)"
+    return ""
+
 
 def read_image(path: str, what: str = "image") -> sitk.Image:
+    """A whole 3D scalar image from ``path``; errors name ``what`` and the file."""
     if not os.path.isfile(path):
         raise InputError(f"{what} not found: {path}")
+    reason = incomplete_reason(path)
+    if reason:
+        raise InputError(f"cannot read {what} {path}: {reason}")
     try:
         image = sitk.ReadImage(path)
     except RuntimeError as exc:
@@ -17,4 +93,7 @@ def read_image(path: str, what: str = "image") -> sitk.Image:
         raise InputError(f"cannot read {what} {path}: {lines[-1] if lines else 'unknown format'}") from exc
     if image.GetDimension() != 3:
         raise InputError(f"{what} {path} is {image.GetDimension()}D; a 3D volume is needed")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{what} {path} has {image.GetNumberOfComponentsPerPixel()} values per voxel "
+                         "(a colour or vector image); a scalar volume is needed")
     return image

@@ -80,6 +80,8 @@ def evaluate_maps(methods, vertebrae: Sequence[Vertebra], out_dir: str, seeds: S
     """Run every method on every case of ``kinds`` and write the tables (see the module's docstring)."""
     from .datasets import CropRecord, make_pairs
     from .preprocessing import crop_vertebra
+    from .outputs import OutputFolder, check_target
+    check_target(out_dir)  # before the work, not after it
     unknown = set(kinds) - set(KINDS)
     if unknown:
         raise InputError(f"unknown case kind(s) {', '.join(sorted(unknown))}; choose from {', '.join(KINDS)}")
@@ -116,10 +118,10 @@ def evaluate_maps(methods, vertebrae: Sequence[Vertebra], out_dir: str, seeds: S
             log(f"{name} [{n}/{len(cases)}] {kind} {mname} -> {fname}: Dice {row.get('dice_final', float('nan')):.3f}, "
                 f"SDlogJ {row['vertebra_sdlogj']:.2f}, |J|<=0 {row['vertebra_nonpositive_percent']:.2f} %{extra}")
         log(f"{name}: {len(cases)} cases in {time.perf_counter() - t0:.0f} s")
-    os.makedirs(out_dir, exist_ok=True)
-    write_csv(rows, os.path.join(out_dir, "maps.csv"))
-    write_text(summary_markdown(rows), os.path.join(out_dir, "maps.md"))
-    write_text(acceptance_markdown(rows), os.path.join(out_dir, "acceptance.md"))
+    with OutputFolder(out_dir, kind="map evaluation") as folder:
+        write_csv(rows, os.path.join(folder.path, "maps.csv"))
+        write_text(summary_markdown(rows), os.path.join(folder.path, "maps.md"))
+        write_text(acceptance_markdown(rows), os.path.join(folder.path, "acceptance.md"))
     return rows
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import PreprocessingError
+from .validation import check_label_volume
 
 # The paper's crop, 128 x 128 x 64 voxels in SimpleITK (x, y, z) order.
 CROP_SIZE = (128, 128, 64)
@@ -41,11 +42,14 @@ def crop_grid(center, size=CROP_SIZE, spacing=1.0) -> sitk.Image:
     return reference
 
 
-def looks_like_hounsfield(image: sitk.Image) -> bool:
-    """Whether an image's values are Hounsfield units rather than the crops' [0, 1] scale."""
-    stats = sitk.MinimumMaximumImageFilter()
-    stats.Execute(image)
-    return stats.GetMaximum() > 1.5 or stats.GetMinimum() < -0.5
+def stretch_to_unit(image: sitk.Image, percentiles=(0.5, 99.5)) -> sitk.Image:
+    """Intensities of a non-CT image mapped to [0, 1] between two percentiles (float32, clipped)."""
+    values = sitk.GetArrayViewFromImage(image)
+    lo, hi = (float(v) for v in np.percentile(values[::2, ::2, ::2], percentiles))
+    hi = hi if hi > lo else float(values.max())
+    out = sitk.GetImageFromArray(np.clip((values.astype(np.float32) - lo) / max(hi - lo, 1e-6), 0.0, 1.0))
+    out.CopyInformation(image)
+    return out
 
 
 def label_ids(labels: sitk.Image) -> List[int]:
@@ -91,6 +95,7 @@ def crop_vertebra(image: sitk.Image, labels: sitk.Image, label_id: int, size: Se
     if not stats.HasLabel(1):
         raise PreprocessingError(f"{where}label {label_id} is not in the label map "
                                  f"(labels present: {label_ids(labels) or 'none'})")
+    check_label_volume(stats.GetPhysicalSize(1), stats.GetNumberOfPixels(1), f"{where}label {label_id}")
     notes = []
     bbox = stats.GetBoundingBox(1)  # (x0, y0, z0, sx, sy, sz)
     lo, ext = np.asarray(bbox[:3]), np.asarray(bbox[3:])

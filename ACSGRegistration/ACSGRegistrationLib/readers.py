@@ -404,37 +404,39 @@ def _unique_names(sources: Sequence[VertebraSource]):
 def prepare_sources(sources: List[VertebraSource], out_dir: str, size=None, spacing: float = 1.0) -> List[CropRecord]:
     """Crop every listed vertebra into ``out_dir`` and write its index; scans are read once each.
 
-    Label-only sources get a mask crop and an empty image in the index. Each file is written atomically and
-    the index last, so a failed run leaves no index listing missing or partial crops.
+    Label-only sources get a mask crop and an empty image in the index. The folder is written as a unit
+    (``outputs.OutputFolder``): a failed or interrupted run leaves it as it was, never partly cropped.
     """
+    from .outputs import OutputFolder
     _unique_names(sources)  # before anything is written
-    os.makedirs(out_dir, exist_ok=True)
-    cache = _ScanCache()
-    records = []
-    for s in sources:
-        where = f"{s.label} level {s.level}"
-        try:
-            labels = cache.image(s.label, "label map")
-            image = cache.image(s.image, "image") if s.has_image else None
-        except InputError as exc:
-            raise InputError(f"{exc} (needed for {s.name})") from exc
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if image is not None:
-                crop = crop_vertebra(image, labels, s.label_id, size or crop_size(spacing), spacing, name=where)
+    inputs = [p for s in sources for p in (s.image, s.label)]
+    with OutputFolder(out_dir, inputs, option="crops folder", kind="crops") as folder:
+        cache = _ScanCache()
+        records = []
+        for s in sources:
+            where = f"{s.label} level {s.level}"
+            try:
+                labels = cache.image(s.label, "label map")
+                image = cache.image(s.image, "image") if s.has_image else None
+            except InputError as exc:
+                raise InputError(f"{exc} (needed for {s.name})") from exc
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if image is not None:
+                    crop = crop_vertebra(image, labels, s.label_id, size or crop_size(spacing), spacing, name=where)
+                else:
+                    crop = _crop_label_only(labels, s.label_id, size or crop_size(spacing), spacing, where,
+                                            cache.label_stats(s.label))
+            for note in crop.warnings:
+                warnings.warn(note)
+            if crop.image is not None:
+                image_path, label_path = write_crop(folder.path, s.name, crop.image, crop.label)
             else:
-                crop = _crop_label_only(labels, s.label_id, size or crop_size(spacing), spacing, where,
-                                        cache.label_stats(s.label))
-        for note in crop.warnings:
-            warnings.warn(note)
-        if crop.image is not None:
-            image_path, label_path = write_crop(out_dir, s.name, crop.image, crop.label)
-        else:
-            image_path, label_path = "", os.path.join(out_dir, f"{s.name}_label.nii.gz")  # write_crop's naming
-            write_image(crop.label, label_path)
-        records.append(CropRecord(s.name, s.subject, s.level, image_path, label_path))
-    write_index(out_dir, records)
-    return records
+                image_path, label_path = "", os.path.join(folder.path, f"{s.name}_label.nii.gz")  # write_crop's naming
+                write_image(crop.label, label_path)
+            records.append(CropRecord(s.name, s.subject, s.level, image_path, label_path))
+        write_index(folder.path, records)
+    return read_index(folder.target)
 
 
 def prepare(path: str, out_dir: str, levels: Sequence[str] = LUMBAR, size=None,

@@ -17,35 +17,58 @@ from .checkpoint import build_model, load_checkpoint
 from .config import refinement_loss_config
 from .errors import Cancelled, InputError
 from .geometry import model_grid, onto, same_grid
-from .inference import keep_freed_memory, prepare_for_inference, release_freed_memory
+from .inference import check_precision, keep_freed_memory, prepare_for_inference, release_freed_memory
 from .layers import affine_coordinates, identity_grid, sample
 from .losses import RegistrationLoss, local_ncc, soft_dice
 from .maps import field_jacobian
 from .metrics import STAGES, folding, stage_metrics
 from .networks import RegistrationNet
-from .validation import check_label, check_volume
+from .validation import check_finite_result, check_label, check_not_constant, check_volume
 
 ImageLike = Union[sitk.Image, np.ndarray]
 
 
+DEVICE_HELP = "auto, cpu, cuda (or gpu), cuda:N or mps"
+
+
 def choose_device(device: str = "auto") -> torch.device:
+    """The torch device for a user's choice (``DEVICE_HELP``), refused clearly where this machine lacks it."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise InputError("a GPU was asked for but PyTorch sees none (use device 'auto' or 'cpu')")
-    return torch.device("cuda" if device == "gpu" else device)
+    text = str(device).strip().lower()
+    try:
+        chosen = torch.device("cuda" if text == "gpu" else text)
+    except RuntimeError:
+        raise InputError(f"unknown device {device!r}: use {DEVICE_HELP}") from None
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {device!r}: PyTorch sees no CUDA GPU here (use 'auto' or 'cpu')")
+        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise InputError(f"device {device!r}: this machine has {torch.cuda.device_count()} GPU(s), "
+                             f"numbered from 0")
+    elif chosen.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise InputError(f"device {device!r}: this PyTorch has no Apple GPU (MPS) backend here")
+    elif chosen.type != "cpu":
+        raise InputError(f"unknown device {device!r}: use {DEVICE_HELP}")
+    return chosen
 
 
-def as_image(data: ImageLike, name: str) -> sitk.Image:
-    """A SimpleITK image; plain arrays are taken as (z, y, x) volumes on a 1 mm identity grid."""
+def as_image(data: ImageLike, name: str, label: bool = False) -> sitk.Image:
+    """A SimpleITK image; plain arrays are taken as (z, y, x) volumes on a 1 mm identity grid. Images (not
+    ``label`` maps) must not be constant."""
     if isinstance(data, sitk.Image):
         if data.GetDimension() != 3:
             raise InputError(f"{name} must be a 3D image, got {data.GetDimension()}D")
         if data.GetNumberOfComponentsPerPixel() != 1:
             raise InputError(f"{name} must be a scalar image, got {data.GetNumberOfComponentsPerPixel()} components")
-        check_volume(sitk.GetArrayViewFromImage(data), name)
-        return data
-    image = sitk.GetImageFromArray(check_volume(data, name))
+        values = check_volume(sitk.GetArrayViewFromImage(data), name)
+        image = data
+    else:
+        values = check_volume(data, name)
+        image = sitk.GetImageFromArray(values)
+    if not label:
+        check_not_constant(values, name)
     return image
 
 
@@ -140,7 +163,18 @@ class RegistrationResult:
         return self._deformable
 
     def save(self, out_dir: str) -> Dict[str, str]:
-        """Write every output (atomically, file by file) and return their paths."""
+        """Write every output to the folder ``out_dir`` as a unit (``outputs.OutputFolder``: the folder ends up
+        with this result's complete set, or keeps what it held) and return the files' final paths."""
+        from .outputs import OutputFolder
+        with OutputFolder(out_dir, option="output folder", kind="registration") as folder:
+            paths = self.write_files(folder.path)
+        return folder.final_paths(paths)
+
+    def write_files(self, out_dir: str) -> Dict[str, str]:
+        """Write every output into ``out_dir`` (file by file; ``save`` makes the folder one unit) and return
+        their paths."""
+        check_finite_result({"displacement field": sitk.GetArrayViewFromImage(self.forward_field),
+                             "Jacobian map": sitk.GetArrayViewFromImage(self.jacobian)}, "this registration")
         os.makedirs(out_dir, exist_ok=True)
         paths = {}
 
@@ -220,6 +254,7 @@ class Registrar:
         else:
             self.checkpoint_info = {}
         self.device = choose_device(device)
+        check_precision(precision, self.device)
         self.precision = precision
         self.model = model.to(self.device).eval()
         self.engine = prepare_for_inference(self.model, self.device, precision)
@@ -245,7 +280,7 @@ class Registrar:
             if data is None:
                 labels.append(None)
                 continue
-            label = as_image(data, name)
+            label = as_image(data, name, label=True)
             if not isinstance(data, sitk.Image):
                 # A bare array shares its image's grid.
                 if label.GetSize() != ref.GetSize():
@@ -253,7 +288,9 @@ class Registrar:
                 label.CopyInformation(ref)
             elif label.GetSize() != ref.GetSize():
                 label = onto(label, ref, label=True)  # a label map on another grid than its image
-            check_label(sitk.GetArrayViewFromImage(label), name)
+            # Bare arrays have no voxel size: their labels are held to a voxel count, images' to a volume.
+            check_label(sitk.GetArrayViewFromImage(label), name,
+                        label.GetSpacing() if isinstance(data, sitk.Image) else None)
             labels.append(label)
         spacing = self.model.config.input_spacing
         grids = [model_grid(im, self.shape, spacing) for im in (fixed, moving)]
@@ -383,6 +420,8 @@ class Registrar:
                 fl = np.stack([array(c.net_fixed_label()) for c in chunk])
             out = self._run(np.stack([array(c.net_fixed) for c in chunk]),
                             np.stack([array(c.net_moving) for c in chunk]), ml, fl)
+            check_finite_result({k: out[k] for k in ("affine", "velocity", "total_map")}, "the network's answer",
+                                "the model's weights may be damaged: load it again from a good copy")
             per_pair = (time.perf_counter() - t0) / len(chunk)
             for i, c in enumerate(chunk):
                 results.append(self._result(c, {k: v[i] for k, v in out.items()}, per_pair))
@@ -396,7 +435,8 @@ class Registrar:
             # The network's own resampling, which the exported field reproduces exactly.
             warped = geometry.image_like(out["warped"][0], p.fixed)
             warped_affine = geometry.image_like(out["warped_affine"][0], p.fixed)
-            labels = [None if p.moving_label is None else geometry.image_like((out[k][0] > 0.5).astype(np.uint8), p.fixed)
+            labels = [None if p.moving_label is None
+                      else geometry.image_like((out[k][0] > 0.5).astype(np.uint8), p.fixed)
                       for k in ("warped_label_affine", "warped_label")]
         else:
             # The network ran on its own grid: bring the fields to the user's grids, then resample the

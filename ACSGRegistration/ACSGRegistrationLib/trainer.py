@@ -16,9 +16,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .checkpoint import CheckpointError, build_model, load_checkpoint, save_checkpoint, versions
 from .config import ModelConfig, TrainConfig, to_dict
+from .errors import InputError, ResultError
 from .geometry import write_csv
 from .losses import RegistrationLoss
 from .networks import RegistrationNet
+from .outputs import FolderLock, remove_orphaned_files
 from .registrar import choose_device
 
 LAST = "last.pt"
@@ -78,6 +80,8 @@ class Trainer:
         if self.world > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", local_rank)
             torch.cuda.set_device(self.device)
+        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            raise InputError(f"the run folder {out_dir} is a file: give a folder for the checkpoints")
         os.makedirs(out_dir, exist_ok=True)
         self.last_path = os.path.join(out_dir, LAST)
 
@@ -165,13 +169,27 @@ class Trainer:
             out = self.net(batch["fixed"], batch["moving"], batch["moving_label"] if use_labels else None)
             terms = self.loss(batch["fixed"], out, batch["fixed_label"] if use_labels else None,
                               batch.get("true_inverse"), batch.get("known"), self.model_config.input_spacing)
+        if not torch.isfinite(terms["total"].detach()):
+            # Never step on (or save) a diverged loss: the last checkpoint stays the last good state.
+            bad = ", ".join(k for k, v in terms.items() if not torch.isfinite(v.detach()))
+            raise ResultError(f"training diverged at step {self.step + 1}: non-finite loss ({bad}); nothing was "
+                              f"saved from this step on ({self.last_path}, where it exists, holds the last good state; "
+                              "a lower learning rate may help)")
         self.optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()
         self.optimizer.step()
         return {k: float(v.detach()) for k, v in terms.items()}
 
     def train(self) -> Dict:
-        """Run until ``max_steps``, a cancel request or Ctrl+C; the state is saved in every case."""
+        """Run until ``max_steps``, a cancel request or Ctrl+C; the state is saved in every case. One run per
+        folder at a time (a lock beside it); half-written files of a killed run are removed first."""
+        if self.rank != 0:
+            return self._train()
+        with FolderLock(self.out_dir, "the run folder"):
+            remove_orphaned_files(self.out_dir)
+            return self._train()
+
+    def _train(self) -> Dict:
         status = "finished"
         self.log(f"training {self.model_config.method} on {len(self.dataset)} pairs, device {self.device}, "
                  f"steps {self.step}..{self.cfg.max_steps}")

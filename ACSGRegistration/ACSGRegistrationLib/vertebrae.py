@@ -97,6 +97,8 @@ def resolve_vertebra(choices: Dict[Hashable, str], text, what: str, noun: str, o
     number = _VALUE.match(text)
     if kind == "label" and number:
         value = int(number.group(1))
+        if value == 0:
+            raise InputError(f"label 0 is the background of {container}, not a vertebra (labels present: {listing})")
         if value not in choices:
             raise InputError(f"label {value} is not in {container} (labels present: {listing})")
         return value, readable[value]
