@@ -232,7 +232,8 @@ class Registrar:
     Inference runs on ``engine``, a copy of the network prepared by ``inference.prepare_for_inference``
     (batch norm folded, channels-last, ``precision`` "auto" = bf16 where the hardware has it natively,
     "fp32" or "bf16"); ``model`` stays the trained fp32 network. ``keep_memory`` keeps freed memory in
-    the process for the next pair (see ``inference.keep_freed_memory``; ``release_memory()`` returns it).
+    the process while a batch runs (see ``inference.keep_freed_memory``) and returns it after each
+    ``register_batch``, so that memory stays flat over thousands of registrations.
 
     ``refine_steps`` > 0 turns on test-time refinement (instance optimisation, ``refine_pair``): the
     network's affine and velocity field for each pair are optimised on that pair (``refine_pair``), trading
@@ -258,6 +259,7 @@ class Registrar:
         self.precision = precision
         self.model = model.to(self.device).eval()
         self.engine = prepare_for_inference(self.model, self.device, precision)
+        self.keep_memory = bool(keep_memory)
         if keep_memory:
             keep_freed_memory()
         self.shape = tuple(model.config.input_shape)
@@ -425,6 +427,10 @@ class Registrar:
             per_pair = (time.perf_counter() - t0) / len(chunk)
             for i, c in enumerate(chunk):
                 results.append(self._result(c, {k: v[i] for k, v in out.items()}, per_pair))
+        if self.keep_memory:
+            # What the batch freed goes back to the system: kept across pairs, glibc's heap fragments and a
+            # long-running process (a console batch, a server) grows by megabytes per registration.
+            release_freed_memory()
         return results
 
     def _result(self, p: "Prepared", out, seconds) -> RegistrationResult:
