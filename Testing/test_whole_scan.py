@@ -144,13 +144,13 @@ def module():
     slicer = pytest.importorskip("slicer")
     if not hasattr(slicer, "vtkMRMLScene"):
         pytest.skip("the 'slicer' package here is not slicer-core")
-    import slicer_stubs
-    return slicer_stubs.load_module()
+    import slicer_environment
+    return slicer_environment.load_module()
 
 
 def module_register(module, fixed, moving, fixed_seg=None, moving_seg=None, fixed_label=None, moving_label=None):
-    import slicer_stubs
-    slicer_stubs.new_scene()
+    import slicer_environment
+    slicer_environment.new_scene()
     logic = module.ACSGRegistrationLogic()
     nodes = [logic.loadVolumeFile(fixed), logic.loadVolumeFile(moving)]
     segs = [logic.loadVolumeFile(p, labelmap=True) if p else None for p in (fixed_seg, moving_seg)]

@@ -111,7 +111,8 @@ def bench(registrar, pairs, repeats, steps=STEPS):
 
 
 def real_crop_pairs(crops_dir):
-    from ACSGRegistrationLib.datasets import make_pairs, read_index
+    from ACSGRegistrationLib.crops import read_index
+    from ACSGRegistrationLib.datasets import make_pairs
     from ACSGRegistrationLib.io import read_image
     records = [r for r in read_index(crops_dir) if r.image and r.label]
     images = {r.name: (read_image(r.image), read_image(r.label)) for r in records}

@@ -23,7 +23,7 @@ import SimpleITK as sitk
 import torch
 
 from ACSGRegistrationLib.checkpoint import build_model, load_checkpoint, save_checkpoint
-from ACSGRegistrationLib.datasets import read_index
+from ACSGRegistrationLib.crops import read_index
 from ACSGRegistrationLib.config import TrainConfig, compact_config, map_loss_config
 from ACSGRegistrationLib.preprocessing import CROP_SIZE, crop_vertebra
 from ACSGRegistrationLib.readers import prepare

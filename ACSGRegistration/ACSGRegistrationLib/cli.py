@@ -225,7 +225,7 @@ def cmd_register(args):
                           progress=_refine_printer() if args.refine_steps else None)
     with folder:
         result = registrar.register(fixed.image, moving.image, fixed.label, moving.label)
-        paths = result.write_files(folder.path)
+        paths = result.write_files(folder.path, inverse=not args.no_inverse)
         if args.whole_scan:
             from .geometry import write_image
             paths["moving_on_fixed_scan"] = os.path.join(folder.path, "moving_on_fixed_scan.nii.gz")
@@ -362,6 +362,9 @@ def build_parser():
                    help="also write the moving scan (and its label map) resampled onto the fixed scan's grid through "
                         "the transform: moving_on_fixed_scan.nii.gz, moving_seg_on_fixed_scan.nii.gz")
     p.add_argument("--figure", action="store_true", help="also write figure.png (the paper's Figure 6)")
+    p.add_argument("--no-inverse", action="store_true",
+                   help="leave out inverse_transform.h5 and inverse_deformable_field.nii.gz (they take as long as "
+                        "the registration)")
     p.add_argument("--intensity", choices=INTENSITY_SCALES, default="auto",
                    help="the images' intensity scale: auto (default: Hounsfield units or [0, 1], anything else "
                         "refused), hu, unit ([0, 1]), or minmax (not CT: stretched to [0, 1])")

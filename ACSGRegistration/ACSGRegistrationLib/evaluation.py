@@ -103,7 +103,8 @@ def evaluate(methods, crops_dir: str, out_dir: str, pair_mode: str = "inter-subj
 
     ``methods`` is a list of (name, function(fixed, moving, fixed_label, moving_label) -> result).
     """
-    from .datasets import make_pairs, read_index
+    from .crops import read_index
+    from .datasets import make_pairs
     from .io import read_image
     from .outputs import check_target
     check_target(out_dir, [crops_dir])  # before the work, not after it

@@ -78,7 +78,8 @@ def map_row(method: str, kind: str, fixed: str, moving: str, result, fixed_label
 def evaluate_maps(methods, vertebrae: Sequence[Vertebra], out_dir: str, seeds: Sequence[int] = (0, 1, 2),
                   pair_mode: str = "all", kinds: Sequence[str] = KINDS, log=print) -> List[Dict]:
     """Run every method on every case of ``kinds`` and write the tables (see the module's docstring)."""
-    from .datasets import CropRecord, make_pairs
+    from .crops import CropRecord
+    from .datasets import make_pairs
     from .preprocessing import crop_vertebra
     from .outputs import OutputFolder, check_target
     check_target(out_dir)  # before the work, not after it

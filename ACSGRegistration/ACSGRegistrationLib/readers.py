@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk
 
-from .datasets import INDEX, CropRecord, read_index, write_crop, write_index
+from .crops import INDEX, CropRecord, read_index, write_crop, write_index
 from .errors import InputError
 from .geometry import write_image
 from .io import read_image

@@ -162,17 +162,18 @@ class RegistrationResult:
                                                    self.forward_field, is_vector=True)
         return self._deformable
 
-    def save(self, out_dir: str) -> Dict[str, str]:
+    def save(self, out_dir: str, inverse: bool = True) -> Dict[str, str]:
         """Write every output to the folder ``out_dir`` as a unit (``outputs.OutputFolder``: the folder ends up
         with this result's complete set, or keeps what it held) and return the files' final paths."""
         from .outputs import OutputFolder
         with OutputFolder(out_dir, option="output folder", kind="registration") as folder:
-            paths = self.write_files(folder.path)
+            paths = self.write_files(folder.path, inverse)
         return folder.final_paths(paths)
 
-    def write_files(self, out_dir: str) -> Dict[str, str]:
+    def write_files(self, out_dir: str, inverse: bool = True) -> Dict[str, str]:
         """Write every output into ``out_dir`` (file by file; ``save`` makes the folder one unit) and return
-        their paths."""
+        their paths. ``inverse=False`` leaves out the inverse transform and field (computing them costs as much
+        as the registration; ``saved.load_result`` reads the folder back without them)."""
         check_finite_result({"displacement field": sitk.GetArrayViewFromImage(self.forward_field),
                              "Jacobian map": sitk.GetArrayViewFromImage(self.jacobian)}, "this registration")
         os.makedirs(out_dir, exist_ok=True)
@@ -188,14 +189,15 @@ class RegistrationResult:
         put("warped_label", "warped_label.nii.gz", geometry.write_image, self.warped_label)
         put("jacobian", "jacobian.nii.gz", geometry.write_image, self.jacobian)
         # The transforms: whole map and inverse (affine + deformable, valid on the whole scans), and each part.
-        inverse = self.exported_inverse_deformable_field()
         put("forward_transform", "forward_transform.h5", geometry.write_transform, self.forward_transform())
-        put("inverse_transform", "inverse_transform.h5", geometry.write_transform,
-            geometry.inverse_composite_transform(self.affine_lps, inverse))
         put("affine_transform", "affine_transform.tfm", geometry.write_transform,
             geometry.affine_transform(self.affine_lps))
         put("deformable_field", "deformable_field.nii.gz", geometry.write_image, self.exported_deformable_field())
-        put("inverse_deformable_field", "inverse_deformable_field.nii.gz", geometry.write_image, inverse)
+        if inverse:
+            backward = self.exported_inverse_deformable_field()
+            put("inverse_transform", "inverse_transform.h5", geometry.write_transform,
+                geometry.inverse_composite_transform(self.affine_lps, backward))
+            put("inverse_deformable_field", "inverse_deformable_field.nii.gz", geometry.write_image, backward)
         summary = {"affine_lps": self.affine_lps.tolist(), "seconds": self.seconds, "notes": self.notes,
                    "folding": folding(sitk.GetArrayViewFromImage(self.jacobian))}
         if self.metrics is not None:

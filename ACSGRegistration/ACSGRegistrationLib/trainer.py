@@ -136,7 +136,9 @@ class Trainer:
         return {"status": status, "steps": self.step, "max_steps": self.cfg.max_steps,
                 "elapsed_seconds": round(self.elapsed, 1), "final_loss": last.get("total"),
                 "device": str(self.device), "world_size": self.world, "pairs": len(self.dataset),
-                "init_checkpoint": self.init_checkpoint, "versions": versions()}
+                "init_checkpoint": self.init_checkpoint, "versions": versions(),
+                # the model to register with now: the final one, or the last checkpoint of a stopped run
+                "checkpoint": os.path.join(self.out_dir, FINAL if status == "finished" else LAST)}
 
     def save(self, status: str = "running"):
         if self.rank == 0:

@@ -1,0 +1,173 @@
+"""Registration and fine-tuning in the background, for the panel: the inputs are exported from the scene at
+the start (Slicer's process), the backend's command line does the work in its own process
+(``backgroundRun.BackgroundRun``), and the output nodes are made in the scene only once it has succeeded: a
+cancelled or failed run adds no node. Both are driven by ``poll()`` from the panel's timer."""
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import SimpleITK as sitk
+
+from ACSGRegistrationLib.errors import Cancelled, InputError
+
+from .backgroundRun import BackgroundRun, lossFromLine, stepFromLine
+from .inputs import InputSide
+from .outputNodes import RegistrationOutput, createOutputNodes
+
+
+class RegistrationRun:
+    """One pair registered by ``acsgreg register`` in a separate process; ``finish()`` makes the output nodes."""
+
+    def __init__(self, fixed: InputSide, moving: InputSide, checkpoint: str, device: str = "auto",
+                 refineSteps: int = 0, outputs: Optional[Dict] = None, name: Optional[str] = None):
+        self.fixed, self.moving, self.outputs, self.name = fixed, moving, dict(outputs or {}), name
+        self.work = tempfile.mkdtemp(prefix="acsg-register-")
+        arguments = ["register", "--checkpoint", checkpoint, "--device", device, "--refine-steps", int(refineSteps),
+                     "--no-inverse", "--out", os.path.join(self.work, "result")]
+        for side in (fixed, moving):
+            what = "fixed" if side is fixed else "moving"
+            # Uncompressed: written and read in a fraction of a second, removed at the end.
+            path = os.path.join(self.work, f"{what}.nii")
+            sitk.WriteImage(side.source, path)
+            arguments += [f"--{what}", path]
+            if side.mask is not None:
+                sitk.WriteImage(side.mask, os.path.join(self.work, f"{what}_seg.nii"))
+                arguments += [f"--{what}-seg", os.path.join(self.work, f"{what}_seg.nii"), f"--{what}-vertebra", "1"]
+        self.run = BackgroundRun(arguments, "registration")
+
+    def start(self) -> "RegistrationRun":
+        self.run.start()
+        return self
+
+    def poll(self) -> List[str]:
+        return self.run.poll()
+
+    @property
+    def finished(self) -> bool:
+        return self.run.finished
+
+    @property
+    def fraction(self) -> float:
+        return self.run.fraction
+
+    @property
+    def message(self) -> str:
+        return self.run.message
+
+    def cancel(self) -> None:
+        self.run.cancel()
+        self.run.wait(timeout=2)
+        self._clean()
+
+    def finish(self) -> RegistrationOutput:
+        """The output nodes (the given ones filled, or new ones) once the process has succeeded; raises
+        Cancelled, or InputError with the backend's message. The temporary files are removed either way."""
+        from ACSGRegistrationLib.saved import load_result
+        self.run.wait()
+        try:
+            if self.run.cancelled:
+                raise Cancelled("registration cancelled: no output was made")
+            if not self.run.succeeded:
+                raise InputError(self.run.errorMessage())
+            result = load_result(os.path.join(self.work, "result"))
+            output = createOutputNodes(result, self.fixed, self.moving, name=self.name, **self.outputs)
+            output.notes = self.run.notes()
+            output.seconds = (self.run.ended or time.monotonic()) - self.run.started
+            return output
+        finally:
+            self._clean()
+
+    def _clean(self):
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+class FineTuneRun:
+    """Fine-tuning by ``acsgreg prepare`` (a data folder not yet cropped; cropped once into the run folder) then
+    ``acsgreg finetune``, each in a separate process; pairs of the scene come as crops already written
+    (``sceneRecords``) and join the folder's. Every loss line goes to ``onLoss(step, loss)`` (the chart)."""
+
+    def __init__(self, outputFolder: str, checkpoint: str, iterations: int, learningRate: float, batchSize: int,
+                 resume: bool, device: str, dataFolder: Optional[str] = None, sceneRecords: Sequence = (),
+                 onLoss: Optional[Callable[[int, float], None]] = None):
+        from ACSGRegistrationLib.crops import INDEX
+        self.outputFolder, self.onLoss, self.sceneRecords = outputFolder, onLoss, list(sceneRecords)
+        self.arguments = [
+            "finetune", "--checkpoint", checkpoint, "--out", outputFolder, "--steps", int(iterations),
+            "--lr", repr(float(learningRate)), "--batch-size", int(batchSize), "--device", device,
+            "--print-every", 1, "--checkpoint-every", max(1, min(25, int(iterations) // 4 or 1))]
+        if not resume:
+            self.arguments.append("--restart")
+        self.dataCrops, self.stage = dataFolder, None
+        if dataFolder and not os.path.isfile(os.path.join(dataFolder, INDEX)):
+            self.dataCrops = os.path.join(outputFolder, "crops")
+            if not os.path.isfile(os.path.join(self.dataCrops, INDEX)):
+                self.stage = BackgroundRun(["prepare", "--manifest", dataFolder, "--out", self.dataCrops],
+                                           "crop preparation")
+        if not (self.dataCrops or self.sceneRecords):
+            raise InputError("no training pairs: choose a training data folder or add pairs from the scene")
+        if self.stage is None:
+            self.stage = self._finetune()
+
+    def _finetune(self) -> BackgroundRun:
+        return BackgroundRun(self.arguments + ["--crops", self._trainingCrops()], "fine-tuning", self._line)
+
+    def _trainingCrops(self) -> str:
+        """The folder's crops, with the scene's in one index beside them when there are both."""
+        from ACSGRegistrationLib.crops import read_index, write_index
+        if not self.sceneRecords:
+            return self.dataCrops
+        records = (read_index(self.dataCrops) if self.dataCrops else []) + self.sceneRecords
+        folder = os.path.join(self.outputFolder, "training_crops")
+        os.makedirs(folder, exist_ok=True)
+        write_index(folder, records)
+        return folder
+
+    def _line(self, line: str):
+        loss, step = lossFromLine(line), stepFromLine(line)
+        if loss is not None and step is not None and self.onLoss is not None:
+            self.onLoss(step, loss)
+
+    def start(self) -> "FineTuneRun":
+        self.stage.start()
+        return self
+
+    def poll(self) -> List[str]:
+        lines = self.stage.poll()
+        if self.stage.title == "crop preparation" and self.stage.succeeded:
+            self.stage = self._finetune().start()
+        return lines
+
+    @property
+    def finished(self) -> bool:
+        return self.stage.finished and (self.stage.title == "fine-tuning" or not self.stage.succeeded)
+
+    @property
+    def fraction(self) -> float:
+        return self.stage.fraction if self.stage.title == "fine-tuning" else 0.0
+
+    @property
+    def message(self) -> str:
+        return self.stage.message
+
+    def cancel(self) -> None:
+        """Stops within about a second; the run keeps its last checkpoint and resumes from it."""
+        self.stage.cancel()
+        self.stage.wait(timeout=2)
+
+    def finish(self) -> Dict:
+        """The training summary (status, steps, checkpoint: the model to register with now); raises Cancelled,
+        or InputError with the backend's message."""
+        while not self.finished:
+            self.poll()
+            time.sleep(0.05)
+        if self.stage.cancelled:
+            raise Cancelled(f"{self.stage.title} stopped: the run in {self.outputFolder} resumes from its last "
+                            "checkpoint")
+        start = max((k for k, line in enumerate(self.stage.lines) if line == "{"), default=None)
+        if self.stage.title != "fine-tuning" or start is None:
+            raise InputError(self.stage.errorMessage())
+        return json.loads("\n".join(self.stage.lines[start:]))
