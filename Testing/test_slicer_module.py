@@ -847,3 +847,36 @@ def test_rendered_jacobian_overlay_and_legend(shots):
     red = (strip[..., 0] > 150) & (strip[..., 2] < 100) & (c > 100)
     blue = (strip[..., 2] > 150) & (strip[..., 0] < 100) & (c > 100)
     assert red.sum() > 20 and blue.sum() > 20  # the diverging colour bar
+
+
+# --- what the panel relies on ---------------------------------------------------------------------------
+
+def test_label_lists_are_computed_once_per_change_of_the_labelmap(scene_data, monkeypatch):
+    """A whole-body label map takes seconds to scan: the vertebra list is read again only when it changed."""
+    labelmap = scene_data["movingSegmentation"]
+    reads = []
+    original = slicer.util.arrayFromVolume
+    monkeypatch.setattr(slicer.util, "arrayFromVolume", lambda node: reads.append(node.GetID()) or original(node))
+    logic = M.ACSGRegistrationLogic()
+    first = logic.labelChoices(labelmap)
+    for _ in range(5):
+        assert logic.labelChoices(labelmap) == first
+    assert reads.count(labelmap.GetID()) <= 1
+    values = np.array(original(labelmap), copy=True)
+    values[values == 21] = 0  # L2 erased: the list follows
+    slicer.util.updateVolumeFromArray(labelmap, values)
+    assert logic.labelChoices(labelmap) == ["20: vertebrae_L1"]
+
+
+def test_no_process_wide_allocator_change_inside_slicer(tiny_model):
+    registrar = M.ACSGRegistrationLogic().registrar(tiny_model, "cpu")
+    assert registrar.keep_memory is False  # glibc's mallopt left as Slicer set it
+
+
+def test_training_refuses_a_scene_pair_whose_nodes_were_deleted(scene_data, tiny_model, tmp_path):
+    d = scene_data
+    pair = dict(fixed=d["fixedVolume"], moving=d["movingVolume"], fixedSegmentation=d["fixedSegmentation"],
+                movingSegmentation=d["movingSegmentation"], fixedLabel="L1", movingLabel="20")
+    slicer.mrmlScene.RemoveNode(d["movingVolume"])
+    with pytest.raises(InputError, match="scene pair 1: its moving volume was deleted"):
+        M.ACSGRegistrationLogic().startFineTune(str(tmp_path / "run"), scenePairs=[pair], checkpoint=tiny_model)
