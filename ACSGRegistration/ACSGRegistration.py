@@ -487,9 +487,7 @@ class ACSGRegistrationLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self):
         return ACSGRegistrationParameterNode(super().getParameterNode())
 
-    @staticmethod
-    def ensureDependencies(askConfirmation: bool = True) -> bool:
-        return dependencies.ensureDependencies(askConfirmation)
+    ensureDependencies = staticmethod(dependencies.ensureDependencies)
 
     # -- model ------------------------------------------------------------------------------------------
     resolveCheckpoint = staticmethod(models.resolveCheckpoint)
@@ -510,9 +508,7 @@ class ACSGRegistrationLogic(ScriptedLoadableModuleLogic):
         return registrar
 
     # -- inputs -----------------------------------------------------------------------------------------
-    @staticmethod
-    def labelChoices(segmentationNode) -> List[str]:
-        return labels.labelChoices(segmentationNode)
+    labelChoices = staticmethod(labels.labelChoices)
 
     def prepareInput(self, volume, segmentation=None, label=None, what: str = "fixed") -> PreparedInput:
         """The crop of the chosen vertebra (or the whole volume as a ready crop when there is no segmentation),
@@ -775,15 +771,9 @@ class ACSGRegistrationTest(ScriptedLoadableModuleTest):
                      out.metricsTable):
             self.assertIsNotNone(node)
             self.assertIsNotNone(node.GetScene())
-        self.assertEqual(out.transform.GetDisplayNode().GetVisualizationMode(),
-                         slicer.vtkMRMLTransformDisplayNode.VIS_MODE_GRID)
         self.assertEqual(set(out.metrics), {"initial", "affine", "final"})
         self.assertEqual(out.metricsTable.GetNumberOfRows(), 3)
-        jac = slicer.util.arrayFromVolume(out.jacobian)
-        self.assertGreater(float(jac.std()), 1e-4)
-        display = out.jacobian.GetDisplayNode()
-        self.assertAlmostEqual(display.GetWindowLevelMin(), 0.0)
-        self.assertAlmostEqual(display.GetWindowLevelMax(), 2.0)
+        self.assertGreater(float(slicer.util.arrayFromVolume(out.jacobian).std()), 1e-4)
         for k, (array, matrix) in before.items():
             self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(data[k]), array), k)
             self.assertTrue(np.allclose(ijkToRasOfNode(data[k]), matrix), k)

@@ -880,3 +880,14 @@ def test_training_refuses_a_scene_pair_whose_nodes_were_deleted(scene_data, tiny
     slicer.mrmlScene.RemoveNode(d["movingVolume"])
     with pytest.raises(InputError, match="scene pair 1: its moving volume was deleted"):
         M.ACSGRegistrationLogic().startFineTune(str(tmp_path / "run"), scenePairs=[pair], checkpoint=tiny_model)
+
+
+def test_module_file_only_orchestrates():
+    """The module file keeps the module, parameter node, widget, logic orchestration and self-test; conversions,
+    labels, outputs, dependencies, background runs and the test scene live in ACSGRegistrationSlicer."""
+    source = open(MODULE_FILE).read()
+    assert len(source.splitlines()) < 900
+    classes = re.findall(r"^class (\w+)", source, flags=re.M)
+    assert classes == ["ACSGRegistration", "ACSGRegistrationParameterNode", "ACSGRegistrationWidget",
+                       "ACSGRegistrationLogic", "ACSGRegistrationTest"]
+    assert not re.search(r"^def ", source, flags=re.M)  # no free helpers in the module file

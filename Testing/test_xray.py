@@ -1,0 +1,212 @@
+"""CT to X-ray geometry and differentiable DRRs (ACSGRegistrationLib.xray): rays against analytic chord lengths of
+a phantom, projections against the camera's formula, pose gradients against finite differences, and the second
+derivative ProST's training needs."""
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from ACSGRegistrationLib.errors import InputError
+from ACSGRegistrationLib.xray.camera import CArm, check_pose, look_at, pose_from_parameters, read_pose
+from ACSGRegistrationLib.xray.drr import Volume, render
+
+
+def ball_phantom(radius=30.0, spacing=1.0, size=80, centre=(4.0, -3.0, 2.0), supersample=4):
+    """A ball of attenuation 1/mm (voxels hold the fraction of their volume inside it) on an oblique grid."""
+    offsets = (np.arange(supersample) + 0.5) / supersample - 0.5
+    grid = (np.arange(size) - (size - 1) / 2.0) * spacing
+    inside = np.zeros((size, size, size))
+    for ok in offsets:
+        for oj in offsets:
+            for oi in offsets:
+                k, j, i = np.meshgrid(grid + ok * spacing, grid + oj * spacing, grid + oi * spacing, indexing="ij")
+                inside += (i ** 2 + j ** 2 + k ** 2) <= radius ** 2
+    image = sitk.GetImageFromArray((inside / supersample ** 3).astype(np.float32))
+    angle = np.deg2rad(20.0)
+    direction = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    image.SetDirection(direction.ravel().tolist())
+    image.SetSpacing([spacing] * 3)
+    half = (size - 1) / 2.0 * spacing
+    image.SetOrigin((np.asarray(centre) - direction @ np.full(3, half)).tolist())
+    return image, np.asarray(centre), radius
+
+
+CARM = CArm(1000.0, (1.0, 1.0), (64, 48), (30.0, 25.0))
+
+
+def test_line_integrals_are_the_chord_lengths_of_a_ball():
+    image, centre, radius = ball_phantom()
+    volume = Volume.from_image(image, hounsfield=False, dtype=torch.float64)
+    pose = look_at(centre + [6.0, 0.0, -4.0], 700.0, lao_deg=25.0, cranial_deg=-10.0)
+    carm = CArm(1000.0, (2.0, 2.0), (64, 48), (30.0, 25.0))  # the whole ball and air around it in view
+    drr = render(volume, carm, torch.as_tensor(pose), samples=600).numpy()
+    # Analytic: the distance b from the ball's centre to each pixel's ray, chord 2 sqrt(r^2 - b^2).
+    source = -pose[:3, :3].T @ pose[:3, 3]
+    pixels = carm.detector_points(dtype=torch.float64).numpy()
+    rays = pixels / np.linalg.norm(pixels, axis=-1, keepdims=True) @ pose[:3, :3]  # R^T d, in LPS
+    to_centre = centre - source
+    along = rays @ to_centre
+    b2 = (to_centre @ to_centre) - along ** 2
+    chord = 2 * np.sqrt(np.clip(radius ** 2 - b2, 0, None))
+    # Through the ball (chords of half its diameter and more): within 1 %. (Grazing rays run along the surface,
+    # whose voxels hold partial volumes: there a sharp chord is not what a voxel grid can give.)
+    through = chord >= radius
+    assert through.sum() > 300
+    error = np.abs(drr[through] - chord[through]) / chord[through]
+    assert error.max() < 0.01, error.max()
+    missing = np.sqrt(b2) > radius + 2.0
+    assert missing.sum() > 100 and np.abs(drr[missing]).max() < 1e-9  # rays that miss the ball see nothing
+
+
+def test_a_point_projects_where_the_camera_formula_says():
+    image = sitk.Image(60, 60, 60, sitk.sitkFloat32)
+    image.SetOrigin((-30.0, -30.0, -30.0))
+    values = np.zeros((60, 60, 60), np.float32)
+    values[40, 22, 35] = 1.0  # index (35, 22, 40)
+    blob = sitk.GetImageFromArray(values)
+    blob.CopyInformation(image)
+    blob = sitk.SmoothingRecursiveGaussian(blob, 1.5)
+    point = np.asarray(blob.TransformIndexToPhysicalPoint((35, 22, 40)))
+    pose = look_at([0.0, 0.0, 0.0], 600.0, lao_deg=30.0, cranial_deg=15.0)
+    carm = CArm(1100.0, (0.8, 0.8), (96, 96))
+    drr = render(Volume.from_image(blob, hounsfield=False, dtype=torch.float64), carm, torch.as_tensor(pose),
+                 samples=300).numpy()
+    rows, columns = np.indices(drr.shape)
+    weights = drr / drr.sum()
+    peak = np.array([(weights * columns).sum(), (weights * rows).sum()])
+    expected = carm.project((pose[:3, :3] @ point + pose[:3, 3])[None])[0]
+    assert np.linalg.norm(peak - expected) < 0.3, (peak, expected)
+    # look_at puts its target on the principal point.
+    target = pose[:3, :3] @ np.zeros(3) + pose[:3, 3]
+    assert np.allclose(carm.project(target[None])[0], carm.principal_point_px)
+
+
+def test_pose_gradient_matches_finite_differences():
+    image, centre, _ = ball_phantom(radius=20.0, size=56, supersample=2)
+    # An off-centre, uneven object so that every pose parameter changes the image.
+    values = sitk.GetArrayFromImage(image)
+    values[30:40, 20:30, 25:45] += 0.5
+    lumpy = sitk.GetImageFromArray(values)
+    lumpy.CopyInformation(image)
+    # Trilinear interpolation is piecewise smooth: a smooth volume (as Volume.from_image's resampling gives) and
+    # a smooth loss, so that central differences measure the derivative and not the kinks between voxels.
+    volume = Volume.from_image(sitk.SmoothingRecursiveGaussian(lumpy, 1.0), hounsfield=False, dtype=torch.float64)
+    reference = torch.as_tensor(look_at(centre, 650.0, lao_deg=10.0))
+    pivot = torch.as_tensor(centre)
+    rows, columns = np.indices((CARM.size[1], CARM.size[0]))
+    weights = torch.as_tensor(np.sin(rows / 5.0) + np.cos(columns / 7.0))
+    carm = CARM
+
+    def loss(p):
+        return (render(volume, carm, pose_from_parameters(p, reference, pivot), samples=200) * weights).sum()
+
+    p0 = torch.tensor([0.03, -0.02, 0.05, 2.0, -1.5, 3.0], dtype=torch.float64, requires_grad=True)
+    grad = torch.autograd.grad(loss(p0), p0)[0].numpy()
+    steps = [1e-4] * 3 + [1e-2] * 3
+    numeric = []
+    for n, h in enumerate(steps):
+        e = torch.zeros(6, dtype=torch.float64)
+        e[n] = h
+        with torch.no_grad():
+            numeric.append((loss(p0 + e) - loss(p0 - e)).item() / (2 * h))
+    numeric = np.asarray(numeric)
+    assert np.all(np.abs(grad - numeric) <= 0.05 * np.abs(numeric) + 1e-6), (grad, numeric)
+
+
+def test_second_derivative_reaches_what_the_similarity_learns_from():
+    """ProST's loss differentiates the pose gradient: that path must carry gradients to the volume's features
+    (here the attenuation itself stands in for them)."""
+    image, centre, _ = ball_phantom(radius=15.0, size=40, supersample=1)
+    volume = Volume.from_image(image, hounsfield=False, dtype=torch.float64)
+    features = volume.mu.clone().requires_grad_(True)
+    volume = Volume(features, volume.index_to_lps)
+    carm = CArm(1000.0, (2.0, 2.0), (24, 24))
+    reference = torch.as_tensor(look_at(centre + [3.0, 0.0, 2.0], 600.0))
+    target = render(Volume(features.detach(), volume.index_to_lps), carm, reference, samples=80)
+    p = torch.zeros(6, dtype=torch.float64, requires_grad=True)
+    moved = render(volume, carm, pose_from_parameters(p, reference, torch.as_tensor(centre)), samples=80)
+    similarity = -((moved - target - 0.1) ** 2).sum()
+    pose_gradient = torch.autograd.grad(similarity, p, create_graph=True)[0]
+    direction = torch.tensor([0.2, -0.1, 0.3, 1.0, 0.5, -0.7], dtype=torch.float64)
+    torch.nn.functional.cosine_similarity(pose_gradient, direction, dim=0).backward()
+    assert features.grad is not None and features.grad.abs().sum() > 0
+
+
+def test_geometry_and_pose_files(tmp_path):
+    carm = CArm.from_dict({"source_to_detector_mm": 1020, "pixel_spacing_mm": [0.3, 0.4], "size": [512, 400]})
+    assert carm.principal_point_px == (255.5, 199.5)
+    assert CArm.from_dict(json.loads(json.dumps(carm.to_dict()))) == carm
+    coarse = carm.scaled(4)
+    assert coarse.size == (128, 100) and coarse.pixel_spacing_mm == pytest.approx((1.2, 1.6))
+    assert coarse.principal_point_px == pytest.approx((63.5, 49.5))  # still the detector's centre
+    with pytest.raises(InputError, match="missing size"):
+        CArm.from_dict({"source_to_detector_mm": 1000, "pixel_spacing_mm": [1, 1]})
+    with pytest.raises(InputError, match="must be positive"):
+        CArm.from_dict({"source_to_detector_mm": -5, "pixel_spacing_mm": [1, 1], "size": [10, 10]})
+    pose = look_at([10.0, -20.0, 5.0], 700.0, 20.0, -5.0)
+    check_pose(pose, "look_at")
+    path = tmp_path / "pose.json"
+    path.write_text(json.dumps({"ct_to_source": pose.tolist()}))
+    assert np.allclose(read_pose(str(path)), pose, atol=1e-12)
+    sheared = pose.copy()
+    sheared[0, 1] += 0.2
+    path.write_text(json.dumps({"ct_to_source": sheared.tolist()}))
+    with pytest.raises(InputError, match="not a rigid transform"):
+        read_pose(str(path))
+    path.write_text("{}")
+    with pytest.raises(InputError, match="is not a pose file"):
+        read_pose(str(path))
+
+
+def test_drr_matches_diffdrr_at_the_same_geometry():
+    """DiffDRR (an independent renderer: Siddon's exact voxel traversal) and this renderer, on the same real CT,
+    the same attenuation and the same rays: DiffDRR's own detector gives each pixel's ray, from which the C-arm
+    and pose of this package are built, exactly."""
+    pytest.importorskip("diffdrr", reason="pip install --no-deps -r requirements-xray-test.txt")
+    from diffdrr.data import read
+    from diffdrr.drr import DRR
+    from diffdrr.pose import convert
+    from conftest import data_path
+    path = data_path("ct", "totalsegmentator-example", "ct.nii.gz")
+    subject = read(path, orientation="AP")
+    image = sitk.ReadImage(path)
+    rows, columns = 48, 60
+    reference = DRR(subject, sdd=1020.0, height=rows, delx=5.0, width=columns, dely=5.0, renderer="siddon")
+    pose = convert(torch.tensor([[0.2, -0.1, 0.3]]), torch.tensor([[5.0, 850.0, -10.0]]),
+                   parameterization="euler_angles", convention="ZXY")
+    theirs = reference(pose).squeeze().detach().numpy().astype(np.float64)
+    source, target = reference.detector(pose, None)
+    # DiffDRR's world (RAS, centred on the volume) -> this CT's LPS, through the voxel indices both share.
+    index_to_lps = np.eye(4)
+    index_to_lps[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
+    index_to_lps[:3, 3] = image.GetOrigin()
+    world_to_lps = index_to_lps @ np.linalg.inv(subject.volume.affine)
+
+    def lps(points):
+        points = points.detach().numpy().astype(np.float64).reshape(-1, 3)
+        return points @ world_to_lps[:3, :3].T + world_to_lps[:3, 3]
+    s, t = lps(source)[0], lps(target).reshape(rows, columns, 3)
+    ex, ey = t[0, 1] - t[0, 0], t[1, 0] - t[0, 0]
+    sx, sy = np.linalg.norm(ex), np.linalg.norm(ey)
+    ex, ey = ex / sx, ey / sy
+    if np.dot(np.cross(ex, ey), t[0, 0] - s) < 0:  # DiffDRR's radiological column order: mirror it
+        t, theirs, ex = t[:, ::-1], theirs[:, ::-1], -ex
+    ez = np.cross(ex, ey)
+    sdd = float(np.dot(t[0, 0] - s, ez))
+    foot = s + sdd * ez
+    carm = CArm(sdd, (sx, sy), (columns, rows), (-np.dot(t[0, 0] - foot, ex) / sx, -np.dot(t[0, 0] - foot, ey) / sy))
+    ct_to_source = np.eye(4)
+    ct_to_source[:3, :3] = np.stack((ex, ey, ez))
+    ct_to_source[:3, 3] = -ct_to_source[:3, :3] @ s
+    check_pose(ct_to_source, "from DiffDRR's detector")
+    ours_rays = carm.detector_points(dtype=torch.float64).numpy() @ ct_to_source[:3, :3] + s
+    assert np.abs(ours_rays - t).max() < 0.05  # the same pixels, to a twentieth of a mm
+    density = subject.density.data[0].permute(2, 1, 0).to(torch.float64).contiguous()  # (i, j, k) -> (k, j, i)
+    volume = Volume(density, torch.as_tensor(index_to_lps))
+    ours = render(volume, carm, torch.as_tensor(ct_to_source)).numpy()
+    a, b = (ours - ours.mean()) / ours.std(), (theirs - theirs.mean()) / theirs.std()
+    assert (a * b).mean() > 0.99
+    assert ours.mean() == pytest.approx(theirs.mean(), rel=0.01)  # the same line integrals, not only alike
