@@ -210,3 +210,58 @@ def test_drr_matches_diffdrr_at_the_same_geometry():
     a, b = (ours - ours.mean()) / ours.std(), (theirs - theirs.mean()) / theirs.std()
     assert (a * b).mean() > 0.99
     assert ours.mean() == pytest.approx(theirs.mean(), rel=0.01)  # the same line integrals, not only alike
+
+
+def synthetic_dicom_xray(path, rows=40, columns=50, photometric="MONOCHROME2", **tags):
+    """A DX image written with pydicom, with the C-arm geometry tags given (names of pydicom's keywords)."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientName, ds.StudyInstanceUID, ds.SeriesInstanceUID = "DX", "Phantom", generate_uid(), \
+        generate_uid()
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, columns, 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    pixels = (np.arange(rows * columns, dtype=np.uint16).reshape(rows, columns) * 3)
+    ds.PixelData = pixels.tobytes()
+    for keyword, value in tags.items():
+        setattr(ds, keyword, value)
+    pydicom.dcmwrite(str(path), ds, enforce_file_format=True)
+    return pixels
+
+
+def test_dicom_geometry_tags_fill_in_what_geometry_json_omits(tmp_path):
+    from ACSGRegistrationLib.xray.images import carm_of, read_geometry, read_xray
+    path = tmp_path / "xa.dcm"
+    pixels = synthetic_dicom_xray(path, DistanceSourceToDetector="1040.5", DistanceSourceToPatient="760",
+                                  ImagerPixelSpacing=["0.3", "0.2"], PositionerPrimaryAngle="-30.5",
+                                  PositionerSecondaryAngle="12", photometric="MONOCHROME1")
+    xray = read_xray(str(path))
+    # As displayed: MONOCHROME1 stores high values for dark pixels.
+    assert np.array_equal(xray.pixels, (65535 - pixels).astype(np.float32)) and xray.size == (50, 40)
+    assert xray.source_to_patient_mm == 760 and xray.primary_angle_deg == -30.5 and xray.secondary_angle_deg == 12
+    carm = carm_of(xray)
+    # DICOM spacing is "row\column": columns 0.2 mm apart, rows 0.3 mm.
+    assert carm.source_to_detector_mm == 1040.5 and carm.pixel_spacing_mm == (0.2, 0.3) and carm.size == (50, 40)
+    # GEOMETRY.json wins where both give a value; the file fills in the rest.
+    geometry = tmp_path / "geometry.json"
+    geometry.write_text(json.dumps({"source_to_detector_mm": 1000.0, "principal_point_px": [26.0, 18.0]}))
+    carm = carm_of(xray, read_geometry(str(geometry)))
+    assert carm.source_to_detector_mm == 1000.0 and carm.principal_point_px == (26.0, 18.0)
+    assert carm.pixel_spacing_mm == (0.2, 0.3)
+    with pytest.raises(InputError, match="gives a 64 x 64 detector but .* has 50 x 40 pixels"):
+        carm_of(xray, {"size": [64, 64]})
+    # A PNG has no geometry: GEOMETRY.json must give it, and the message says which value is missing.
+    png = tmp_path / "xray.png"
+    sitk.WriteImage(sitk.GetImageFromArray((pixels // 256).astype(np.uint8)), str(png))
+    plain = read_xray(str(png))
+    with pytest.raises(InputError, match="does not give source_to_detector_mm and pixel_spacing_mm"):
+        carm_of(plain)
+    assert carm_of(plain, {"source_to_detector_mm": 980, "pixel_spacing_mm": [0.5, 0.5]}).size == (50, 40)
+    with pytest.raises(InputError, match="X-ray image not found"):
+        read_xray(str(tmp_path / "missing.dcm"))
