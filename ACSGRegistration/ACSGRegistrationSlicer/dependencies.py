@@ -9,8 +9,9 @@ import slicer
 from ACSGRegistrationLib.errors import DependencyError
 
 # Packages the backend needs besides PyTorch (import name -> pip requirement). Slicer ships numpy and
-# SimpleITK; scipy is installed on demand. matplotlib is only used for the backend's figures.
-REQUIRED_PACKAGES = {"numpy": "numpy", "SimpleITK": "SimpleITK", "scipy": "scipy"}
+# SimpleITK; scipy and cmaes (CT to X-ray pose search) are installed on demand. matplotlib is only used for
+# the backend's figures.
+REQUIRED_PACKAGES = {"numpy": "numpy", "SimpleITK": "SimpleITK", "scipy": "scipy", "cmaes": "cmaes"}
 # Checkpoints are read with torch.load(weights_only=True) and attention uses scaled_dot_product_attention:
 # both arrived in PyTorch 2.0.
 TORCH_MINIMUM = "2.0"

@@ -5,7 +5,8 @@ similarity on the pose gradient's direction, which differentiates a gradient).
 Each ray is sampled at ``samples`` evenly spaced points across the volume's bounding sphere (so the sampling
 moves smoothly with the pose, with no branch at the volume's faces); the attenuation is interpolated trilinearly
 (written out with gathers: PyTorch's grid_sample has no second derivative for 3D) and is zero outside the
-volume; the sum times the step is the line integral in mm × mm⁻¹ (dimensionless optical depth).
+volume; the sum times the step is the line integral in mm × mm⁻¹ (dimensionless optical depth). Where no
+derivative is wanted (a search's many evaluations) PyTorch's grid_sample gives the same values faster.
 """
 
 from dataclasses import dataclass
@@ -127,5 +128,19 @@ def render(volume: Volume, carm, ct_to_source: torch.Tensor, samples: Optional[i
     direction_index = directions @ to_index[:3, :3].T  # (B, rows, columns, 3)
     points = (source_index[:, None, None, None, :]
               + t[:, None, None, :, None] * direction_index[:, :, :, None, :])  # (B, rows, columns, N, 3)
-    image = trilinear(volume.mu, points).sum(-1) * step
+    if torch.is_grad_enabled() and (volume.mu.requires_grad or pose.requires_grad):
+        values = trilinear(volume.mu, points)
+    else:  # no derivative wanted (a search's evaluations): PyTorch's own sampler, several times faster
+        values = sample_without_gradient(volume.mu, points)
+    image = values.sum(-1) * step
     return image if batched else image[0]
+
+
+def sample_without_gradient(volume: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """``trilinear``'s values (zero outside) through ``grid_sample``: index -> [-1, 1] with corners aligned."""
+    d, h, w = volume.shape
+    size = torch.tensor([w - 1, h - 1, d - 1], dtype=points.dtype, device=points.device).clamp(min=1)
+    grid = (2 * points / size - 1).reshape(1, -1, 1, 1, 3)
+    values = torch.nn.functional.grid_sample(volume[None, None], grid, mode="bilinear", padding_mode="zeros",
+                                             align_corners=True)
+    return values.reshape(points.shape[:-1])

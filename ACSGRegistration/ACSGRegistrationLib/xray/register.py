@@ -1,0 +1,178 @@
+"""Intensity-based CT to X-ray pose registration: the baselines ProST is measured against and the refinement
+that follows it. The similarity is gradient NCC (the mean normalised cross-correlation of the images'
+horizontal and vertical gradients: insensitive to the X-ray's exposure and to soft-tissue offsets); the search
+is CMA-ES (the ``cmaes`` package) over the six pose parameters, then gradient ascent through the differentiable
+renderer. The pose's parameters are those of ``camera.pose_from_parameters``: a rotation about the target
+vertebra's centre and a translation, on the left of the initial pose.
+
+The X-ray's polarity (bone bright, as radiographs are displayed, or dark, as raw intensities are) is read once
+at the initial pose: where the similarity there is negative, raw intensities are turned into line integrals
+(-log, Beer-Lambert) and an inverted display is flipped.
+"""
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import Cancelled
+from .camera import pose_from_parameters
+from .drr import Volume, render
+
+# Scale of the six parameters in the search (rad, rad, rad, mm, mm, mm): CMA-ES's unit step.
+PARAMETER_SCALE = np.array([0.1, 0.1, 0.1, 10.0, 10.0, 30.0])  # depth (z) is the least determined
+
+
+def image_gradients(images: torch.Tensor):
+    """Central differences along columns and rows of (B, rows, columns) images (the inner pixels)."""
+    gx = images[..., 1:-1, 2:] - images[..., 1:-1, :-2]
+    gy = images[..., 2:, 1:-1] - images[..., :-2, 1:-1]
+    return gx, gy
+
+
+def ncc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Normalised cross-correlation over the last two dimensions, batched."""
+    a = a - a.mean(dim=(-2, -1), keepdim=True)
+    b = b - b.mean(dim=(-2, -1), keepdim=True)
+    denominator = torch.sqrt((a * a).sum(dim=(-2, -1)) * (b * b).sum(dim=(-2, -1)) + 1e-12)
+    return (a * b).sum(dim=(-2, -1)) / denominator
+
+
+def gradient_ncc(drr: torch.Tensor, xray: torch.Tensor) -> torch.Tensor:
+    """Gradient NCC between DRRs (B, rows, columns) and one X-ray (rows, columns): in [-1, 1], 1 is best."""
+    dx, dy = image_gradients(drr)
+    xx, xy = image_gradients(xray)
+    return 0.5 * (ncc(dx, xx) + ncc(dy, xy))
+
+
+def prepare_xray(pixels: np.ndarray, size, device=None, dtype=torch.float32) -> torch.Tensor:
+    """The X-ray on the registration's detector grid: area-averaged to ``size`` = (columns, rows)."""
+    image = torch.as_tensor(np.asarray(pixels, dtype=np.float64), dtype=dtype, device=device)[None, None]
+    return F.adaptive_avg_pool2d(image, (size[1], size[0]))[0, 0]
+
+
+@dataclass
+class PoseSearch:
+    """One CT-to-X-ray problem: the CT's volume, the C-arm (registration resolution), the X-ray on that grid,
+    the initial pose and the pivot (the target vertebra's centre, LPS mm)."""
+
+    volume: Volume
+    carm: object
+    xray: torch.Tensor
+    initial: torch.Tensor  # 4x4 ct_to_source
+    centre: torch.Tensor  # (3,)
+    samples: Optional[int] = None
+    history: List[Dict] = field(default_factory=list)
+    evaluations: int = 0
+
+    def __post_init__(self):
+        dtype = self.volume.mu.dtype
+        self.initial = torch.as_tensor(self.initial, dtype=dtype)
+        self.centre = torch.as_tensor(self.centre, dtype=dtype)
+        self.xray = self.xray.to(dtype)
+        with torch.no_grad():
+            start = gradient_ncc(self.render(torch.zeros(1, 6, dtype=dtype)), self.xray)[0]
+        self.polarity = -1.0 if start < 0 else 1.0
+        if self.polarity < 0:
+            # Bone dark: raw intensities, I0·exp(-line integral) (Beer-Lambert), linearised by the log where
+            # they are all positive; otherwise (an inverted display) only flipped.
+            positive = bool((self.xray > 0).all())
+            self.xray = -torch.log(self.xray / self.xray.max()) if positive else -self.xray
+
+    def pose(self, parameters: torch.Tensor) -> torch.Tensor:
+        return pose_from_parameters(parameters, self.initial, self.centre)
+
+    def render(self, parameters: torch.Tensor) -> torch.Tensor:
+        return render(self.volume, self.carm, self.pose(parameters), self.samples)
+
+    def similarity(self, parameters: torch.Tensor) -> torch.Tensor:
+        """Gradient NCC of the DRRs at a batch of parameter vectors (B, 6)."""
+        self.evaluations += parameters.shape[0]
+        return gradient_ncc(self.render(parameters), self.xray)
+
+
+def cma_es(search: PoseSearch, start: np.ndarray, evaluations: int = 600, sigma: float = 0.5, seed: int = 0,
+           population: Optional[int] = None, should_stop: Optional[Callable[[], bool]] = None,
+           progress: Optional[Callable[[int, int, float], None]] = None) -> np.ndarray:
+    """CMA-ES on the scaled parameters (one population rendered as a batch); the best pose seen."""
+    from cmaes import CMA
+    optimizer = CMA(mean=np.asarray(start, float) / PARAMETER_SCALE, sigma=sigma, seed=seed,
+                    population_size=population)
+    best, best_value, used = np.asarray(start, float), -np.inf, 0
+    while used < evaluations and not optimizer.should_stop():
+        if should_stop is not None and should_stop():
+            raise Cancelled("X-ray registration cancelled")
+        candidates = np.stack([optimizer.ask() for _ in range(optimizer.population_size)])
+        parameters = torch.as_tensor(candidates * PARAMETER_SCALE, dtype=search.volume.mu.dtype)
+        with torch.no_grad():
+            values = search.similarity(parameters).cpu().numpy().astype(np.float64)
+        optimizer.tell(list(zip(candidates, -values)))
+        used += len(candidates)
+        if values.max() > best_value:
+            best_value, best = float(values.max()), candidates[int(values.argmax())] * PARAMETER_SCALE
+        search.history.append({"stage": "cma-es", "evaluations": search.evaluations, "similarity": best_value})
+        if progress is not None:
+            progress(used, evaluations, best_value)
+    return best
+
+
+def gradient_ascent(search: PoseSearch, start: np.ndarray, steps: int = 60, learning_rate: float = 0.02,
+                    should_stop: Optional[Callable[[], bool]] = None,
+                    progress: Optional[Callable[[int, int, float], None]] = None) -> np.ndarray:
+    """Adam on the scaled parameters through the differentiable renderer (refinement near the answer)."""
+    dtype = search.volume.mu.dtype
+    scale = torch.as_tensor(PARAMETER_SCALE, dtype=dtype)
+    scaled = (torch.as_tensor(start, dtype=dtype) / scale).clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([scaled], lr=learning_rate)
+    best, best_value = np.asarray(start, float), -np.inf
+    for step in range(1, steps + 1):
+        if should_stop is not None and should_stop():
+            raise Cancelled("X-ray registration cancelled")
+        value = search.similarity((scaled * scale)[None])[0]
+        if value.item() > best_value:
+            best_value, best = value.item(), (scaled * scale).detach().cpu().numpy().astype(np.float64)
+        optimizer.zero_grad()
+        (-value).backward()
+        optimizer.step()
+        search.history.append({"stage": "gradient", "evaluations": search.evaluations, "similarity": best_value})
+        if progress is not None:
+            progress(step, steps, best_value)
+    return best
+
+
+METHODS = ("cmaes+gradient", "cmaes", "gradient")
+
+
+def register_pose(search: PoseSearch, method: str = "cmaes+gradient", evaluations: int = 600,
+                  refine_steps: int = 60, seed: int = 0, should_stop=None, progress=None) -> Dict:
+    """Search the pose; returns {"ct_to_source" (4x4 numpy), "parameters", "similarity", "initial_similarity",
+    "evaluations", "seconds", "polarity"}."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}")
+    t0 = time.perf_counter()
+    dtype = search.volume.mu.dtype
+    with torch.no_grad():
+        initial = search.similarity(torch.zeros(1, 6, dtype=dtype))[0].item()
+    parameters = np.zeros(6)
+    if "cmaes" in method:
+        parameters = cma_es(search, parameters, evaluations, seed=seed, should_stop=should_stop, progress=progress)
+    if "gradient" in method:
+        parameters = gradient_ascent(search, parameters, refine_steps, should_stop=should_stop, progress=progress)
+    final = torch.as_tensor(parameters, dtype=dtype)
+    with torch.no_grad():
+        similarity = search.similarity(final[None])[0].item()
+        pose = search.pose(final).cpu().numpy().astype(np.float64)
+    return {"ct_to_source": pose, "parameters": parameters.tolist(), "similarity": similarity,
+            "initial_similarity": initial, "evaluations": search.evaluations,
+            "seconds": time.perf_counter() - t0, "polarity": "bone bright" if search.polarity > 0 else "bone dark"}
+
+
+def mean_target_error(pose_a: np.ndarray, pose_b: np.ndarray, points_lps: np.ndarray) -> float:
+    """mTRE (mm): the mean distance between the target's points placed by two poses (in the source frame)."""
+    p = np.asarray(points_lps, dtype=np.float64).reshape(-1, 3)
+    a = p @ np.asarray(pose_a)[:3, :3].T + np.asarray(pose_a)[:3, 3]
+    b = p @ np.asarray(pose_b)[:3, :3].T + np.asarray(pose_b)[:3, 3]
+    return float(np.linalg.norm(a - b, axis=1).mean())
