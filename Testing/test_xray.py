@@ -308,3 +308,42 @@ def test_pose_search_recovers_a_known_pose(bone):
     assert before > 8.0 and after < 0.4 * before, (before, after)
     assert result["similarity"] > result["initial_similarity"]
     check_pose(result["ct_to_source"], "result")
+
+
+def test_xray_register_command_line(tmp_path, capsys):
+    from ACSGRegistrationLib.cli import main
+    from ACSGRegistrationLib.xray.register import mean_target_error
+    image, points = bony_phantom()
+    ct, seg = tmp_path / "ct.nii.gz", tmp_path / "seg.nii.gz"
+    sitk.WriteImage(image, str(ct))
+    labels = sitk.Cast(image > 500, sitk.sitkUInt8) * 7
+    sitk.WriteImage(labels, str(seg))
+    carm = CArm(1000.0, (1.6, 1.6), (48, 48))
+    truth = look_at([0.0, 0.0, 0.0], 650.0, lao_deg=15.0, cranial_deg=5.0)
+    line = render(Volume.from_image(image), carm, torch.as_tensor(truth, dtype=torch.float32), samples=240).numpy()
+    xray = tmp_path / "xray.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(line.astype(np.float32)), str(xray))
+    geometry = tmp_path / "geometry.json"
+    geometry.write_text(json.dumps({"source_to_detector_mm": 1000.0, "pixel_spacing_mm": [1.6, 1.6]}))
+    start = pose_from_parameters(torch.tensor([0.04, -0.03, 0.02, 3.0, -3.0, 6.0], dtype=torch.float64),
+                                 torch.as_tensor(truth), torch.zeros(3, dtype=torch.float64)).numpy()
+    init = tmp_path / "init.json"
+    init.write_text(json.dumps({"ct_to_source": start.tolist()}))
+    out = tmp_path / "out"
+    common = ["--ct", str(ct), "--ct-seg", str(seg), "--xray", str(xray), "--init", str(init), "--out", str(out),
+              "--evaluations", "200", "--refine-steps", "20", "--detector-pixels", "48"]
+    assert main(["xray-register"] + common + ["--geometry", str(geometry)]) == 0
+    printed = capsys.readouterr().out
+    assert "gradient NCC" in printed and "pose.json" in printed
+    pose = read_pose(str(out / "pose.json"))
+    assert mean_target_error(pose, truth, points) < 0.5 * mean_target_error(start, truth, points)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["final_similarity"] > metrics["initial_similarity"] and metrics["polarity"] == "bone bright"
+    assert sitk.ReadImage(str(out / "drr.nii.gz")).GetSize() == (48, 48)
+    assert (out / "overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Refusals name what is wrong, before any work.
+    assert main(["xray-register"] + common[:-6] + ["--out", str(tmp_path / "x")]) == 2
+    assert "does not give source_to_detector_mm and pixel_spacing_mm" in capsys.readouterr().err
+    assert main(["xray-register"] + common + ["--geometry", str(geometry), "--label", "3"]) == 2
+    assert "label 3 is not in" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

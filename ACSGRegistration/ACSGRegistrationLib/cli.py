@@ -15,6 +15,7 @@ from .config import METHODS, PRECISIONS
 from .errors import ACSGError, InputError
 from .resources import shipped_model_path
 from .validation import INTENSITY_SCALES
+from .xray import POSE_SEARCH_METHODS as XRAY_METHODS
 
 DEVICE_HELP = "auto (default: a CUDA GPU where there is one), cpu, cuda, cuda:N or mps"
 
@@ -299,6 +300,20 @@ def cmd_prepare(args):
     return 0
 
 
+def cmd_xray_register(args):
+    from .xray.pipeline import register_files
+    _check_device(args)
+    done = register_files(args.ct, args.xray, args.init, args.out, args.geometry, args.ct_seg, args.label,
+                          args.method, args.evaluations, args.refine_steps, args.detector_pixels, args.ct_spacing,
+                          device=args.device if args.device != "auto" else "cpu", seed=args.seed)
+    m = done["metrics"]
+    print(f"gradient NCC {m['initial_similarity']:.3f} -> {m['final_similarity']:.3f} in {m['seconds']:.1f} s "
+          f"({m['evaluations']} DRRs, {m['polarity']})")
+    for key, path in done["paths"].items():
+        print(f"  {key}: {path}")
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="acsgreg",
                                      description="ACSGRegNet registration of lumbar vertebra CT.")
@@ -411,6 +426,27 @@ def build_parser():
     p.add_argument("--out", required=True)
     p.add_argument("--half", action="store_true", help="store weights in half precision")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("xray-register", help="CT to X-ray pose registration (ProST's intensity-based baseline: "
+                                             "gradient NCC, CMA-ES then gradient ascent)")
+    p.add_argument("--ct", required=True, help="CT in Hounsfield units (any format SimpleITK reads)")
+    p.add_argument("--ct-seg", help="the CT's label map: the target vertebra's centroid is the pose's pivot")
+    p.add_argument("--label", type=int, help="the target's label value in --ct-seg (may be omitted with one label)")
+    p.add_argument("--xray", required=True, help="2D X-ray: PNG/TIFF/NIfTI/MHA, or DICOM XA/RF/DX/CR")
+    p.add_argument("--geometry", help="GEOMETRY.json: source_to_detector_mm, pixel_spacing_mm [sx, sy], size, "
+                                      "principal_point_px; DICOM tags fill in what it omits")
+    p.add_argument("--init", required=True, help="POSE.json {\"ct_to_source\": 4x4}: the initial pose")
+    p.add_argument("--out", required=True, help="folder for pose.json, drr.nii.gz, overlay.png, metrics.json")
+    p.add_argument("--method", choices=XRAY_METHODS, default=XRAY_METHODS[0])
+    p.add_argument("--evaluations", type=COUNT, default=600, help="CMA-ES's budget of DRRs (default 600)")
+    p.add_argument("--refine-steps", type=STEPS, default=60, help="gradient-ascent steps (default 60)")
+    p.add_argument("--detector-pixels", type=COUNT, default=96,
+                   help="longest side of the registration's detector grid (default 96)")
+    p.add_argument("--ct-spacing", type=_number(float, above=0.0, maximum=8.0), default=2.0,
+                   help="the CT is resampled to this spacing in mm when finer (default 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.set_defaults(func=cmd_xray_register)
 
     p = sub.add_parser("prepare", help="crop vertebrae from scans listed in a manifest CSV")
     p.add_argument("--manifest", required=True,

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import Cancelled
+from . import POSE_SEARCH_METHODS
 from .camera import pose_from_parameters
 from .drr import Volume, render
 
@@ -143,15 +144,12 @@ def gradient_ascent(search: PoseSearch, start: np.ndarray, steps: int = 60, lear
     return best
 
 
-METHODS = ("cmaes+gradient", "cmaes", "gradient")
-
-
 def register_pose(search: PoseSearch, method: str = "cmaes+gradient", evaluations: int = 600,
                   refine_steps: int = 60, seed: int = 0, should_stop=None, progress=None) -> Dict:
     """Search the pose; returns {"ct_to_source" (4x4 numpy), "parameters", "similarity", "initial_similarity",
     "evaluations", "seconds", "polarity"}."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}")
+    if method not in POSE_SEARCH_METHODS:
+        raise ValueError(f"method must be one of {', '.join(POSE_SEARCH_METHODS)}")
     t0 = time.perf_counter()
     dtype = search.volume.mu.dtype
     with torch.no_grad():
