@@ -347,3 +347,13 @@ def test_xray_register_command_line(tmp_path, capsys):
     assert main(["xray-register"] + common + ["--geometry", str(geometry), "--label", "3"]) == 2
     assert "label 3 is not in" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_pose_and_slicer_transform_round_trip():
+    from ACSGRegistrationLib.xray.camera import pose_from_slicer, pose_to_slicer
+    pose = look_at([12.0, -40.0, 210.0], 720.0, lao_deg=-25.0, cranial_deg=12.0)
+    matrix = pose_to_slicer(pose)
+    assert np.abs(pose_from_slicer(matrix) - pose).max() < 1e-6
+    lps = np.array([30.0, -15.0, 190.0])
+    ras = lps * [-1, -1, 1]
+    assert np.allclose(matrix[:3, :3] @ ras + matrix[:3, 3], pose[:3, :3] @ lps + pose[:3, 3], atol=1e-9)

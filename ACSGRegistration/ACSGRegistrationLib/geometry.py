@@ -46,9 +46,12 @@ def physical_affine(matrix: np.ndarray, fixed: sitk.Image, moving: sitk.Image) -
             @ np.linalg.inv(index_to_physical_matrix(fixed)))
 
 
+# The same physical point in ITK's LPS and Slicer's RAS: x and y negated (its own inverse).
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
 def lps_to_ras(matrix: np.ndarray) -> np.ndarray:
-    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
-    return flip @ matrix @ flip
+    return LPS_TO_RAS @ matrix @ LPS_TO_RAS
 
 
 def affine_transform(matrix4: np.ndarray) -> sitk.AffineTransform:

@@ -12,8 +12,7 @@ import vtk
 import slicer
 
 from ACSGRegistrationLib.errors import InputError
-
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+from ACSGRegistrationLib.geometry import LPS_TO_RAS
 
 
 def ijkToRasOfNode(volumeNode, world: bool = True) -> np.ndarray:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ..geometry import LPS_TO_RAS
 
 
 @dataclass
@@ -162,3 +163,13 @@ def look_at(target_lps: Sequence[float], source_to_target_mm: float, lao_deg: fl
     matrix[:3, :3] = rotation
     matrix[:3, 3] = np.array([0.0, 0.0, source_to_target_mm]) - rotation @ np.asarray(target_lps, dtype=float)
     return matrix
+
+
+def pose_to_slicer(ct_to_source: np.ndarray) -> np.ndarray:
+    """The pose as a Slicer linear transform's matrix ("to parent"): a CT point in RAS -> the source frame."""
+    return np.asarray(ct_to_source, dtype=np.float64) @ LPS_TO_RAS
+
+
+def pose_from_slicer(matrix: np.ndarray) -> np.ndarray:
+    """``ct_to_source`` (LPS) from a Slicer linear transform's matrix written by ``pose_to_slicer``."""
+    return np.asarray(matrix, dtype=np.float64) @ LPS_TO_RAS
