@@ -301,11 +301,12 @@ def cmd_prepare(args):
 
 
 def cmd_xray_register(args):
+    from .registrar import choose_device
     from .xray.pipeline import register_files
-    _check_device(args)
+    device = choose_device(args.device)
     done = register_files(args.ct, args.xray, args.init, args.out, args.geometry, args.ct_seg, args.label,
                           args.method, args.evaluations, args.refine_steps, args.detector_pixels, args.ct_spacing,
-                          device=args.device if args.device != "auto" else "cpu", seed=args.seed)
+                          device=device, seed=args.seed)
     m = done["metrics"]
     print(f"gradient NCC {m['initial_similarity']:.3f} -> {m['final_similarity']:.3f} in {m['seconds']:.1f} s "
           f"({m['evaluations']} DRRs, {m['polarity']})")
