@@ -32,6 +32,7 @@ def main(argv=None):
     parser.add_argument("--method", choices=POSE_SEARCH_METHODS, default=POSE_SEARCH_METHODS[0])
     parser.add_argument("--evaluations", type=int, default=400)
     parser.add_argument("--refine-steps", type=int, default=40)
+    parser.add_argument("--restarts", type=int, default=2, help="CMA-ES runs per case, the best kept")
     parser.add_argument("--start-deg", type=float, default=8.0)
     parser.add_argument("--start-mm", type=float, default=8.0)
     parser.add_argument("--seed", type=int, default=0)
@@ -54,7 +55,8 @@ def main(argv=None):
         start = pose_from_parameters(torch.as_tensor(p), torch.as_tensor(truth), torch.as_tensor(centre)).numpy()
         search = PoseSearch(volume, carm, prepare_xray(xray, carm.size), start, centre)
         t0 = time.perf_counter()
-        result = register_pose(search, args.method, args.evaluations, args.refine_steps, seed=case)
+        result = register_pose(search, args.method, args.evaluations, args.refine_steps, seed=10 * case,
+                               restarts=args.restarts)
         rows.append((mean_target_error(start, truth, points), mean_target_error(result["ct_to_source"], truth, points),
                      time.perf_counter() - t0))
         print(f"case {case}: mTRE {rows[-1][0]:5.1f} -> {rows[-1][1]:6.2f} mm, gradient NCC "

@@ -145,9 +145,12 @@ def gradient_ascent(search: PoseSearch, start: np.ndarray, steps: int = 60, lear
 
 
 def register_pose(search: PoseSearch, method: str = "cmaes+gradient", evaluations: int = 600,
-                  refine_steps: int = 60, seed: int = 0, should_stop=None, progress=None) -> Dict:
+                  refine_steps: int = 60, seed: int = 0, restarts: int = 2, should_stop=None,
+                  progress=None) -> Dict:
     """Search the pose; returns {"ct_to_source" (4x4 numpy), "parameters", "similarity", "initial_similarity",
-    "evaluations", "seconds", "polarity"}."""
+    "evaluations", "seconds", "polarity"}. CMA-ES runs ``restarts`` times from the initial pose (other seeds,
+    ``evaluations`` each) and keeps the most similar answer: one run often settles in the basin of a
+    neighbouring vertebra."""
     if method not in POSE_SEARCH_METHODS:
         raise ValueError(f"method must be one of {', '.join(POSE_SEARCH_METHODS)}")
     t0 = time.perf_counter()
@@ -156,7 +159,11 @@ def register_pose(search: PoseSearch, method: str = "cmaes+gradient", evaluation
         initial = search.similarity(torch.zeros(1, 6, dtype=dtype))[0].item()
     parameters = np.zeros(6)
     if "cmaes" in method:
-        parameters = cma_es(search, parameters, evaluations, seed=seed, should_stop=should_stop, progress=progress)
+        answers = [cma_es(search, np.zeros(6), evaluations, seed=seed + run, should_stop=should_stop,
+                          progress=progress) for run in range(max(1, restarts))]
+        with torch.no_grad():
+            values = search.similarity(torch.as_tensor(np.stack(answers), dtype=dtype))
+        parameters = answers[int(values.argmax())]
     if "gradient" in method:
         parameters = gradient_ascent(search, parameters, refine_steps, should_stop=should_stop, progress=progress)
     final = torch.as_tensor(parameters, dtype=dtype)
