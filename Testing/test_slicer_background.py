@@ -70,7 +70,7 @@ def test_registration_is_cancelled_within_a_second_and_makes_no_node(scene, tiny
     logic = M.ACSGRegistrationLogic()
     before = node_ids()
     run = logic.startRegistration(*pair(scene), checkpoint=tiny_model, device="cpu", refineSteps=refine)
-    process = run.run.process
+    process = run.stage.process
     if refine:
         wait_for(lambda: run.fraction > 0, run)  # refining: "refining [k/N]" lines are coming
     else:

@@ -10,6 +10,7 @@ import SimpleITK as sitk
 import torch
 
 from ACSGRegistrationLib.errors import InputError
+from ACSGRegistrationLib.geometry import ijk_to_physical_matrix
 from ACSGRegistrationLib.xray.camera import CArm, check_pose, look_at, pose_from_parameters, read_pose
 from ACSGRegistrationLib.xray.drr import Volume, render
 
@@ -180,9 +181,7 @@ def test_drr_matches_diffdrr_at_the_same_geometry():
     theirs = reference(pose).squeeze().detach().numpy().astype(np.float64)
     source, target = reference.detector(pose, None)
     # DiffDRR's world (RAS, centred on the volume) -> this CT's LPS, through the voxel indices both share.
-    index_to_lps = np.eye(4)
-    index_to_lps[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
-    index_to_lps[:3, 3] = image.GetOrigin()
+    index_to_lps = ijk_to_physical_matrix(image)
     world_to_lps = index_to_lps @ np.linalg.inv(subject.volume.affine)
 
     def lps(points):

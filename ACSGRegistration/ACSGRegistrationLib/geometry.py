@@ -18,13 +18,18 @@ from .errors import OutputError
 _REVERSE = np.eye(4)[[2, 1, 0, 3]]  # (z, y, x, 1) <-> (x, y, z, 1)
 
 
-def index_to_physical_matrix(image: sitk.Image) -> np.ndarray:
-    """4x4 matrix taking homogeneous array-order indices (z, y, x, 1) to LPS points."""
+def ijk_to_physical_matrix(image: sitk.Image) -> np.ndarray:
+    """4x4 matrix taking homogeneous image indices (i, j, k, 1) (SimpleITK's order) to LPS points."""
     direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
     m = np.eye(4)
     m[:3, :3] = direction @ np.diag(image.GetSpacing())
     m[:3, 3] = image.GetOrigin()
-    return m @ _REVERSE
+    return m
+
+
+def index_to_physical_matrix(image: sitk.Image) -> np.ndarray:
+    """4x4 matrix taking homogeneous array-order indices (z, y, x, 1) to LPS points."""
+    return ijk_to_physical_matrix(image) @ _REVERSE
 
 
 def voxel_affine_matrix(matrix: np.ndarray, fixed_shape, moving_shape) -> np.ndarray:

@@ -166,7 +166,7 @@ class BackgroundRun:
 def lossFromLine(line: str) -> Optional[float]:
     """The total loss of a training progress line, or None."""
     match = LOSS_PATTERN.search(line)
-    return float(match.group(1)) if match and STEP_PATTERN.search(line) else None
+    return float(match.group(1)) if match else None
 
 
 def stepFromLine(line: str) -> Optional[int]:

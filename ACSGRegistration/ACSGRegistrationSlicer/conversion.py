@@ -12,7 +12,7 @@ import vtk
 import slicer
 
 from ACSGRegistrationLib.errors import InputError
-from ACSGRegistrationLib.geometry import LPS_TO_RAS
+from ACSGRegistrationLib.geometry import LPS_TO_RAS, ijk_to_physical_matrix
 
 
 def ijkToRasOfNode(volumeNode, world: bool = True) -> np.ndarray:
@@ -43,11 +43,7 @@ def imageGeometryFromIJKToRAS(ijkToRas: np.ndarray):
 
 def ijkToRasFromImage(image) -> np.ndarray:
     """IJK-to-RAS matrix (4x4) of a SimpleITK image (whose geometry is LPS)."""
-    direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)
-    lps = np.eye(4)
-    lps[:3, :3] = direction @ np.diag(image.GetSpacing())
-    lps[:3, 3] = image.GetOrigin()
-    return LPS_TO_RAS @ lps
+    return LPS_TO_RAS @ ijk_to_physical_matrix(image)
 
 
 def volumeNodeToImage(volumeNode, dtype=None):

@@ -19,7 +19,42 @@ from .inputs import InputSide
 from .outputNodes import RegistrationOutput, createOutputNodes
 
 
-class RegistrationRun:
+class StagedRun:
+    """What the panel drives: one backend process at a time (``stage``), polled, its progress shown, cancelled."""
+
+    stage: BackgroundRun
+
+    def start(self):
+        self.stage.start()
+        return self
+
+    def poll(self) -> List[str]:
+        return self.stage.poll()
+
+    @property
+    def finished(self) -> bool:
+        return self.stage.finished
+
+    @property
+    def fraction(self) -> float:
+        return self.stage.fraction
+
+    @property
+    def message(self) -> str:
+        return self.stage.message
+
+    def cancel(self) -> None:
+        self.stage.cancel()
+        self.stage.wait(timeout=2)
+
+    def wait(self, interval: float = 0.05) -> None:
+        """Poll until the run has ended (scripts and ``finish``; the panel polls from its timer)."""
+        while not self.finished:
+            self.poll()
+            time.sleep(interval)
+
+
+class RegistrationRun(StagedRun):
     """One pair registered by ``acsgreg register`` in a separate process; ``finish()`` makes the output nodes."""
 
     def __init__(self, fixed: InputSide, moving: InputSide, checkpoint: str, device: str = "auto",
@@ -37,46 +72,26 @@ class RegistrationRun:
             if side.mask is not None:
                 sitk.WriteImage(side.mask, os.path.join(self.work, f"{what}_seg.nii"))
                 arguments += [f"--{what}-seg", os.path.join(self.work, f"{what}_seg.nii"), f"--{what}-vertebra", "1"]
-        self.run = BackgroundRun(arguments, "registration")
-
-    def start(self) -> "RegistrationRun":
-        self.run.start()
-        return self
-
-    def poll(self) -> List[str]:
-        return self.run.poll()
-
-    @property
-    def finished(self) -> bool:
-        return self.run.finished
-
-    @property
-    def fraction(self) -> float:
-        return self.run.fraction
-
-    @property
-    def message(self) -> str:
-        return self.run.message
+        self.stage = BackgroundRun(arguments, "registration")
 
     def cancel(self) -> None:
-        self.run.cancel()
-        self.run.wait(timeout=2)
+        super().cancel()
         self._clean()
 
     def finish(self) -> RegistrationOutput:
         """The output nodes (the given ones filled, or new ones) once the process has succeeded; raises
         Cancelled, or InputError with the backend's message. The temporary files are removed either way."""
         from ACSGRegistrationLib.saved import load_result
-        self.run.wait()
+        self.wait()
         try:
-            if self.run.cancelled:
+            if self.stage.cancelled:
                 raise Cancelled("registration cancelled: no output was made")
-            if not self.run.succeeded:
-                raise InputError(self.run.errorMessage())
+            if not self.stage.succeeded:
+                raise InputError(self.stage.errorMessage())
             result = load_result(os.path.join(self.work, "result"))
             output = createOutputNodes(result, self.fixed, self.moving, name=self.name, **self.outputs)
-            output.notes = self.run.notes()
-            output.seconds = (self.run.ended or time.monotonic()) - self.run.started
+            output.notes = self.stage.notes()
+            output.seconds = (self.stage.ended or time.monotonic()) - self.stage.started
             return output
         finally:
             self._clean()
@@ -85,7 +100,7 @@ class RegistrationRun:
         shutil.rmtree(self.work, ignore_errors=True)
 
 
-class FineTuneRun:
+class FineTuneRun(StagedRun):
     """Fine-tuning by ``acsgreg prepare`` (a data folder not yet cropped; cropped once into the run folder) then
     ``acsgreg finetune``, each in a separate process; pairs of the scene come as crops already written
     (``sceneRecords``) and join the folder's. Every loss line goes to ``onLoss(step, loss)`` (the chart)."""
@@ -131,10 +146,6 @@ class FineTuneRun:
         if loss is not None and step is not None and self.onLoss is not None:
             self.onLoss(step, loss)
 
-    def start(self) -> "FineTuneRun":
-        self.stage.start()
-        return self
-
     def poll(self) -> List[str]:
         lines = self.stage.poll()
         if self.stage.title == "crop preparation" and self.stage.succeeded:
@@ -149,21 +160,10 @@ class FineTuneRun:
     def fraction(self) -> float:
         return self.stage.fraction if self.stage.title == "fine-tuning" else 0.0
 
-    @property
-    def message(self) -> str:
-        return self.stage.message
-
-    def cancel(self) -> None:
-        """Stops within about a second; the run keeps its last checkpoint and resumes from it."""
-        self.stage.cancel()
-        self.stage.wait(timeout=2)
-
     def finish(self) -> Dict:
-        """The training summary (status, steps, checkpoint: the model to register with now); raises Cancelled,
-        or InputError with the backend's message."""
-        while not self.finished:
-            self.poll()
-            time.sleep(0.05)
+        """The training summary (status, steps, checkpoint: the model to register with now); raises Cancelled
+        (a stopped run keeps its last checkpoint and resumes from it), or InputError with the backend's message."""
+        self.wait()
         if self.stage.cancelled:
             raise Cancelled(f"{self.stage.title} stopped: the run in {self.outputFolder} resumes from its last "
                             "checkpoint")

@@ -17,6 +17,7 @@ import SimpleITK as sitk
 import torch
 
 from ..errors import InputError
+from ..geometry import ijk_to_physical_matrix
 
 # Linear attenuation of water at ~60 keV (mm⁻¹): HU -> mu = MU_WATER * (1 + HU / 1000), air and below at 0.
 MU_WATER = 0.0206
@@ -40,14 +41,8 @@ class Volume:
             image = resample_isotropic(image, float(spacing))
         values = sitk.GetArrayFromImage(image).astype(np.float64)
         mu = np.clip(MU_WATER * (1.0 + values / 1000.0), 0.0, None) if hounsfield else np.clip(values, 0.0, None)
-        matrix = np.eye(4)
-        matrix[:3, :3] = np.asarray(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
-        matrix[:3, 3] = image.GetOrigin()
         return cls(torch.as_tensor(mu, dtype=dtype, device=device),
-                   torch.as_tensor(matrix, dtype=dtype, device=device))
-
-    def to(self, device=None, dtype=None) -> "Volume":
-        return Volume(self.mu.to(device=device, dtype=dtype), self.index_to_lps.to(device=device, dtype=dtype))
+                   torch.as_tensor(ijk_to_physical_matrix(image), dtype=dtype, device=device))
 
     @property
     def shape_ijk(self):

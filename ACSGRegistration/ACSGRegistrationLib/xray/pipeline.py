@@ -73,16 +73,15 @@ def register_files(ct_path: str, xray_path: str, init_path: str, out_dir: str, g
     initial = read_pose(init_path)
     carm = carm_full.scaled(max(carm_full.size) / float(detector_pixels)) \
         if max(carm_full.size) > detector_pixels else carm_full
-    spacing = max(ct_spacing, min(ct.GetSpacing()))
-    volume = Volume.from_image(ct, spacing=spacing if spacing > min(ct.GetSpacing()) + 1e-6 else None,
-                               device=device)
+    resample = min(ct.GetSpacing()) < ct_spacing
+    spacing = ct_spacing if resample else min(ct.GetSpacing())
+    volume = Volume.from_image(ct, spacing=ct_spacing if resample else None, device=device)
     pixels = prepare_xray(xray.pixels, carm.size, device=device)
     log(f"CT {ct.GetSize()} resampled to {tuple(volume.shape_ijk)} at {spacing:.1f} mm; X-ray "
         f"{carm_full.size[0]} x {carm_full.size[1]} registered on {carm.size[0]} x {carm.size[1]} pixels")
     search = PoseSearch(volume, carm, pixels, initial, centre)
     t0 = time.perf_counter()
-    result = register_pose(search, method, evaluations, refine_steps, seed,
-                           progress=lambda done, total, best: None)
+    result = register_pose(search, method, evaluations, refine_steps, seed)
     with torch.no_grad():
         final = torch.as_tensor(result["parameters"], dtype=volume.mu.dtype, device=volume.mu.device)
         drr = search.render(final[None])[0].cpu().numpy()
