@@ -7,11 +7,12 @@ This file only orchestrates; the work is done elsewhere:
 - the Slicer-bound helpers ``ACSGRegistrationSlicer``: nodes <-> SimpleITK (``conversion``), vertebra choices
   (``labels``), input checks and export (``inputs``), output nodes and display (``outputNodes``), the
   dependencies (``dependencies``), background runs (``backgroundRun``, ``runs``), the self-test's scene
-  (``testScene``).
+  (``testScene``), a CT to X-ray registration's nodes (``xrayNodes``).
 
 ``ACSGRegistrationLogic`` works without the GUI, in Slicer's process (``register``, ``registerPairs``,
 ``registerFiles``, ``fineTune``: scripts and the Python console) or in the background (``startRegistration``,
-``startFineTune``: the panel, which polls them and stays responsive). ``ACSGRegistrationWidget`` is the panel
+``startFineTune``: the panel, which polls them and stays responsive); CT to X-ray pose registration
+(``registerXray``, ``startXrayRegistration``) from scripts and the console for now. ``ACSGRegistrationWidget`` is the panel
 (``Resources/UI/ACSGRegistration.ui``); ``ACSGRegistrationTest`` registers synthetic vertebrae made by the test.
 """
 
@@ -48,12 +49,15 @@ from slicer import (
 # Neither the backend's errors nor the helpers import PyTorch: safe before the dependencies are checked.
 from ACSGRegistrationLib.errors import Cancelled, InputError
 from ACSGRegistrationLib.preprocessing import CROP_SIZE
-from ACSGRegistrationSlicer import batch, dependencies, labels, models, outputNodes, settings, training
+from ACSGRegistrationLib.xray import POSE_SEARCH_METHODS
+from ACSGRegistrationSlicer import batch, dependencies, labels, models, outputNodes, settings, training, xrayNodes, \
+    xrayRegistration
 from ACSGRegistrationSlicer.conversion import ijkToRasOfNode, loadVolumeFile
 from ACSGRegistrationSlicer import testScene
 from ACSGRegistrationSlicer.inputs import PreparedInput, checkInputs, exportInput, pairArguments
 from ACSGRegistrationSlicer.outputNodes import FOREGROUND_CHOICES, RegistrationOutput
 from ACSGRegistrationSlicer.runs import FineTuneRun, RegistrationRun
+from ACSGRegistrationSlicer.xrayRegistration import XrayRegistrationRun
 
 DEFAULT_MODEL, DEFAULT_MODEL_PATH = models.DEFAULT_MODEL, models.DEFAULT_MODEL_PATH
 # Remembered between sessions (QSettings "ACSGRegistration/<name>"): the model and how to run it.
@@ -64,7 +68,13 @@ LOCKED_WHILE_RUNNING = ("fixedVolumeSelector", "fixedSegmentationSelector", "fix
                         "movingVolumeSelector", "movingSegmentationSelector", "movingLabelComboBox", "modelRow",
                         "deviceComboBox", "refineStepsSpinBox", "applyButton", "outputsCollapsibleButton",
                         "trainingFolderPathLineEdit", "scenePairsRow", "iterationsSpinBox", "learningRateSpinBox",
-                        "batchSizeSpinBox", "trainingOutputPathLineEdit", "resumeCheckBox", "startTrainingButton")
+                        "batchSizeSpinBox", "trainingOutputPathLineEdit", "resumeCheckBox", "startTrainingButton",
+                        "xrayCtSelector", "xraySegmentationSelector", "xrayTargetLineEdit", "xrayFilePathLineEdit",
+                        "xrayRegisterButton")
+# Per kind of background run: its progress bar, status label and cancel button.
+RUN_WIDGETS = {"registration": ("progressBar", "statusLabel", "cancelButton"),
+               "training": ("trainingProgressBar", "trainingStatusLabel", "stopTrainingButton"),
+               "xray": ("xrayProgressBar", "xrayStatusLabel", "xrayCancelButton")}
 POLL_MS = 100
 
 
@@ -122,6 +132,8 @@ class ACSGRegistrationParameterNode:
     reuses them.
     Display: which volume goes to the foreground, its opacity, the grid, the warped segmentation, the legend.
     Fine-tune: training data folder, iterations, learning rate, batch size, output folder, resume.
+    CT to X-ray: the CT, its segmentation and target vertebra, the X-ray file, the geometry DICOM does not give
+    (0: from the tags), the initial pose's C-arm angles and distance, the method, the DRR's fade.
     """
 
     fixedVolume: vtkMRMLScalarVolumeNode
@@ -155,6 +167,18 @@ class ACSGRegistrationParameterNode:
     trainingOutputFolder: pathlib.Path = pathlib.Path.home() / "ACSGRegistration" / "finetune"
     resumeTraining: bool = True
 
+    xrayCt: vtkMRMLScalarVolumeNode
+    xraySegmentation: Optional[Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]]
+    xrayTarget: str = ""
+    xrayFile: pathlib.Path = pathlib.Path()
+    sourceToDetectorMm: Annotated[float, WithinRange(0.0, 2000.0)] = 0.0
+    xrayPixelSpacingMm: Annotated[float, WithinRange(0.0, 5.0)] = 0.0
+    laoDeg: Annotated[float, WithinRange(-90.0, 90.0)] = 0.0
+    cranialDeg: Annotated[float, WithinRange(-45.0, 45.0)] = 0.0
+    sourceToTargetMm: Annotated[float, WithinRange(100.0, 1500.0)] = 750.0
+    xrayMethod: Annotated[str, Choice(list(POSE_SEARCH_METHODS))] = POSE_SEARCH_METHODS[0]
+    xrayFade: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+
 
 #
 # ACSGRegistrationWidget
@@ -172,7 +196,8 @@ class ACSGRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self.run = None  # the registration or fine-tuning in flight
-        self._training = False
+        self._runKind = "registration"
+        self.lastXrayOutput = None
         self.lastOutput = None
         self.lastFineTune = None
         self._shownDisplay = None
@@ -207,6 +232,9 @@ class ACSGRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.addScenePairButton.connect("clicked(bool)", self.onAddScenePair)
         self.ui.clearScenePairsButton.connect("clicked(bool)", self.onClearScenePairs)
         self.ui.startTrainingButton.connect("clicked(bool)", self.onStartTraining)
+        self.ui.xrayRegisterButton.connect("clicked(bool)", self.onXrayRegister)
+        self.ui.xrayCancelButton.connect("clicked(bool)", self.onCancel)
+        self.ui.xrayProgressBar.visible = False
         self.ui.progressBar.visible = False
         self.ui.trainingProgressBar.visible = False
         self.initializeParameterNode()
@@ -279,6 +307,8 @@ class ACSGRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 combo.setEditText(value)
                 combo.blockSignals(wasBlocked)
         self._updateDisplay()
+        if self.lastXrayOutput is not None:
+            xrayNodes.setXrayFade(self.lastXrayOutput, p.xrayFade)
         self._checkCanApply()
         settings.save(p, REMEMBERED)
 
@@ -293,6 +323,13 @@ class ACSGRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             reason = _("No model: choose a checkpoint file (.pt) under Model")
         self.ui.applyButton.enabled = not reason
         self.ui.applyButton.toolTip = reason or _("Register the moving vertebra to the fixed one")
+        xrayReason = ""
+        if self.run is not None:
+            xrayReason = _("Running...")
+        elif not p or not p.xrayCt or _isUnset(p.xrayFile):
+            xrayReason = _("Select the CT and the X-ray file")
+        self.ui.xrayRegisterButton.enabled = not xrayReason
+        self.ui.xrayRegisterButton.toolTip = xrayReason or _("Register the CT to the X-ray (the pose)")
 
     def _updateModelStatus(self, *_) -> None:
         self.ui.modelStatusLabel.text = self.logic.describeModel(self.ui.modelPathLineEdit.currentPath)
@@ -336,13 +373,17 @@ class ACSGRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             setattr(self._parameterNode, f"{side}Label", text)
 
     # -- runs in the background -------------------------------------------------------------------------
-    def _startRun(self, run, training: bool) -> None:
-        self.run, self._training = run, training
+    def _runWidgets(self, kind: str):
+        """(progress bar, status label, cancel button) of a kind of run."""
+        names = RUN_WIDGETS[kind]
+        return tuple(getattr(self.ui, name) for name in names)
+
+    def _startRun(self, run, kind: str) -> None:
+        self.run, self._runKind = run, kind
         for name in LOCKED_WHILE_RUNNING:
             getattr(self.ui, name).enabled = False
-        self.ui.cancelButton.enabled = not training
-        self.ui.stopTrainingButton.enabled = training
-        bar = self.ui.trainingProgressBar if training else self.ui.progressBar
+        bar, _label, cancel = self._runWidgets(kind)
+        cancel.enabled = True
         bar.value, bar.maximum, bar.visible = 0, 100, True
         run.start()
         self.timer.start()
@@ -354,8 +395,9 @@ class ACSGRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.timer.stop()
             return
         run.poll()
-        (self.ui.trainingStatusLabel if self._training else self.ui.statusLabel).text = run.message
-        (self.ui.trainingProgressBar if self._training else self.ui.progressBar).value = int(100 * run.fraction)
+        bar, label, _cancel = self._runWidgets(self._runKind)
+        label.text = run.message
+        bar.value = int(100 * run.fraction)
         if run.finished:
             self._endRun(run)
 
@@ -364,14 +406,17 @@ class ACSGRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.run = None
         for name in LOCKED_WHILE_RUNNING:
             getattr(self.ui, name).enabled = True
-        self.ui.cancelButton.enabled = self.ui.stopTrainingButton.enabled = False
-        self.ui.progressBar.visible = False
-        label = self.ui.trainingStatusLabel if self._training else self.ui.statusLabel
+        for kind in RUN_WIDGETS:
+            self._runWidgets(kind)[2].enabled = False
+        self.ui.progressBar.visible = self.ui.xrayProgressBar.visible = False
+        _bar, label, _cancel = self._runWidgets(self._runKind)
+        failed, done = {"registration": (_("Registration failed."), self._registrationDone),
+                        "training": (_("Fine-tuning failed."), self._fineTuneDone),
+                        "xray": (_("X-ray registration failed."), self._xrayDone)}[self._runKind]
         try:
-            with slicer.util.tryWithErrorDisplay(_("Fine-tuning failed.") if self._training
-                                                 else _("Registration failed."), waitCursor=True):
+            with slicer.util.tryWithErrorDisplay(failed, waitCursor=True):
                 try:
-                    (self._fineTuneDone if self._training else self._registrationDone)(run.finish())
+                    done(run.finish())
                 except Cancelled as exc:
                     label.text = str(exc)
         finally:
@@ -388,7 +433,7 @@ class ACSGRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.logic.ensureDependencies(askConfirmation=True):
                 self.ui.statusLabel.text = _("Missing packages were not installed: nothing done.")
                 return
-            self._startRun(self.logic.startRegistrationOf(p), training=False)
+            self._startRun(self.logic.startRegistrationOf(p), "registration")
 
     def _registrationDone(self, output: RegistrationOutput) -> None:
         self.logic.storeOutputs(self._parameterNode, output)
@@ -441,7 +486,23 @@ class ACSGRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 scenePairs=self.scenePairs or None, checkpoint=p.checkpointPath, iterations=p.trainingIterations,
                 learningRate=p.learningRate, batchSize=p.batchSize, resume=p.resumeTraining, device=p.device)
             self._showChart(self.logic.lossChart)
-            self._startRun(run, training=True)
+            self._startRun(run, "training")
+
+    def onXrayRegister(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("X-ray registration failed."), waitCursor=True):
+            if not self.logic.ensureDependencies(askConfirmation=True):
+                return
+            self._startRun(self.logic.startXrayRegistrationOf(p), "xray")
+
+    def _xrayDone(self, output) -> None:
+        self.lastXrayOutput = output
+        xrayNodes.showXrayOverlay(output, self._parameterNode.xrayFade)
+        m = output.metrics
+        self.ui.xrayStatusLabel.text = _("Done in {seconds:.0f} s: gradient NCC {before:.2f} -> {after:.2f} "
+                                         "({method}, {polarity})").format(
+            seconds=m["seconds"], before=m["initial_similarity"], after=m["final_similarity"], method=m["method"],
+            polarity=m["polarity"])
 
     def _fineTuneDone(self, summary: Dict) -> None:
         self.lastFineTune = summary
@@ -608,6 +669,24 @@ class ACSGRegistrationLogic(ScriptedLoadableModuleLogic):
         """Fixed volume in the background, the warped volume (or ``foreground="Jacobian map"``) in front, the
         grid and the warped segmentation on top, views centred (``outputNodes.showResults``' options)."""
         outputNodes.showResults(output, **display)
+
+    # -- CT to X-ray -------------------------------------------------------------------------------------
+    def startXrayRegistration(self, ctVolume, xray, geometry: Dict, **options) -> XrayRegistrationRun:
+        """CT to X-ray pose registration in the background (``xrayRegistration.startXrayRegistration``: the
+        inputs, the initial pose from the C-arm's angles, the options); ``run.finish()`` gives the nodes."""
+        return xrayRegistration.startXrayRegistration(ctVolume, xray, geometry, **options)
+
+    def startXrayRegistrationOf(self, p) -> XrayRegistrationRun:
+        """``startXrayRegistration`` of what a parameter node (the panel's) says."""
+        return xrayRegistration.startXrayRegistration(p.xrayCt, xrayRegistration.xrayFileOf(p),
+                                                      xrayRegistration.geometryOf(p), **xrayRegistration.optionsOf(p))
+
+    def registerXray(self, ctVolume, xray, geometry: Dict, opacity: float = 0.5, **options):
+        """``startXrayRegistration``, waited for (scripts, the Python console); the X-ray under the DRR in the
+        red slice view. Returns the nodes (``xrayNodes.XrayOutput``)."""
+        output = self.startXrayRegistration(ctVolume, xray, geometry, **options).finish()
+        xrayNodes.showXrayOverlay(output, opacity)
+        return output
 
     # -- batch ------------------------------------------------------------------------------------------
     def registerPairs(self, pairs: Sequence, checkpoint=None, device: str = "auto", refineSteps: int = 0,

@@ -338,7 +338,9 @@ def test_xray_register_command_line(tmp_path, capsys):
     assert mean_target_error(pose, truth, points) < 0.5 * mean_target_error(start, truth, points)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["final_similarity"] > metrics["initial_similarity"] and metrics["polarity"] == "bone bright"
-    assert sitk.ReadImage(str(out / "drr.nii.gz")).GetSize() == (48, 48)
+    assert sitk.ReadImage(str(out / "drr.nii.gz")).GetSize() == (48, 48, 1)
+    placed = json.loads((out / "projections.json").read_text())
+    assert list(placed["centroids"]) == ["7"] and len(placed["detector_corners_lps"]) == 4
     assert (out / "overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Refusals name what is wrong, before any work.
     assert main(["xray-register"] + common[:-6] + ["--out", str(tmp_path / "x")]) == 2
@@ -356,3 +358,25 @@ def test_pose_and_slicer_transform_round_trip():
     lps = np.array([30.0, -15.0, 190.0])
     ras = lps * [-1, -1, 1]
     assert np.allclose(matrix[:3, :3] @ ras + matrix[:3, 3], pose[:3, :3] @ lps + pose[:3, 3], atol=1e-9)
+
+
+def test_xray_and_drr_are_placed_where_the_detector_stands():
+    from ACSGRegistrationLib.xray.camera import detector_corners, detector_image, project_to_detector, \
+        source_position
+    carm = CArm(1000.0, (0.8, 0.6), (40, 30), (18.0, 16.0))
+    pose = look_at([12.0, -40.0, 210.0], 720.0, lao_deg=-25.0, cranial_deg=12.0)
+    image = detector_image(np.zeros((30, 40)), carm, pose)
+    points = np.array([[12.0, -40.0, 210.0], [30.0, -20.0, 180.0]])
+    in_source = points @ pose[:3, :3].T + pose[:3, 3]
+    pixels = carm.project(in_source)
+    on_detector = project_to_detector(points, carm, pose)
+    for (u, v), expected in zip(pixels, on_detector):
+        assert np.allclose(image.TransformContinuousIndexToPhysicalPoint((u, v, 0.0)), expected, atol=1e-6)
+    # The shadow lies on the line from the source through the point, at the detector's distance.
+    source = source_position(pose)
+    for point, shadow in zip(points, on_detector):
+        direction = (point - source) / np.linalg.norm(point - source)
+        assert np.allclose((shadow - source) / np.linalg.norm(shadow - source), direction, atol=1e-9)
+    corners = detector_corners(carm, pose)
+    assert np.allclose(image.TransformContinuousIndexToPhysicalPoint((-0.5, -0.5, 0.0)), corners[0], atol=1e-6)
+    assert np.allclose(image.TransformContinuousIndexToPhysicalPoint((39.5, 29.5, 0.0)), corners[2], atol=1e-6)

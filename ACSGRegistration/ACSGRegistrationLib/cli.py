@@ -306,12 +306,67 @@ def cmd_xray_register(args):
     device = choose_device(args.device)
     done = register_files(args.ct, args.xray, args.init, args.out, args.geometry, args.ct_seg, args.label,
                           args.method, args.evaluations, args.refine_steps, args.detector_pixels, args.ct_spacing,
-                          device=device, seed=args.seed)
+                          device=device, seed=args.seed, prost_model=args.prost_model)
     m = done["metrics"]
     print(f"gradient NCC {m['initial_similarity']:.3f} -> {m['final_similarity']:.3f} in {m['seconds']:.1f} s "
           f"({m['evaluations']} DRRs, {m['polarity']})")
     for key, path in done["paths"].items():
         print(f"  {key}: {path}")
+    return 0
+
+
+def cmd_xray_train(args):
+    from .xray.prost import ProSTConfig
+    from .xray.prost_training import ProSTTrainConfig, ProSTTrainer, subjects_from_arguments
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    net_config = ProSTConfig(detector_pixels=args.detector_pixels)
+    config = ProSTTrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                              rotation_deg=args.start_deg, translation_mm=args.start_mm, depth_mm=args.start_depth_mm,
+                              validate_every=args.validate_every, seed=args.seed)
+    subjects = subjects_from_arguments(args.ct, args.ct_seg, args.label, net_config, config.simulation_spacing_mm)
+    held_out = subjects_from_arguments(args.val_ct or [], args.val_ct_seg or [], args.val_label or [], net_config,
+                                       config.simulation_spacing_mm, option="--val-ct")
+    trainer = ProSTTrainer(subjects, args.out, config, net_config, validation_subjects=held_out,
+                           resume=not args.restart)
+    summary = trainer.train(should_stop=_stop_requests())
+    print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
+    return 0 if summary["status"] == "finished" else 130
+
+
+def cmd_xray_evaluate(args):
+    from .io import read_image
+    from .xray.evaluation import BINS, evaluate_subject, write_report
+    from .xray.prost import load_prost
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    if not (len(args.ct) == len(args.ct_seg) == len(args.label)):
+        raise InputError("--ct, --ct-seg and --label are given together, once per test CT")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in XRAY_METHODS]
+    if unknown:
+        raise InputError(f"--methods: unknown {', '.join(unknown)} (choose from {', '.join(XRAY_METHODS)})")
+    models = [(os.path.basename(os.path.dirname(os.path.abspath(m))), load_prost(m)["net"])
+              for m in args.prost_model or []]
+    if any(m.startswith("prost") for m in methods) and not models:
+        raise InputError("the prost methods need --prost-model")
+    budgets = {"cmaes+gradient": {"evaluations": args.evaluations, "refine_steps": 40},
+               "cmaes": {"evaluations": args.evaluations}, "gradient": {"refine_steps": 100},
+               "prost+cmaes+gradient": {"evaluations": 300, "refine_steps": 40}, "prost": {}}
+    specs = {}
+    for method in methods:
+        for model_name, net in (models if method.startswith("prost") else [(None, None)]):
+            name = f"{method} [{model_name}]" if len(models) > 1 and model_name else method
+            specs[name] = {"method": method, "learned": net, **budgets[method]}
+    bins = BINS[:args.bins]
+    rows = []
+    for ct_path, seg_path, label in zip(args.ct, args.ct_seg, args.label):
+        rows += evaluate_subject(_short(ct_path), read_image(ct_path, "CT"), read_image(seg_path, "CT label map"),
+                                 label, specs, args.cases, seed=args.seed, bins=bins, should_stop=_stop_requests())
+        paths = write_report(rows, args.out)  # after each CT: a long run's results so far
+    print(open(paths["table"]).read())
     return 0
 
 
@@ -439,6 +494,7 @@ def build_parser():
     p.add_argument("--init", required=True, help="POSE.json {\"ct_to_source\": 4x4}: the initial pose")
     p.add_argument("--out", required=True, help="folder for pose.json, drr.nii.gz, overlay.png, metrics.json")
     p.add_argument("--method", choices=XRAY_METHODS, default=XRAY_METHODS[0])
+    p.add_argument("--prost-model", help="ProST model for the prost methods (default: the shipped one)")
     p.add_argument("--evaluations", type=COUNT, default=600, help="CMA-ES's budget of DRRs (default 600)")
     p.add_argument("--refine-steps", type=STEPS, default=60, help="gradient-ascent steps (default 60)")
     p.add_argument("--detector-pixels", type=COUNT, default=96,
@@ -448,6 +504,48 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=cmd_xray_register)
+
+    p = sub.add_parser("xray-train", help="train ProST's learned similarity on simulated X-rays of CTs (the "
+                                          "direction of its pose gradient supervised: double backward)")
+    p.add_argument("--ct", action="append", required=True, help="a training CT (repeat for several)")
+    p.add_argument("--ct-seg", action="append", required=True, help="its label map (one per --ct, same order)")
+    p.add_argument("--label", action="append", type=int, required=True, help="its target vertebra's label")
+    p.add_argument("--val-ct", action="append", help="a held-out CT for validation (default: new poses of the "
+                                                     "training CTs)")
+    p.add_argument("--val-ct-seg", action="append")
+    p.add_argument("--val-label", action="append", type=int)
+    p.add_argument("--out", required=True, help="run folder: last.pt (resumed from), model.pt, history.csv")
+    p.add_argument("--steps", type=COUNT, default=3000)
+    p.add_argument("--batch-size", type=COUNT, default=4)
+    p.add_argument("--learning-rate", type=_number(float, above=0.0, maximum=1.0), default=1e-3)
+    p.add_argument("--start-deg", type=_number(float, above=0.0, maximum=90.0), default=10.0,
+                   help="σ of the training start poses' rotation offsets per axis (default 10)")
+    p.add_argument("--start-mm", type=_number(float, above=0.0, maximum=200.0), default=15.0,
+                   help="σ of their in-plane translation offsets (default 15)")
+    p.add_argument("--start-depth-mm", type=_number(float, above=0.0, maximum=400.0), default=30.0,
+                   help="σ of their depth offsets (default 30)")
+    p.add_argument("--detector-pixels", type=COUNT, default=64, help="the network's detector (default 64)")
+    p.add_argument("--validate-every", type=COUNT, default=100)
+    p.add_argument("--threads", type=COUNT, help="CPU threads for PyTorch")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--restart", action="store_true", help="start afresh even if --out holds a run")
+    p.set_defaults(func=cmd_xray_train)
+
+    p = sub.add_parser("xray-evaluate", help="CT to X-ray registration in simulation: realistic X-rays of test CTs "
+                                             "at known poses, starts binned by mTRE, every method on the same cases")
+    p.add_argument("--ct", action="append", required=True, help="a test CT (repeat for several)")
+    p.add_argument("--ct-seg", action="append", required=True, help="its label map (one per --ct)")
+    p.add_argument("--label", action="append", type=int, required=True, help="its target vertebra's label")
+    p.add_argument("--prost-model", action="append", help="a ProST model (repeat to compare several)")
+    p.add_argument("--methods", default="prost+cmaes+gradient,cmaes+gradient,gradient",
+                   help=f"comma-separated, from {', '.join(XRAY_METHODS)}")
+    p.add_argument("--cases", type=COUNT, default=5, help="cases per start bin and CT (default 5)")
+    p.add_argument("--bins", type=COUNT, default=4, help="how many of the bins 0-10, 10-20, 20-40, 40-60 mm")
+    p.add_argument("--evaluations", type=COUNT, default=400, help="CMA-ES's DRRs per run without ProST")
+    p.add_argument("--out", required=True, help="folder for cases.csv, summary.csv, summary.md")
+    p.add_argument("--threads", type=COUNT, help="CPU threads for PyTorch")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_xray_evaluate)
 
     p = sub.add_parser("prepare", help="crop vertebrae from scans listed in a manifest CSV")
     p.add_argument("--manifest", required=True,

@@ -11,6 +11,7 @@ from .errors import InputError
 
 DEFAULT_MODEL = "acsgregnet_default.pt"
 BASELINE_MODEL = "avoxelmorph_baseline.pt"
+PROST_MODEL = "prost_lumbar.pt"  # CT to X-ray: ProST's learned similarity
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 MODEL_FOLDERS = (os.path.join(_PACKAGE, "models"),  # installed package
                  os.path.join(os.path.dirname(_PACKAGE), "Resources", "Models"))  # the Slicer module's folder

@@ -61,6 +61,9 @@ class BackgroundRun:
 
     # -- running ------------------------------------------------------------------------------------------
     def start(self) -> "BackgroundRun":
+        """Start the process, once: a run the logic has started is started again by the panel's bookkeeping."""
+        if self.process is not None:
+            return self
         command = [pythonExecutable(), "-m", "ACSGRegistrationLib"] + self.arguments
         options = {}
         if os.name == "posix":

@@ -171,3 +171,4 @@ class FineTuneRun(StagedRun):
         if self.stage.title != "fine-tuning" or start is None:
             raise InputError(self.stage.errorMessage())
         return json.loads("\n".join(self.stage.lines[start:]))
+

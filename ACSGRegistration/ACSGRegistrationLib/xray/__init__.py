@@ -3,5 +3,6 @@
 intensity-based pose search (``register``) and registration from files (``pipeline``). Nothing here imports
 PyTorch (the command line's parser reads the methods from here)."""
 
-# The pose searches: CMA-ES then gradient ascent through the renderer (default), either alone.
-POSE_SEARCH_METHODS = ("cmaes+gradient", "cmaes", "gradient")
+# The pose searches: CMA-ES then gradient ascent through the renderer (default), either alone; ProST's learned
+# similarity first, refined by both (needs a ProST model), or alone.
+POSE_SEARCH_METHODS = ("cmaes+gradient", "cmaes", "gradient", "prost+cmaes+gradient", "prost")

@@ -9,19 +9,24 @@ A pose ``ct_to_source`` (4×4) maps the CT's physical points (LPS mm, as in its 
 Poses are optimised as a 6-vector (rotation vector in radians, translation in mm) applied on the left of a
 reference pose, about a centre (the target vertebra's centroid), so that rotating does not swing the vertebra
 out of view: T(p) = Δ(p) · T0 with Δ rotating about T0·centre. Rodrigues' formula keeps every step
-differentiable twice (the learned similarity's training differentiates its pose gradient).
+differentiable twice (the learned similarity's training differentiates its pose gradient). PyTorch is imported
+only by the functions that compute with it: Slicer's process reads and writes poses without it.
 """
+
+from __future__ import annotations  # torch's types in signatures without importing it
 
 import json
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 
 from ..errors import InputError
 from ..geometry import LPS_TO_RAS
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -70,8 +75,10 @@ class CArm:
         return CArm(self.source_to_detector_mm, (sx, sy), (columns, rows), (cx, cy))
 
     # -- rays and projections --------------------------------------------------------------------------------
-    def detector_points(self, device=None, dtype=torch.float32) -> torch.Tensor:
+    def detector_points(self, device=None, dtype=None) -> torch.Tensor:
         """Each pixel's centre on the detector, in the source frame: (rows, columns, 3) mm."""
+        import torch
+        dtype = dtype or torch.float32
         columns, rows = self.size
         u = torch.arange(columns, device=device, dtype=dtype)
         v = torch.arange(rows, device=device, dtype=dtype)
@@ -92,6 +99,7 @@ class CArm:
 
 def rotation_matrix(rotvec: torch.Tensor) -> torch.Tensor:
     """Rodrigues' formula, smooth at zero (series for small angles), batched over leading dimensions."""
+    import torch
     theta2 = (rotvec * rotvec).sum(-1, keepdim=True)[..., None]  # (..., 1, 1)
     small = theta2 < 1e-8
     theta2_safe = torch.where(small, torch.ones_like(theta2), theta2)
@@ -108,6 +116,7 @@ def rotation_matrix(rotvec: torch.Tensor) -> torch.Tensor:
 def pose_from_parameters(parameters: torch.Tensor, reference: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
     """The pose Δ(p)·T0 (4×4, batched over ``parameters``' leading dimensions): Δ rotates by ``parameters[:3]``
     (rotation vector, rad) about T0·centre, then translates by ``parameters[3:]`` (mm, source frame)."""
+    import torch
     rotation = rotation_matrix(parameters[..., :3])
     pivot = reference[:3, :3] @ centre + reference[:3, 3]  # the centre, in the source frame
     translation = pivot - rotation @ pivot + parameters[..., 3:]
@@ -163,6 +172,57 @@ def look_at(target_lps: Sequence[float], source_to_target_mm: float, lao_deg: fl
     matrix[:3, :3] = rotation
     matrix[:3, 3] = np.array([0.0, 0.0, source_to_target_mm]) - rotation @ np.asarray(target_lps, dtype=float)
     return matrix
+
+
+def source_to_ct(ct_to_source: np.ndarray) -> np.ndarray:
+    """The inverse pose: source-frame points -> the CT's LPS mm."""
+    return np.linalg.inv(np.asarray(ct_to_source, dtype=np.float64))
+
+
+def source_position(ct_to_source: np.ndarray) -> np.ndarray:
+    """The X-ray source in the CT's LPS mm."""
+    return source_to_ct(ct_to_source)[:3, 3]
+
+
+def detector_image(pixels: np.ndarray, carm: CArm, ct_to_source: np.ndarray):
+    """An image on the detector (rows, columns), placed where the detector is in the CT's space: a one-slice
+    3D SimpleITK image in LPS whose pixel (u, v) sits at the detector point of pixel (u, v). Loaded beside the
+    CT (Slicer, ITK-SNAP), the X-ray and its DRR stand where the C-arm's detector stood."""
+    import SimpleITK as sitk
+    pixels = np.asarray(pixels, dtype=np.float32)
+    if pixels.shape != (carm.size[1], carm.size[0]):
+        raise InputError(f"image of {pixels.shape[1]} x {pixels.shape[0]} pixels on a detector of "
+                         f"{carm.size[0]} x {carm.size[1]}")
+    inverse = source_to_ct(ct_to_source)
+    (cx, cy), (sx, sy) = carm.principal_point_px, carm.pixel_spacing_mm
+    first = inverse @ np.array([-cx * sx, -cy * sy, carm.source_to_detector_mm, 1.0])
+    image = sitk.GetImageFromArray(pixels[None])
+    image.SetOrigin(first[:3].tolist())
+    image.SetSpacing((sx, sy, 1.0))
+    image.SetDirection(inverse[:3, :3].ravel().tolist())  # columns: the source frame's axes in LPS
+    return image
+
+
+def project_to_detector(points_lps: np.ndarray, carm: CArm, ct_to_source: np.ndarray) -> np.ndarray:
+    """Where the rays through CT points (N, 3, LPS) meet the detector, in the CT's LPS mm (N, 3): the points'
+    shadows on the X-ray placed by ``detector_image``."""
+    p = np.asarray(points_lps, dtype=np.float64).reshape(-1, 3)
+    pose = np.asarray(ct_to_source, dtype=np.float64)
+    in_source = p @ pose[:3, :3].T + pose[:3, 3]
+    on_detector = in_source * (carm.source_to_detector_mm / in_source[:, 2:3])
+    inverse = source_to_ct(pose)
+    return on_detector @ inverse[:3, :3].T + inverse[:3, 3]
+
+
+def detector_corners(carm: CArm, ct_to_source: np.ndarray) -> np.ndarray:
+    """The detector's four outer corners in the CT's LPS mm (4, 3), in order around it."""
+    (cx, cy), (sx, sy) = carm.principal_point_px, carm.pixel_spacing_mm
+    columns, rows = carm.size
+    corners = [(u, v) for u, v in ((-0.5, -0.5), (columns - 0.5, -0.5), (columns - 0.5, rows - 0.5),
+                                   (-0.5, rows - 0.5))]
+    source = np.array([[(u - cx) * sx, (v - cy) * sy, carm.source_to_detector_mm] for u, v in corners])
+    inverse = source_to_ct(ct_to_source)
+    return source @ inverse[:3, :3].T + inverse[:3, 3]
 
 
 def pose_to_slicer(ct_to_source: np.ndarray) -> np.ndarray:

@@ -77,14 +77,17 @@ def resample_isotropic(image: sitk.Image, spacing: float) -> sitk.Image:
 
 
 def trilinear(volume: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """Values of ``volume`` (D, H, W) at continuous indices ``points`` (..., 3 as i, j, k); zero outside.
-    Written with gathers so that it has derivatives of any order in the points."""
-    d, h, w = volume.shape
-    flat = volume.reshape(-1)
+    """Values of ``volume`` (D, H, W), or of each channel of (C, D, H, W), at continuous indices ``points``
+    (..., 3 as i, j, k); zero outside. Written with gathers so that it has derivatives of any order in the
+    points and the volume."""
+    channels = volume.dim() == 4
+    grid = volume if channels else volume[None]
+    _, d, h, w = grid.shape
+    flat = grid.reshape(grid.shape[0], -1)
     base = torch.floor(points.detach())
     frac = points - base
     base = base.long()
-    out = torch.zeros(points.shape[:-1], dtype=volume.dtype, device=volume.device)
+    out = torch.zeros((grid.shape[0],) + points.shape[:-1], dtype=volume.dtype, device=volume.device)
     for di in (0, 1):
         for dj in (0, 1):
             for dk in (0, 1):
@@ -93,13 +96,17 @@ def trilinear(volume: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
                 index = (k.clamp(0, d - 1) * h + j.clamp(0, h - 1)) * w + i.clamp(0, w - 1)
                 weight = ((frac[..., 0] if di else 1 - frac[..., 0]) * (frac[..., 1] if dj else 1 - frac[..., 1])
                           * (frac[..., 2] if dk else 1 - frac[..., 2]))
-                out = out + torch.where(inside, weight * flat[index], torch.zeros_like(weight))
-    return out
+                weight = torch.where(inside, weight, torch.zeros_like(weight))
+                out = out + weight * flat[:, index]
+    return out if channels else out[0]
 
 
-def render(volume: Volume, carm, ct_to_source: torch.Tensor, samples: Optional[int] = None) -> torch.Tensor:
+def render(volume: Volume, carm, ct_to_source: torch.Tensor, samples: Optional[int] = None,
+           channels: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Line integrals of attenuation (optical depth) on the detector: (rows, columns), or (B, rows, columns)
-    for a batch of poses (B, 4, 4). ``samples`` per ray: by default one per voxel across the bounding sphere."""
+    for a batch of poses (B, 4, 4). ``samples`` per ray: by default one per voxel across the bounding sphere.
+    ``channels`` (C, D, H, W) on the volume's grid (ProST's 3D features) are integrated instead of the
+    attenuation: (C, rows, columns) or (B, C, rows, columns)."""
     batched = ct_to_source.dim() == 3
     pose = ct_to_source if batched else ct_to_source[None]
     dtype, device = volume.mu.dtype, volume.mu.device
@@ -123,19 +130,24 @@ def render(volume: Volume, carm, ct_to_source: torch.Tensor, samples: Optional[i
     direction_index = directions @ to_index[:3, :3].T  # (B, rows, columns, 3)
     points = (source_index[:, None, None, None, :]
               + t[:, None, None, :, None] * direction_index[:, :, :, None, :])  # (B, rows, columns, N, 3)
-    if torch.is_grad_enabled() and (volume.mu.requires_grad or pose.requires_grad):
-        values = trilinear(volume.mu, points)
+    field = volume.mu if channels is None else channels
+    if torch.is_grad_enabled() and (field.requires_grad or pose.requires_grad):
+        values = trilinear(field, points)
     else:  # no derivative wanted (a search's evaluations): PyTorch's own sampler, several times faster
-        values = sample_without_gradient(volume.mu, points)
-    image = values.sum(-1) * step
+        values = sample_without_gradient(field, points)
+    image = values.sum(-1) * step  # (B, rows, columns) or (C, B, rows, columns)
+    if channels is not None:
+        image = image.transpose(0, 1)
     return image if batched else image[0]
 
 
 def sample_without_gradient(volume: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """``trilinear``'s values (zero outside) through ``grid_sample``: index -> [-1, 1] with corners aligned."""
-    d, h, w = volume.shape
+    grid_values = volume if volume.dim() == 4 else volume[None]
+    d, h, w = grid_values.shape[1:]
     size = torch.tensor([w - 1, h - 1, d - 1], dtype=points.dtype, device=points.device).clamp(min=1)
     grid = (2 * points / size - 1).reshape(1, -1, 1, 1, 3)
-    values = torch.nn.functional.grid_sample(volume[None, None], grid, mode="bilinear", padding_mode="zeros",
+    values = torch.nn.functional.grid_sample(grid_values[None], grid, mode="bilinear", padding_mode="zeros",
                                              align_corners=True)
-    return values.reshape(points.shape[:-1])
+    values = values.reshape((grid_values.shape[0],) + points.shape[:-1])
+    return values if volume.dim() == 4 else values[0]

@@ -111,3 +111,18 @@ def carm_of(xray: XRay, geometry: Optional[Dict] = None, where: str = "GEOMETRY.
         raise InputError(f"{xray.path} does not give {' and '.join(missing)} (no DICOM geometry tags): put "
                          f"{'them' if len(missing) > 1 else 'it'} in {where}")
     return CArm.from_dict(merged, where=f"{xray.path} + {where}")
+
+
+def target_centre(ct: sitk.Image, labels: Optional[sitk.Image], label, where: str) -> np.ndarray:
+    """The pivot (LPS mm): the chosen label's centroid, or the CT's centre without a label map."""
+    if labels is None:
+        return np.asarray(ct.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in ct.GetSize()]))
+    from ..preprocessing import label_centroids
+    centroids = label_centroids(labels)
+    if label is None:
+        if len(centroids) != 1:
+            raise InputError(f"{where} holds labels {sorted(centroids)}: choose the target with --label")
+        label = next(iter(centroids))
+    if int(label) not in centroids:
+        raise InputError(f"label {label} is not in {where} (it holds {sorted(centroids)})")
+    return np.asarray(centroids[int(label)])

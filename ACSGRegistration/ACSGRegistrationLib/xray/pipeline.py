@@ -1,7 +1,9 @@
 """CT to X-ray registration from files (the command line's ``xray-register``): the CT (and its label map, whose
 chosen vertebra is the target: the pivot of the pose search and where errors are measured), the X-ray and its
 geometry, an initial pose; out: ``pose.json``, ``drr.nii.gz`` (the final DRR on the registration's detector
-grid), ``overlay.png`` and ``metrics.json``, written as one unit (``outputs.OutputFolder``)."""
+grid) and ``xray.nii.gz``, both placed where the detector stands in the CT's space, ``projections.json`` (the
+source, the detector's corners and the label centroids projected onto the detector), ``overlay.png`` and
+``metrics.json``, written as one unit (``outputs.OutputFolder``)."""
 
 import json
 import os
@@ -12,33 +14,18 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from ..errors import InputError
 from ..geometry import write_image, write_text
 from ..io import read_image
-from .camera import CArm, pose_json, read_pose
+from .camera import CArm, detector_corners, detector_image, pose_json, project_to_detector, read_pose, \
+    source_position
 from .drr import Volume
-from .images import carm_of, read_geometry, read_xray
+from .images import carm_of, read_geometry, read_xray, target_centre
 from .register import PoseSearch, prepare_xray, register_pose
 
 # The registration's detector: its longest side in pixels (the X-ray is area-averaged onto it).
 DETECTOR_PIXELS = 96
 # The CT is blurred and resampled to this spacing (mm) when finer: DRRs of a coarse volume are fast and smooth.
 CT_SPACING = 2.0
-
-
-def target_centre(ct: sitk.Image, labels: Optional[sitk.Image], label, where: str) -> np.ndarray:
-    """The pivot (LPS mm): the chosen label's centroid, or the CT's centre without a label map."""
-    if labels is None:
-        return np.asarray(ct.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in ct.GetSize()]))
-    from ..preprocessing import label_centroids
-    centroids = label_centroids(labels)
-    if label is None:
-        if len(centroids) != 1:
-            raise InputError(f"{where} holds labels {sorted(centroids)}: choose the target with --label")
-        label = next(iter(centroids))
-    if int(label) not in centroids:
-        raise InputError(f"label {label} is not in {where} (it holds {sorted(centroids)})")
-    return np.asarray(centroids[int(label)])
 
 
 def overlay_png(xray: np.ndarray, drr: np.ndarray, path: str) -> None:
@@ -57,11 +44,29 @@ def overlay_png(xray: np.ndarray, drr: np.ndarray, path: str) -> None:
     plt.close(figure)
 
 
+def projections(pose: np.ndarray, carm: CArm, ct: sitk.Image, labels: Optional[sitk.Image]) -> Dict:
+    """The X-ray source, the detector's corners and each label's centroid projected onto the detector: in the
+    CT's LPS mm (where ``detector_image`` places the X-ray) and in X-ray pixels (column, row)."""
+    centroids = {}
+    if labels is not None:
+        from ..preprocessing import label_centroids
+        centroids = label_centroids(labels)
+    points = np.array([centroids[k] for k in sorted(centroids)]).reshape(-1, 3)
+    in_source = points @ pose[:3, :3].T + pose[:3, 3]
+    pixels = carm.project(in_source) if len(points) else np.zeros((0, 2))
+    on_detector = project_to_detector(points, carm, pose) if len(points) else np.zeros((0, 3))
+    return {"source_lps": source_position(pose).tolist(), "detector_corners_lps": detector_corners(carm, pose).tolist(),
+            "centroids": {str(k): {"lps": list(map(float, c)), "on_detector_lps": d.tolist(), "pixel": px.tolist()}
+                          for k, c, d, px in zip(sorted(centroids), points, on_detector, pixels)}}
+
+
 def register_files(ct_path: str, xray_path: str, init_path: str, out_dir: str, geometry_path: Optional[str] = None,
                    seg_path: Optional[str] = None, label=None, method: str = "cmaes+gradient",
                    evaluations: int = 600, refine_steps: int = 60, detector_pixels: int = DETECTOR_PIXELS,
-                   ct_spacing: float = CT_SPACING, device: str = "cpu", seed: int = 0, log=print) -> Dict:
-    """Every input is read and checked before any work; returns {"paths", "metrics"}."""
+                   ct_spacing: float = CT_SPACING, device: str = "cpu", seed: int = 0, log=print,
+                   prost_model: Optional[str] = None) -> Dict:
+    """Every input is read and checked before any work; returns {"paths", "metrics"}. The ``prost`` methods
+    use ``prost_model`` (default: the shipped ProST model)."""
     from ..outputs import OutputFolder
     folder = OutputFolder(out_dir, inputs=(ct_path, xray_path, init_path, geometry_path, seg_path),
                           kind="X-ray registration")
@@ -71,6 +76,12 @@ def register_files(ct_path: str, xray_path: str, init_path: str, out_dir: str, g
     xray = read_xray(xray_path)
     carm_full: CArm = carm_of(xray, read_geometry(geometry_path), where=geometry_path or "--geometry")
     initial = read_pose(init_path)
+    net = None
+    if method.startswith("prost"):
+        from ..resources import PROST_MODEL, shipped_model_path
+        from .prost import load_prost
+        prost_model = prost_model or shipped_model_path(PROST_MODEL)
+        net = load_prost(prost_model, map_location=device)["net"].to(device)
     carm = carm_full.scaled(max(carm_full.size) / float(detector_pixels)) \
         if max(carm_full.size) > detector_pixels else carm_full
     resample = min(ct.GetSpacing()) < ct_spacing
@@ -81,22 +92,29 @@ def register_files(ct_path: str, xray_path: str, init_path: str, out_dir: str, g
         f"{carm_full.size[0]} x {carm_full.size[1]} registered on {carm.size[0]} x {carm.size[1]} pixels")
     search = PoseSearch(volume, carm, pixels, initial, centre)
     t0 = time.perf_counter()
-    result = register_pose(search, method, evaluations, refine_steps, seed)
+    learned = None
+    if net is not None:
+        from .prost import LearnedSimilarity
+        learned = LearnedSimilarity(net, ct, centre, carm_full, xray.pixels, device=device)
+    result = register_pose(search, method, evaluations, refine_steps, seed, learned=learned)
     with torch.no_grad():
         final = torch.as_tensor(result["parameters"], dtype=volume.mu.dtype, device=volume.mu.device)
         drr = search.render(final[None])[0].cpu().numpy()
-    metrics = {"method": method, "similarity": "gradient NCC", "initial_similarity": result["initial_similarity"],
-               "final_similarity": result["similarity"], "evaluations": result["evaluations"],
-               "seconds": round(time.perf_counter() - t0, 2), "polarity": result["polarity"],
-               "detector": carm.to_dict(), "target_centre_lps": centre.tolist(), "ct_spacing_mm": spacing}
+    metrics = {"method": method, "similarity": "gradient NCC", "prost_model": prost_model,
+               "initial_similarity": result["initial_similarity"], "final_similarity": result["similarity"],
+               "evaluations": result["evaluations"], "seconds": round(time.perf_counter() - t0, 2),
+               "polarity": result["polarity"], "detector": carm.to_dict(), "target_centre_lps": centre.tolist(),
+               "ct_spacing_mm": spacing}
+    pose = result["ct_to_source"]
     with folder:
-        paths = {"pose": os.path.join(folder.path, "pose.json"), "drr": os.path.join(folder.path, "drr.nii.gz"),
-                 "overlay": os.path.join(folder.path, "overlay.png"),
-                 "metrics": os.path.join(folder.path, "metrics.json")}
-        write_text(pose_json(result["ct_to_source"]), paths["pose"])
-        image = sitk.GetImageFromArray(drr.astype(np.float32))
-        image.SetSpacing(carm.pixel_spacing_mm)
-        write_image(image, paths["drr"])
+        paths = {name: os.path.join(folder.path, name + extension) for name, extension in (
+            ("pose", ".json"), ("drr", ".nii.gz"), ("xray", ".nii.gz"), ("projections", ".json"),
+            ("overlay", ".png"), ("metrics", ".json"))}
+        write_text(pose_json(pose), paths["pose"])
+        # The DRR (registration grid) and the X-ray (its own) placed where the detector stands in the CT's space.
+        write_image(detector_image(drr, carm, pose), paths["drr"])
+        write_image(detector_image(xray.pixels, carm_full, pose), paths["xray"])
+        write_text(json.dumps(projections(pose, carm_full, ct, labels), indent=2), paths["projections"])
         overlay_png(search.xray.cpu().numpy(), drr, paths["overlay"])
         write_text(json.dumps(metrics, indent=2), paths["metrics"])
     return {"paths": folder.final_paths(paths), "metrics": metrics}

@@ -73,15 +73,20 @@ class PoseSearch:
         dtype = self.volume.mu.dtype
         self.initial = torch.as_tensor(self.initial, dtype=dtype)
         self.centre = torch.as_tensor(self.centre, dtype=dtype)
-        self.xray = self.xray.to(dtype)
+        self.given = self.xray.to(dtype)
+        self.detect_polarity(torch.zeros(6, dtype=dtype))
+
+    def detect_polarity(self, parameters: torch.Tensor) -> None:
+        """Bone bright or dark, read from the sign of the similarity at a pose (the initial one, or the learned
+        similarity's answer, which is closer): bone-dark raw intensities, I0·exp(-line integral)
+        (Beer-Lambert), are linearised by the log where they are all positive; an inverted display is flipped."""
+        self.xray = self.given
         with torch.no_grad():
-            start = gradient_ncc(self.render(torch.zeros(1, 6, dtype=dtype)), self.xray)[0]
-        self.polarity = -1.0 if start < 0 else 1.0
+            value = gradient_ncc(self.render(torch.as_tensor(parameters, dtype=self.given.dtype)[None]), self.given)[0]
+        self.polarity = -1.0 if value < 0 else 1.0
         if self.polarity < 0:
-            # Bone dark: raw intensities, I0·exp(-line integral) (Beer-Lambert), linearised by the log where
-            # they are all positive; otherwise (an inverted display) only flipped.
-            positive = bool((self.xray > 0).all())
-            self.xray = -torch.log(self.xray / self.xray.max()) if positive else -self.xray
+            positive = bool((self.given > 0).all())
+            self.xray = -torch.log(self.given / self.given.max()) if positive else -self.given
 
     def pose(self, parameters: torch.Tensor) -> torch.Tensor:
         return pose_from_parameters(parameters, self.initial, self.centre)
@@ -144,22 +149,55 @@ def gradient_ascent(search: PoseSearch, start: np.ndarray, steps: int = 60, lear
     return best
 
 
+def learned_descent(search: PoseSearch, learned, steps: int = 60, learning_rate: float = 0.15,
+                    should_stop: Optional[Callable[[], bool]] = None,
+                    progress: Optional[Callable[[int, int, float], None]] = None) -> np.ndarray:
+    """Descent on ProST's learned distance (``prost.LearnedSimilarity``) in the scaled parameters: Adam (its
+    steps follow the gradient's direction, which is what the network was trained on, not its size) with the
+    step shrinking to a tenth (cosine schedule); the last pose."""
+    dtype = learned.volume.mu.dtype
+    scale = torch.as_tensor(PARAMETER_SCALE, dtype=dtype)
+    scaled = torch.zeros(6, dtype=dtype, requires_grad=True)
+    optimizer = torch.optim.Adam([scaled], lr=learning_rate)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, steps), eta_min=learning_rate / 10)
+    initial, centre = search.initial.to(dtype), search.centre.to(dtype)
+    for step in range(1, steps + 1):
+        if should_stop is not None and should_stop():
+            raise Cancelled("X-ray registration cancelled")
+        distance = learned.distance(pose_from_parameters(scaled * scale, initial, centre)[None])[0]
+        optimizer.zero_grad()
+        distance.backward()
+        optimizer.step()
+        schedule.step()
+        search.history.append({"stage": "prost", "step": step, "learned_distance": distance.item()})
+        if progress is not None:
+            progress(step, steps, -distance.item())
+    return (scaled * scale).detach().cpu().numpy().astype(np.float64)
+
+
 def register_pose(search: PoseSearch, method: str = "cmaes+gradient", evaluations: int = 600,
                   refine_steps: int = 60, seed: int = 0, restarts: int = 2, should_stop=None,
-                  progress=None) -> Dict:
+                  progress=None, learned=None, learned_steps: int = 60) -> Dict:
     """Search the pose; returns {"ct_to_source" (4x4 numpy), "parameters", "similarity", "initial_similarity",
-    "evaluations", "seconds", "polarity"}. CMA-ES runs ``restarts`` times from the initial pose (other seeds,
-    ``evaluations`` each) and keeps the most similar answer: one run often settles in the basin of a
-    neighbouring vertebra."""
+    "evaluations", "seconds", "polarity"}. Without ProST, CMA-ES runs ``restarts`` times from the initial pose
+    (other seeds, ``evaluations`` each) and keeps the most similar answer: one run often settles in the basin of
+    a neighbouring vertebra. With ProST (``learned``: a ``prost.LearnedSimilarity``), its descent comes first
+    and CMA-ES refines from there, once, with a third of the step (the answer is near)."""
     if method not in POSE_SEARCH_METHODS:
         raise ValueError(f"method must be one of {', '.join(POSE_SEARCH_METHODS)}")
+    if method.startswith("prost") and learned is None:
+        raise ValueError(f"method {method} needs a ProST model")
     t0 = time.perf_counter()
     dtype = search.volume.mu.dtype
     with torch.no_grad():
         initial = search.similarity(torch.zeros(1, 6, dtype=dtype))[0].item()
-    parameters = np.zeros(6)
+    parameters, sigma = np.zeros(6), 0.5
+    if method.startswith("prost"):
+        parameters = learned_descent(search, learned, learned_steps, should_stop=should_stop, progress=progress)
+        search.detect_polarity(torch.as_tensor(parameters, dtype=dtype))
+        restarts, sigma = 1, 0.5 / 3
     if "cmaes" in method:
-        answers = [cma_es(search, np.zeros(6), evaluations, seed=seed + run, should_stop=should_stop,
+        answers = [cma_es(search, parameters, evaluations, sigma=sigma, seed=seed + run, should_stop=should_stop,
                           progress=progress) for run in range(max(1, restarts))]
         with torch.no_grad():
             values = search.similarity(torch.as_tensor(np.stack(answers), dtype=dtype))
