@@ -51,3 +51,16 @@ def real_crop_1mm():
 
 def arr(image):
     return sitk.GetArrayFromImage(image).astype(np.float32)
+
+
+def slicer_module():
+    """(slicer, ACSGRegistration.py loaded on Slicer's own Python layer): for the module's test files, which are
+    skipped as a whole, with the reason, where slicer-core or Slicer's Python layer is missing."""
+    slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (see requirements-dev.txt)")
+    if not hasattr(slicer, "vtkMRMLScene"):
+        pytest.skip("the 'slicer' package here is not slicer-core", allow_module_level=True)
+    import slicer_environment
+    if not slicer_environment.available():
+        pytest.skip(f"Slicer's Python layer not found in {slicer_environment.SLICER_PYTHON} "
+                    "(set ACSG_SLICER_PYTHON)", allow_module_level=True)
+    return slicer, slicer_environment.load_module()

@@ -13,16 +13,10 @@ import time
 import numpy as np
 import pytest
 
-slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (see requirements-dev.txt)")
-if not hasattr(slicer, "vtkMRMLScene"):
-    pytest.skip("the 'slicer' package here is not slicer-core", allow_module_level=True)
+from conftest import data_path, slicer_module  # noqa: E402
 
+slicer, M = slicer_module()
 import slicer_environment  # noqa: E402
-from conftest import data_path  # noqa: E402
-
-if not slicer_environment.available():
-    pytest.skip(f"Slicer's Python layer not found in {slicer_environment.SLICER_PYTHON}", allow_module_level=True)
-M = slicer_environment.load_module()
 from ACSGRegistrationLib.errors import Cancelled, InputError  # noqa: E402
 from ACSGRegistrationSlicer import conversion, testScene  # noqa: E402
 

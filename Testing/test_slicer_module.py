@@ -15,19 +15,12 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
-slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (see requirements-dev.txt)")
-if not hasattr(slicer, "vtkMRMLScene"):
-    pytest.skip("the 'slicer' package here is not slicer-core", allow_module_level=True)
-
 import SimpleITK as sitk  # noqa: E402
 
-import slicer_environment  # noqa: E402
-from conftest import ROOT  # noqa: E402
+from conftest import ROOT, slicer_module  # noqa: E402
 
-if not slicer_environment.available():
-    pytest.skip(f"Slicer's Python layer not found in {slicer_environment.SLICER_PYTHON} (set ACSG_SLICER_PYTHON)",
-                allow_module_level=True)
-M = slicer_environment.load_module()
+slicer, M = slicer_module()
+import slicer_environment  # noqa: E402
 from ACSGRegistrationLib.errors import DependencyError, InputError  # noqa: E402
 from ACSGRegistrationSlicer import conversion, dependencies, labels, outputNodes, testScene  # noqa: E402
 

@@ -9,18 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (see requirements-dev.txt)")
-if not hasattr(slicer, "vtkMRMLScene"):
-    pytest.skip("the 'slicer' package here is not slicer-core", allow_module_level=True)
-
 import SimpleITK as sitk  # noqa: E402
 
-import slicer_environment  # noqa: E402
-from conftest import data_path  # noqa: E402
+from conftest import data_path, slicer_module  # noqa: E402
 
-if not slicer_environment.available():
-    pytest.skip(f"Slicer's Python layer not found in {slicer_environment.SLICER_PYTHON}", allow_module_level=True)
-M = slicer_environment.load_module()
+slicer, M = slicer_module()
+import slicer_environment  # noqa: E402
 from ACSGRegistrationLib.errors import Cancelled  # noqa: E402
 from ACSGRegistrationLib.xray.camera import CArm, look_at, pose_from_parameters  # noqa: E402
 from ACSGRegistrationLib.xray.simulation import Realism, XraySimulator  # noqa: E402

@@ -296,14 +296,15 @@ def test_pose_search_recovers_a_known_pose(bone):
                   samples=240).numpy()
     counts = np.random.default_rng(0).poisson(3000 * np.exp(-line)).astype(np.float64)
     xray = -np.log(np.maximum(counts, 1) / 3000) if bone == "bright" else counts  # raw intensities: bone dark
-    start_parameters = torch.tensor([0.05, -0.04, 0.03, 3.0, -4.0, 8.0], dtype=torch.float64)
+    start_parameters = torch.tensor([0.05, -0.04, 0.03, 6.0, -7.0, 2.0], dtype=torch.float64)
     start = pose_from_parameters(start_parameters, torch.as_tensor(truth), torch.zeros(3, dtype=torch.float64))
     start = start.numpy()
     search = PoseSearch(Volume.from_image(image), carm, prepare_xray(xray, carm.size), start, np.zeros(3))
     result = register_pose(search, "cmaes+gradient", evaluations=300, refine_steps=30)
     assert result["polarity"] == f"bone {bone}"
     before, after = mean_target_error(start, truth, points), mean_target_error(result["ct_to_source"], truth, points)
-    # A single view sees depth (along the ray) only through magnification: most of what remains is depth.
+    # A single view sees depth (along the ray) only through magnification: the search keeps it near the initial
+    # pose's (the depth prior), and the start is off mostly across the view.
     assert before > 8.0 and after < 0.4 * before, (before, after)
     assert result["similarity"] > result["initial_similarity"]
     check_pose(result["ct_to_source"], "result")
@@ -324,7 +325,7 @@ def test_xray_register_command_line(tmp_path, capsys):
     sitk.WriteImage(sitk.GetImageFromArray(line.astype(np.float32)), str(xray))
     geometry = tmp_path / "geometry.json"
     geometry.write_text(json.dumps({"source_to_detector_mm": 1000.0, "pixel_spacing_mm": [1.6, 1.6]}))
-    start = pose_from_parameters(torch.tensor([0.04, -0.03, 0.02, 3.0, -3.0, 6.0], dtype=torch.float64),
+    start = pose_from_parameters(torch.tensor([0.04, -0.03, 0.02, 5.0, -5.0, 2.0], dtype=torch.float64),
                                  torch.as_tensor(truth), torch.zeros(3, dtype=torch.float64)).numpy()
     init = tmp_path / "init.json"
     init.write_text(json.dumps({"ct_to_source": start.tolist()}))
@@ -380,3 +381,18 @@ def test_xray_and_drr_are_placed_where_the_detector_stands():
     corners = detector_corners(carm, pose)
     assert np.allclose(image.TransformContinuousIndexToPhysicalPoint((-0.5, -0.5, 0.0)), corners[0], atol=1e-6)
     assert np.allclose(image.TransformContinuousIndexToPhysicalPoint((39.5, 29.5, 0.0)), corners[2], atol=1e-6)
+
+
+def test_the_depth_prior_is_what_the_search_subtracts():
+    from ACSGRegistrationLib.xray.register import DEPTH_PRIOR_MM, DEPTH_PRIOR_WEIGHT, PoseSearch, gradient_ncc, \
+        prepare_xray
+    image, _ = bony_phantom()
+    carm = CArm(1000.0, (1.6, 1.6), (32, 32))
+    truth = look_at([0.0, 0.0, 0.0], 650.0)
+    volume = Volume.from_image(image)
+    xray = render(volume, carm, torch.as_tensor(truth, dtype=torch.float32)).numpy()
+    search = PoseSearch(volume, carm, prepare_xray(xray, carm.size), truth, np.zeros(3))
+    parameters = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 0.0], [0.01, 0.0, 0.0, 2.0, 0.0, DEPTH_PRIOR_MM]])
+    with torch.no_grad():
+        plain = gradient_ncc(search.render(parameters), search.xray)
+        assert torch.allclose(search.similarity(parameters), plain - torch.tensor([0.0, DEPTH_PRIOR_WEIGHT]))

@@ -145,3 +145,30 @@ def test_xray_register_through_prost_from_the_command_line(ct_subject, tmp_path,
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["method"] == "prost+cmaes+gradient" and metrics["prost_model"] == model
     assert metrics["evaluations"] >= 60
+
+
+def test_xray_train_and_evaluate_from_the_command_line(tmp_path, capsys):
+    from ACSGRegistrationLib.cli import main
+    ct = data_path("ct", "totalsegmentator-example", "ct.nii.gz")
+    seg = data_path("ct", "totalsegmentator-example", "seg.nii.gz")
+    run = tmp_path / "run"
+    common = ["xray-train", "--ct", ct, "--ct-seg", seg, "--label", "31", "--out", str(run), "--detector-pixels",
+              "32", "--batch-size", "2", "--validate-every", "2"]
+    assert main(common + ["--steps", "2"]) == 0
+    assert '"status": "finished"' in capsys.readouterr().out
+    assert (run / "model.pt").is_file() and (run / "history.csv").read_text().count("\n") == 3
+    assert main(common + ["--steps", "3"]) == 0  # resumed: one more step
+    assert load_prost(str(run / "last.pt"))["step"] == 3
+    assert main(["xray-train", "--ct", ct, "--ct-seg", seg, "--label", "31", "--label", "30", "--out",
+                 str(tmp_path / "x")]) == 2
+    assert "given together" in capsys.readouterr().err
+    out = tmp_path / "evaluation"
+    assert main(["xray-evaluate", "--ct", ct, "--ct-seg", seg, "--label", "31", "--methods", "gradient,prost",
+                 "--prost-model", str(run / "model.pt"), "--bins", "1", "--cases", "1", "--out", str(out)]) == 0
+    table = (out / "summary.md").read_text()
+    assert "| gradient | 0-10 | 1 |" in table and "| prost | 0-10 | 1 |" in table
+    rows = (out / "cases.csv").read_text().splitlines()
+    assert len(rows) == 3 and "final_mtre_mm" in rows[0] and "projection_mm" in rows[0]
+    assert main(["xray-evaluate", "--ct", ct, "--ct-seg", seg, "--label", "31", "--methods", "prost",
+                 "--out", str(tmp_path / "y")]) == 2
+    assert "need --prost-model" in capsys.readouterr().err

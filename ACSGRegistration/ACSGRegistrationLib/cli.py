@@ -342,8 +342,8 @@ def cmd_xray_evaluate(args):
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    if not (len(args.ct) == len(args.ct_seg) == len(args.label)):
-        raise InputError("--ct, --ct-seg and --label are given together, once per test CT")
+    from .xray.prost_training import check_ct_targets
+    check_ct_targets(args.ct, args.ct_seg, args.label)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in XRAY_METHODS]
     if unknown:
@@ -374,6 +374,12 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="acsgreg",
                                      description="ACSGRegNet registration of lumbar vertebra CT.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    def ct_targets(p, what):
+        """CTs with their label maps and target vertebrae, each option repeated once per CT, in order."""
+        p.add_argument("--ct", action="append", required=True, help=f"{what} (repeat for several)")
+        p.add_argument("--ct-seg", action="append", required=True, help="its label map (one per --ct, same order)")
+        p.add_argument("--label", action="append", type=int, required=True, help="its target vertebra's label")
 
     def common_training(p):
         p.add_argument("--crops", help="crops folder written by 'prepare' (any spacing: resampled to the model's "
@@ -507,9 +513,7 @@ def build_parser():
 
     p = sub.add_parser("xray-train", help="train ProST's learned similarity on simulated X-rays of CTs (the "
                                           "direction of its pose gradient supervised: double backward)")
-    p.add_argument("--ct", action="append", required=True, help="a training CT (repeat for several)")
-    p.add_argument("--ct-seg", action="append", required=True, help="its label map (one per --ct, same order)")
-    p.add_argument("--label", action="append", type=int, required=True, help="its target vertebra's label")
+    ct_targets(p, "a training CT")
     p.add_argument("--val-ct", action="append", help="a held-out CT for validation (default: new poses of the "
                                                      "training CTs)")
     p.add_argument("--val-ct-seg", action="append")
@@ -533,9 +537,7 @@ def build_parser():
 
     p = sub.add_parser("xray-evaluate", help="CT to X-ray registration in simulation: realistic X-rays of test CTs "
                                              "at known poses, starts binned by mTRE, every method on the same cases")
-    p.add_argument("--ct", action="append", required=True, help="a test CT (repeat for several)")
-    p.add_argument("--ct-seg", action="append", required=True, help="its label map (one per --ct)")
-    p.add_argument("--label", action="append", type=int, required=True, help="its target vertebra's label")
+    ct_targets(p, "a test CT")
     p.add_argument("--prost-model", action="append", help="a ProST model (repeat to compare several)")
     p.add_argument("--methods", default="prost+cmaes+gradient,cmaes+gradient,gradient",
                    help=f"comma-separated, from {', '.join(XRAY_METHODS)}")

@@ -20,7 +20,7 @@ from .camera import CArm, detector_corners, detector_image, pose_json, project_t
     source_position
 from .drr import Volume
 from .images import carm_of, read_geometry, read_xray, target_centre
-from .register import PoseSearch, prepare_xray, register_pose
+from .register import DEPTH_PRIOR_MM, DEPTH_PRIOR_WEIGHT, PoseSearch, prepare_xray, register_pose
 
 # The registration's detector: its longest side in pixels (the X-ray is area-averaged onto it).
 DETECTOR_PIXELS = 96
@@ -100,7 +100,8 @@ def register_files(ct_path: str, xray_path: str, init_path: str, out_dir: str, g
     with torch.no_grad():
         final = torch.as_tensor(result["parameters"], dtype=volume.mu.dtype, device=volume.mu.device)
         drr = search.render(final[None])[0].cpu().numpy()
-    metrics = {"method": method, "similarity": "gradient NCC", "prost_model": prost_model,
+    metrics = {"method": method, "similarity": f"gradient NCC less the depth prior ({DEPTH_PRIOR_WEIGHT} at "
+                                                f"{DEPTH_PRIOR_MM:g} mm along the ray)", "prost_model": prost_model,
                "initial_similarity": result["initial_similarity"], "final_similarity": result["similarity"],
                "evaluations": result["evaluations"], "seconds": round(time.perf_counter() - t0, 2),
                "polarity": result["polarity"], "detector": carm.to_dict(), "target_centre_lps": centre.tolist(),

@@ -238,9 +238,13 @@ class ProSTTrainer:
                 "elapsed_seconds": round(self.elapsed, 1)}
 
 
-def subjects_from_arguments(cts: List[str], segs: List[str], labels: List[int], config: ProSTConfig,
-                            simulation_spacing: float, option: str = "--ct") -> List[Subject]:
+def check_ct_targets(cts: List[str], segs: List[str], labels: List[int], option: str = "--ct") -> None:
     if not (len(cts) == len(segs) == len(labels)):
         raise InputError(f"{option}, its label map and its label are given together: {len(cts)} CTs, "
                          f"{len(segs)} label maps, {len(labels)} labels")
+
+
+def subjects_from_arguments(cts: List[str], segs: List[str], labels: List[int], config: ProSTConfig,
+                            simulation_spacing: float, option: str = "--ct") -> List[Subject]:
+    check_ct_targets(cts, segs, labels, option)
     return [Subject.from_files(c, s, int(n), config, simulation_spacing) for c, s, n in zip(cts, segs, labels)]
