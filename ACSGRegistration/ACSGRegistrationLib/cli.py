@@ -366,7 +366,8 @@ def cmd_xray_evaluate(args):
         rows += evaluate_subject(_short(ct_path), read_image(ct_path, "CT"), read_image(seg_path, "CT label map"),
                                  label, specs, args.cases, seed=args.seed, bins=bins, should_stop=_stop_requests())
         paths = write_report(rows, args.out)  # after each CT: a long run's results so far
-    print(open(paths["table"]).read())
+    with open(paths["table"]) as fh:
+        print(fh.read())
     return 0
 
 

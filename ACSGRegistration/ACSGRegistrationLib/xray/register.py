@@ -83,12 +83,15 @@ class PoseSearch:
         self.detect_polarity(torch.zeros(6, dtype=dtype))
 
     def detect_polarity(self, parameters: torch.Tensor) -> None:
-        """Bone bright or dark, read from the sign of the similarity at a pose (the initial one, or the learned
-        similarity's answer, which is closer): bone-dark raw intensities, I0·exp(-line integral)
+        """Bone bright or dark, read from the sign of gradient NCC at the pose (of those given, (k, 6) or (6,))
+        where its magnitude is largest: the initial one, or also the learned similarity's answer (a pose far
+        off correlates weakly, with either sign). Bone-dark raw intensities, I0·exp(-line integral)
         (Beer-Lambert), are linearised by the log where they are all positive; an inverted display is flipped."""
         self.xray = self.given
+        candidates = torch.as_tensor(parameters, dtype=self.given.dtype).reshape(-1, 6)
         with torch.no_grad():
-            value = gradient_ncc(self.render(torch.as_tensor(parameters, dtype=self.given.dtype)[None]), self.given)[0]
+            values = gradient_ncc(self.render(candidates), self.given)
+        value = values[int(values.abs().argmax())]
         self.polarity = -1.0 if value < 0 else 1.0
         if self.polarity < 0:
             positive = bool((self.given > 0).all())
@@ -205,7 +208,7 @@ def register_pose(search: PoseSearch, method: str = "cmaes+gradient", evaluation
     parameters = np.zeros(6)
     if method.startswith("prost"):
         found = learned_descent(search, learned, learned_steps, should_stop=should_stop, progress=progress)
-        search.detect_polarity(torch.as_tensor(found, dtype=dtype))
+        search.detect_polarity(torch.as_tensor(np.stack([np.zeros(6), found]), dtype=dtype))
         # The refinement starts from the learned answer unless the intensity similarity prefers the initial pose
         # (near the answer already, where a learned landscape's small bias would lead away).
         with torch.no_grad():
