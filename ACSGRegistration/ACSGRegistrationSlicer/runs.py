@@ -47,6 +47,14 @@ class StagedRun:
         self.stage.cancel()
         self.stage.wait(timeout=2)
 
+    def ended(self, what: str) -> None:
+        """Wait for the process; raise Cancelled, or InputError with the backend's message, unless it succeeded."""
+        self.wait()
+        if self.stage.cancelled:
+            raise Cancelled(f"{what} cancelled: no output was made")
+        if not self.stage.succeeded:
+            raise InputError(self.stage.errorMessage())
+
     def wait(self, interval: float = 0.05) -> None:
         """Poll until the run has ended (scripts and ``finish``; the panel polls from its timer)."""
         while not self.finished:
@@ -82,12 +90,8 @@ class RegistrationRun(StagedRun):
         """The output nodes (the given ones filled, or new ones) once the process has succeeded; raises
         Cancelled, or InputError with the backend's message. The temporary files are removed either way."""
         from ACSGRegistrationLib.saved import load_result
-        self.wait()
         try:
-            if self.stage.cancelled:
-                raise Cancelled("registration cancelled: no output was made")
-            if not self.stage.succeeded:
-                raise InputError(self.stage.errorMessage())
+            self.ended("registration")
             result = load_result(os.path.join(self.work, "result"))
             output = createOutputNodes(result, self.fixed, self.moving, name=self.name, **self.outputs)
             output.notes = self.stage.notes()

@@ -12,7 +12,7 @@ from typing import Dict, Optional
 import numpy as np
 import SimpleITK as sitk
 
-from ACSGRegistrationLib.errors import Cancelled, InputError
+from ACSGRegistrationLib.errors import InputError
 
 from .backgroundRun import BackgroundRun
 from .inputs import InputSide, exportInput
@@ -62,12 +62,8 @@ class XrayRegistrationRun(StagedRun):
         """The nodes of ``xrayNodes.loadXrayResult`` once the process has succeeded; raises Cancelled, or
         InputError with the backend's message. The temporary files are removed either way."""
         from .xrayNodes import loadXrayResult
-        self.wait()
         try:
-            if self.stage.cancelled:
-                raise Cancelled("X-ray registration cancelled: no output was made")
-            if not self.stage.succeeded:
-                raise InputError(self.stage.errorMessage())
+            self.ended("X-ray registration")
             return loadXrayResult(self.out, {1: self.ct.name} if self.ct.name else None, name=self.name)
         finally:
             shutil.rmtree(self.work, ignore_errors=True)
