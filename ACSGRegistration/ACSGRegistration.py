@@ -12,7 +12,7 @@ This file only orchestrates; the work is done elsewhere:
 ``ACSGRegistrationLogic`` works without the GUI, in Slicer's process (``register``, ``registerPairs``,
 ``registerFiles``, ``fineTune``: scripts and the Python console) or in the background (``startRegistration``,
 ``startFineTune``: the panel, which polls them and stays responsive); CT to X-ray pose registration
-(``registerXray``, ``startXrayRegistration``) from scripts and the console for now. ``ACSGRegistrationWidget`` is the panel
+(``registerXray``; ``startXrayRegistration`` for the panel's section). ``ACSGRegistrationWidget`` is the panel
 (``Resources/UI/ACSGRegistration.ui``); ``ACSGRegistrationTest`` registers synthetic vertebrae made by the test.
 """
 
@@ -103,7 +103,8 @@ cropped as in the paper (128 x 128 x 64 mm). Outputs: the warped volume, a trans
 deformable displacement composed: the full map around the vertebra, the affine on the rest of the scan;
 apply, harden, invert or save it like any Slicer transform), the Jacobian determinant map (blue: compression,
 red: expansion, green: folding) and the warped segmentation; Dice and surface distances when both
-segmentations are given. The Fine-tune section continues training the model on your own pairs.
+segmentations are given. The Fine-tune section continues training the model on your own pairs. The CT to X-ray
+section finds the CT's pose in front of an X-ray (ProST's learned similarity, then intensity-based refinement).
 Registration and fine-tuning run in a separate process: Slicer stays responsive and Cancel stops them. The same logic runs from the Python console:
 see the README of the extension.
 """)

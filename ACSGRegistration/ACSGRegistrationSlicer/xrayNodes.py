@@ -14,10 +14,9 @@ import numpy as np
 import vtk
 
 import slicer
+from ACSGRegistrationLib.geometry import LPS_TO_RAS
 
 from .conversion import loadVolumeFile
-
-LPS_TO_RAS_POINT = np.array([-1.0, -1.0, 1.0])
 
 
 @dataclass
@@ -43,7 +42,7 @@ def loadXrayResult(folder: str, labelNames: Optional[Dict[int, str]] = None, nam
         raise InputError(f"{folder} is not an X-ray registration's output folder (missing {', '.join(missing)})")
     pose = read_pose(os.path.join(folder, "pose.json"))
     transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", scene.GenerateUniqueName(f"{name} pose"))
-    transform.SetMatrixTransformToParent(_vtkMatrix(pose_to_slicer(pose)))
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(pose_to_slicer(pose)))
     xray = loadVolumeFile(os.path.join(folder, "xray.nii.gz"), name=f"{name} X-ray", scene=scene)
     drr = loadVolumeFile(os.path.join(folder, "drr.nii.gz"), name=f"{name} DRR", scene=scene)
     with open(os.path.join(folder, "projections.json")) as fh:
@@ -86,12 +85,4 @@ def setXrayFade(output: XrayOutput, opacity: float, view: str = "Red") -> None:
 
 
 def _ras(lps) -> np.ndarray:
-    return np.asarray(lps, dtype=float) * LPS_TO_RAS_POINT
-
-
-def _vtkMatrix(matrix: np.ndarray):
-    out = vtk.vtkMatrix4x4()
-    for i in range(4):
-        for j in range(4):
-            out.SetElement(i, j, float(matrix[i, j]))
-    return out
+    return np.asarray(lps, dtype=float) * np.diag(LPS_TO_RAS)[:3]

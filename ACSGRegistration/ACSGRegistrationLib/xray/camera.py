@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import InputError
-from ..geometry import LPS_TO_RAS
+from ..geometry import LPS_TO_RAS, apply_homogeneous
 
 if TYPE_CHECKING:
     import torch
@@ -73,6 +73,10 @@ class CArm:
         cx, cy = ((c + 0.5) * s / t - 0.5 for c, s, t in zip(self.principal_point_px, self.pixel_spacing_mm,
                                                                 (sx, sy)))
         return CArm(self.source_to_detector_mm, (sx, sy), (columns, rows), (cx, cy))
+
+    def at_most(self, pixels: int) -> "CArm":
+        """The same detector, sampled coarser so that its longest side has at most ``pixels`` pixels."""
+        return self.scaled(max(self.size) / float(pixels)) if max(self.size) > pixels else self
 
     # -- rays and projections --------------------------------------------------------------------------------
     def detector_points(self, device=None, dtype=None) -> torch.Tensor:
@@ -174,6 +178,12 @@ def look_at(target_lps: Sequence[float], source_to_target_mm: float, lao_deg: fl
     return matrix
 
 
+def placed(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """Points (N, 3) mapped by a 4x4 pose (``ct_to_source``, or its inverse): (N, 3)."""
+    p = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    return apply_homogeneous(np.asarray(matrix, dtype=np.float64), p.T).T
+
+
 def source_to_ct(ct_to_source: np.ndarray) -> np.ndarray:
     """The inverse pose: source-frame points -> the CT's LPS mm."""
     return np.linalg.inv(np.asarray(ct_to_source, dtype=np.float64))
@@ -206,12 +216,9 @@ def detector_image(pixels: np.ndarray, carm: CArm, ct_to_source: np.ndarray):
 def project_to_detector(points_lps: np.ndarray, carm: CArm, ct_to_source: np.ndarray) -> np.ndarray:
     """Where the rays through CT points (N, 3, LPS) meet the detector, in the CT's LPS mm (N, 3): the points'
     shadows on the X-ray placed by ``detector_image``."""
-    p = np.asarray(points_lps, dtype=np.float64).reshape(-1, 3)
-    pose = np.asarray(ct_to_source, dtype=np.float64)
-    in_source = p @ pose[:3, :3].T + pose[:3, 3]
+    in_source = placed(points_lps, ct_to_source)
     on_detector = in_source * (carm.source_to_detector_mm / in_source[:, 2:3])
-    inverse = source_to_ct(pose)
-    return on_detector @ inverse[:3, :3].T + inverse[:3, 3]
+    return placed(on_detector, source_to_ct(ct_to_source))
 
 
 def detector_corners(carm: CArm, ct_to_source: np.ndarray) -> np.ndarray:
@@ -221,8 +228,7 @@ def detector_corners(carm: CArm, ct_to_source: np.ndarray) -> np.ndarray:
     corners = [(u, v) for u, v in ((-0.5, -0.5), (columns - 0.5, -0.5), (columns - 0.5, rows - 0.5),
                                    (-0.5, rows - 0.5))]
     source = np.array([[(u - cx) * sx, (v - cy) * sy, carm.source_to_detector_mm] for u, v in corners])
-    inverse = source_to_ct(ct_to_source)
-    return source @ inverse[:3, :3].T + inverse[:3, 3]
+    return placed(source, source_to_ct(ct_to_source))
 
 
 def pose_to_slicer(ct_to_source: np.ndarray) -> np.ndarray:

@@ -16,10 +16,10 @@ import SimpleITK as sitk
 import torch
 
 from ..geometry import write_csv, write_text
-from .camera import CArm, look_at, pose_from_parameters
+from .camera import CArm, placed, pose_from_parameters
 from .drr import Volume
 from .register import PoseSearch, mean_target_error, prepare_xray, register_pose
-from .simulation import Realism, XraySimulator, label_points, random_parameters
+from .simulation import Realism, XraySimulator, label_points, random_parameters, random_view
 
 BINS = ((0.0, 10.0), (10.0, 20.0), (20.0, 40.0), (40.0, 60.0))
 SUCCESS_MM = (10.0, 5.0, 2.0)
@@ -31,10 +31,8 @@ def pose_errors(estimate: np.ndarray, truth: np.ndarray, centre: np.ndarray, poi
     frame), and the mean projection error of the target's points on the detector (mm)."""
     relative = estimate[:3, :3] @ truth[:3, :3].T
     angle = np.degrees(np.arccos(np.clip((np.trace(relative) - 1) / 2, -1.0, 1.0)))
-    a = estimate[:3, :3] @ centre + estimate[:3, 3]
-    b = truth[:3, :3] @ centre + truth[:3, 3]
-    placed = [points @ m[:3, :3].T + m[:3, 3] for m in (estimate, truth)]
-    pixels = [carm.project(p) for p in placed]
+    a, b = placed(centre, estimate)[0], placed(centre, truth)[0]
+    pixels = [carm.project(placed(points, m)) for m in (estimate, truth)]
     on_detector = np.linalg.norm((pixels[0] - pixels[1]) * np.asarray(carm.pixel_spacing_mm), axis=1).mean()
     return {"rotation_deg": float(angle), "in_plane_mm": float(np.linalg.norm((a - b)[:2])),
             "depth_mm": float(abs((a - b)[2])), "projection_mm": float(on_detector)}
@@ -75,13 +73,13 @@ def evaluate_subject(name: str, ct: sitk.Image, labels: sitk.Image, label: int, 
     rows = []
     for low, high in bins:
         for case in range(cases_per_bin):
-            truth = look_at(centre, rng.uniform(650.0, 850.0), lao_deg=rng.uniform(-10, 10),
-                            cranial_deg=rng.uniform(-10, 10))
+            truth = random_view(rng, centre)
             xray = simulator.xray(detector, truth, rng, realism)
+            on_grid = prepare_xray(xray, carm.size)
             start, start_error = starting_offset(rng, truth, centre, points, low, high)
             for row_name, spec in methods.items():
                 options = {k: v for k, v in spec.items() if k not in ("method", "learned")}
-                search = PoseSearch(volume, carm, prepare_xray(xray, carm.size), start, centre)
+                search = PoseSearch(volume, carm, on_grid, start, centre)
                 learned = None
                 t0 = time.perf_counter()
                 if spec.get("learned") is not None:

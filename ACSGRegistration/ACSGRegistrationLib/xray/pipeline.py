@@ -16,7 +16,7 @@ import torch
 
 from ..geometry import write_image, write_text
 from ..io import read_image
-from .camera import CArm, detector_corners, detector_image, pose_json, project_to_detector, read_pose, \
+from .camera import CArm, detector_corners, detector_image, placed, pose_json, project_to_detector, read_pose, \
     source_position
 from .drr import Volume
 from .images import carm_of, read_geometry, read_xray, target_centre
@@ -52,8 +52,7 @@ def projections(pose: np.ndarray, carm: CArm, ct: sitk.Image, labels: Optional[s
         from ..preprocessing import label_centroids
         centroids = label_centroids(labels)
     points = np.array([centroids[k] for k in sorted(centroids)]).reshape(-1, 3)
-    in_source = points @ pose[:3, :3].T + pose[:3, 3]
-    pixels = carm.project(in_source) if len(points) else np.zeros((0, 2))
+    pixels = carm.project(placed(points, pose)) if len(points) else np.zeros((0, 2))
     on_detector = project_to_detector(points, carm, pose) if len(points) else np.zeros((0, 3))
     return {"source_lps": source_position(pose).tolist(), "detector_corners_lps": detector_corners(carm, pose).tolist(),
             "centroids": {str(k): {"lps": list(map(float, c)), "on_detector_lps": d.tolist(), "pixel": px.tolist()}
@@ -82,8 +81,7 @@ def register_files(ct_path: str, xray_path: str, init_path: str, out_dir: str, g
         from .prost import load_prost
         prost_model = prost_model or shipped_model_path(PROST_MODEL)
         net = load_prost(prost_model, map_location=device)["net"].to(device)
-    carm = carm_full.scaled(max(carm_full.size) / float(detector_pixels)) \
-        if max(carm_full.size) > detector_pixels else carm_full
+    carm = carm_full.at_most(detector_pixels)
     resample = min(ct.GetSpacing()) < ct_spacing
     spacing = ct_spacing if resample else min(ct.GetSpacing())
     volume = Volume.from_image(ct, spacing=ct_spacing if resample else None, device=device)

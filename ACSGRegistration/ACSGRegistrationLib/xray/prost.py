@@ -106,8 +106,7 @@ class LearnedSimilarity:
         for parameter in net.parameters():  # registration differentiates the poses only
             parameter.requires_grad_(False)
         config = net.config
-        self.carm = carm.scaled(max(carm.size) / float(config.detector_pixels)) \
-            if max(carm.size) > config.detector_pixels else carm
+        self.carm = carm.at_most(config.detector_pixels)
         self.volume = network_volume(ct, centre_lps, config, device=device)
         with torch.no_grad():
             self.features = net.volume_features(self.volume.mu)

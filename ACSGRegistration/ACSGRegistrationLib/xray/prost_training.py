@@ -25,10 +25,10 @@ import torch
 
 from ..errors import Cancelled, InputError, ResultError
 from ..geometry import write_csv
-from .camera import look_at, pose_from_parameters
+from .camera import pose_from_parameters
 from .prost import ProSTConfig, ProSTNet, load_prost, network_volume, save_prost
 from .register import PARAMETER_SCALE, prepare_xray
-from .simulation import Realism, XraySimulator, random_parameters
+from .simulation import Realism, XraySimulator, random_parameters, random_view
 
 LAST, FINAL, HISTORY = "last.pt", "model.pt", "history.csv"
 
@@ -73,8 +73,7 @@ def draw_cases(subject: Subject, carm, rng: np.random.Generator, count: int, con
     truths, starts, xrays = [], [], []
     centre = torch.as_tensor(subject.centre, dtype=torch.float64)
     for _ in range(count):
-        truth = look_at(subject.centre, rng.uniform(650.0, 850.0), lao_deg=rng.uniform(-1, 1) * config.view_deg,
-                        cranial_deg=rng.uniform(-1, 1) * config.view_deg)
+        truth = random_view(rng, subject.centre, config.view_deg)
         offset = random_parameters(rng, config.rotation_deg, config.translation_mm, config.depth_mm)
         start = pose_from_parameters(torch.as_tensor(offset), torch.as_tensor(truth), centre).numpy()
         xrays.append(prepare_xray(subject.simulator.xray(carm, truth, rng, realism), carm.size))
@@ -93,8 +92,7 @@ def parameters_between(start: np.ndarray, truth: np.ndarray, centre: np.ndarray)
     return np.concatenate([rotation, translation])
 
 
-def gradient_directions(net: ProSTNet, subject: Subject, carm, truths, starts, xrays, create_graph: bool,
-                        features: Optional[torch.Tensor] = None):
+def gradient_directions(net: ProSTNet, subject: Subject, carm, truths, starts, xrays, create_graph: bool):
     """The learned distance's pose gradient and the true direction, both (B, 6) in scaled parameters. The true
     direction is the gradient of the squared distance to the truth in those parameters (a geodesic-like
     distance on poses with the rotation about the vertebra's centre): -p*/scale at the start, where p* takes
@@ -104,8 +102,7 @@ def gradient_directions(net: ProSTNet, subject: Subject, carm, truths, starts, x
     centre = torch.as_tensor(subject.centre, dtype=torch.float32)
     theta = torch.zeros(len(starts), 6, requires_grad=True)
     poses = torch.stack([pose_from_parameters(theta[b] * scale, starts[b], centre) for b in range(len(starts))])
-    if features is None:
-        features = net.volume_features(subject.volume.mu)
+    features = net.volume_features(subject.volume.mu)
     distance = net.distance(net.project(subject.volume, features, carm, poses), xrays)
     learned = torch.autograd.grad(distance.sum(), theta, create_graph=create_graph)[0]
     towards = [parameters_between(s.double().numpy(), t.double().numpy(), subject.centre)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..errors import Cancelled
 from . import POSE_SEARCH_METHODS
-from .camera import pose_from_parameters
+from .camera import placed, pose_from_parameters
 from .drr import Volume, render
 
 # Scale of the six parameters in the search (rad, rad, rad, mm, mm, mm): CMA-ES's unit step.
@@ -234,7 +234,4 @@ def register_pose(search: PoseSearch, method: str = "cmaes+gradient", evaluation
 
 def mean_target_error(pose_a: np.ndarray, pose_b: np.ndarray, points_lps: np.ndarray) -> float:
     """mTRE (mm): the mean distance between the target's points placed by two poses (in the source frame)."""
-    p = np.asarray(points_lps, dtype=np.float64).reshape(-1, 3)
-    a = p @ np.asarray(pose_a)[:3, :3].T + np.asarray(pose_a)[:3, 3]
-    b = p @ np.asarray(pose_b)[:3, :3].T + np.asarray(pose_b)[:3, 3]
-    return float(np.linalg.norm(a - b, axis=1).mean())
+    return float(np.linalg.norm(placed(points_lps, pose_a) - placed(points_lps, pose_b), axis=1).mean())

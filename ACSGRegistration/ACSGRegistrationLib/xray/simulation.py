@@ -10,7 +10,7 @@ excess on its bounding box), each rendered at its own pose and summed.
 """
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from ..preprocessing import label_centroids
-from .camera import pose_from_parameters
+from .camera import look_at, pose_from_parameters
 from .drr import MU_WATER, Volume, render, resample_isotropic
 
 # Vertebrae whose centroid lies within this distance of the target's are its neighbours (adjacent levels are
@@ -179,14 +179,8 @@ def collimate(intensity: torch.Tensor, rng: np.random.Generator) -> torch.Tensor
     return out
 
 
-def simulated_cases(simulator: XraySimulator, carm, rng: np.random.Generator, count: int,
-                    realism: Realism, view_deg: float = 10.0, distance_mm=(650.0, 850.0)) -> List[Dict]:
-    """``count`` true poses around the target (an AP view turned by up to ``view_deg`` LAO/cranial, the
-    source ``distance_mm`` from the target) with their X-rays."""
-    from .camera import look_at
-    cases = []
-    for _ in range(count):
-        truth = look_at(simulator.centre, rng.uniform(*distance_mm), lao_deg=rng.uniform(-view_deg, view_deg),
-                        cranial_deg=rng.uniform(-view_deg, view_deg))
-        cases.append({"truth": truth, "xray": simulator.xray(carm, truth, rng, realism)})
-    return cases
+def random_view(rng: np.random.Generator, centre_lps, view_deg: float = 10.0, distance_mm=(650.0, 850.0)) -> np.ndarray:
+    """A true pose for a simulated X-ray: an AP view of the target turned by up to ``view_deg`` LAO and
+    cranial, the source ``distance_mm`` from the target."""
+    return look_at(centre_lps, rng.uniform(*distance_mm), lao_deg=rng.uniform(-view_deg, view_deg),
+                   cranial_deg=rng.uniform(-view_deg, view_deg))
