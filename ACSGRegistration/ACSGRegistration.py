@@ -719,10 +719,12 @@ class ACSGRegistrationLogic(ScriptedLoadableModuleLogic):
 
     def registerFiles(self, pairs: Sequence, outputFolder: Optional[str] = None, checkpoint=None,
                       device: str = "auto", refineSteps: int = 0, keepNodes: bool = True, stopOnError: bool = True,
-                      progress: Optional[Callable[[int, int], None]] = None) -> List[Dict]:
+                      progress: Optional[Callable[[int, int], None]] = None, outputs=None) -> List[Dict]:
         """Register pairs of files (``batch.registerFiles``: its docstring says what a pair is and what each
-        row holds); with ``outputFolder`` each pair's outputs go to ``outputFolder/<name>``, with a metrics.csv."""
-        return batch.registerFiles(self.register, pairs, outputFolder, keepNodes, stopOnError, progress,
+        row holds); with ``outputFolder`` each pair's ``outputs`` (default: the command line's) go to
+        ``outputFolder/<name>``, with a metrics.csv."""
+        chosen = {} if outputs is None else {"outputs": tuple(outputs)}
+        return batch.registerFiles(self.register, pairs, outputFolder, keepNodes, stopOnError, progress, **chosen,
                                    checkpoint=checkpoint, device=device, refineSteps=refineSteps)
 
     # -- fine-tuning ------------------------------------------------------------------------------------

@@ -90,14 +90,16 @@ def test_register_whole_scans_writes_every_output(checkpoint, tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["register", "--fixed", f"{ts}/ct.nii.gz", "--fixed-seg", f"{ts}/seg.nii.gz", "--fixed-label", "31",
                  "--moving", f"{chest}/ct.nii.gz", "--moving-seg", f"{chest}/seg.nii.gz", "--moving-vertebra", "L1",
-                 "--checkpoint", checkpoint, "--device", "cpu", "--out", str(out)])
+                 "--checkpoint", checkpoint, "--device", "cpu", "--outputs", "all", "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "registered in" in printed and "dice" in printed
-    for name in ("warped.nii.gz", "warped_label.nii.gz", "jacobian.nii.gz", "forward_transform.h5",
-                 "inverse_transform.h5", "affine_transform.tfm", "deformable_field.nii.gz",
-                 "inverse_deformable_field.nii.gz", "metrics.json"):
-        assert (out / name).is_file(), name
+    assert sorted(os.listdir(out)) == sorted([
+        "warped.nii.gz", "warped_affine.nii.gz", "warped_label.nii.gz", "jacobian.nii", "forward_transform.h5",
+        "inverse_transform.h5", "affine_transform.tfm", "deformable_field.nii", "inverse_deformable_field.nii",
+        "metrics.json", "summary.json", "figure.png", "moving_on_fixed_scan.nii.gz", "moving_seg_on_fixed_scan.nii.gz",
+        "manifest.json"])
+    assert sitk.ReadImage(str(out / "deformable_field.nii")).GetPixelID() == sitk.sitkVectorFloat32
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {"initial", "affine", "final"}
     assert 0.3 < metrics["initial"]["dice"] < 0.95  # two different subjects' L1
@@ -114,7 +116,12 @@ def test_register_ready_crops(checkpoint, tmp_path):
     first = tmp_path / "first"
     assert main(["register", "--fixed", f"{ts}/ct.nii.gz", "--fixed-seg", f"{ts}/seg.nii.gz", "--fixed-label", "29",
                  "--moving", f"{ts}/ct.nii.gz", "--moving-seg", f"{ts}/seg.nii.gz", "--moving-label", "28",
-                 "--checkpoint", checkpoint, "--device", "cpu", "--out", str(first)]) == 0
+                 "--checkpoint", checkpoint, "--device", "cpu", "--outputs", "default,warped_affine",
+                 "--out", str(first)]) == 0
+    # The default outputs, and what was added: no inverse, no fields unless asked for.
+    assert sorted(os.listdir(first)) == sorted([
+        "warped.nii.gz", "warped_label.nii.gz", "jacobian.nii", "forward_transform.h5", "metrics.json",
+        "summary.json", "warped_affine.nii.gz", "manifest.json"])
     # The written warped crop and its label can be registered again as ready crops (no label ids).
     second = tmp_path / "second"
     assert main(["register", "--fixed", str(first / "warped.nii.gz"), "--fixed-seg", str(first / "warped_label.nii.gz"),

@@ -166,3 +166,26 @@ def test_vertebra_cut_by_the_scan_edge_is_warned_about():
     with pytest.warns(UserWarning, match="touches the edge of the scan"):
         crop = crop_vertebra(image, sitk.GetImageFromArray(labels), 22, size=(16, 16, 16), name="scan.nii")
     assert any("L" in w or "22" in w for w in crop.warnings)
+
+
+def test_gzip_nifti_completeness_read_from_the_trailer_or_by_decompressing(tmp_path):
+    """A whole .nii.gz passes on its gzip trailer; one whose voxels end early but whose gzip stream is whole (a
+    truncated file compressed again) is refused; a whole file of two gzip streams (bgzip, concatenation) is read."""
+    import gzip
+    from ACSGRegistrationLib.io import incomplete_reason
+    image = sitk.GetImageFromArray(np.arange(24 * 20 * 16, dtype=np.int16).reshape(16, 20, 24))
+    raw = str(tmp_path / "scan.nii")
+    sitk.WriteImage(image, raw)
+    data = open(raw, "rb").read()
+    whole = tmp_path / "whole.nii.gz"
+    whole.write_bytes(gzip.compress(data))
+    assert incomplete_reason(str(whole)) == ""
+    short = tmp_path / "short.nii.gz"
+    short.write_bytes(gzip.compress(data[:-1000]))
+    assert "truncated" in incomplete_reason(str(short))
+    with pytest.raises(InputError, match="short.nii.gz"):
+        read_image(str(short))
+    two = tmp_path / "two.nii.gz"
+    two.write_bytes(gzip.compress(data[:5000]) + gzip.compress(data[5000:]))
+    assert incomplete_reason(str(two)) == ""
+    assert np.array_equal(sitk.GetArrayFromImage(read_image(str(two))), sitk.GetArrayFromImage(image))

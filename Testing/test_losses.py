@@ -72,3 +72,39 @@ def test_total_loss_uses_the_paper_weights():
                 + 0.01 * terms["affine_dice"] + 0.1 * terms["deformable_dice"])
     assert terms["total"] == pytest.approx(float(expected))
     assert terms["deformable_ncc"] < terms["affine_ncc"]  # warped == fixed scores best
+
+
+def test_affine_stage_dice_sampled_near_the_label_equals_soft_dice_and_its_gradient():
+    """The affine stage samples the moving label only where it can be non-zero (its bounding box): the loss and
+    the gradient with respect to the coordinates are soft_dice's, including at integer positions on the box."""
+    from ACSGRegistrationLib.layers import identity_grid, sample
+    from ACSGRegistrationLib.registrar import _LabelDice
+    torch.manual_seed(0)
+    fixed = torch.zeros(2, 1, 16, 24, 20)
+    fixed[:, :, 4:11, 6:15, 5:16] = 1.0
+    moving = torch.zeros(2, 1, 16, 24, 20)
+    moving[0, :, 5:12, 8:16, 6:15] = 1.0
+    moving[1, :, 3:9, 9:20, 4:12] = 0.6
+    coords = identity_grid((16, 24, 20), "cpu", torch.float32) + torch.randn(2, 3, 16, 24, 20) * 1.5
+    coords[:, :, ::3] = coords[:, :, ::3].round()  # integer positions, where the gradient reads both neighbours
+    coords.requires_grad_(True)
+    expected = soft_dice(fixed, sample(moving, coords))
+    grad_expected, = torch.autograd.grad(expected, coords)
+    ours = _LabelDice(fixed, moving)(coords)
+    grad_ours, = torch.autograd.grad(ours, coords)
+    assert torch.allclose(ours, expected, atol=1e-6)
+    assert torch.allclose(grad_ours, grad_expected, atol=1e-9)
+    assert grad_expected.abs().max() > 1e-4
+
+
+def test_registration_loss_takes_the_edge_aware_smoothness_when_asked():
+    import dataclasses
+    torch.manual_seed(0)
+    fixed = torch.zeros(1, 1, 10, 10, 10)
+    fixed[..., 4:] = 1.0  # an edge across x
+    displacement = torch.zeros(1, 3, 10, 10, 10)
+    displacement[..., 4:] = 2.0  # the field jumps at the edge
+    out = {"warped_affine": fixed, "warped": fixed, "displacement": displacement}
+    plain = RegistrationLoss(LossConfig())(fixed, out)["smoothness"]
+    aware = RegistrationLoss(dataclasses.replace(LossConfig(), smoothness_edge_alpha=5.0))(fixed, out)["smoothness"]
+    assert plain > 0 and aware < 0.01 * plain

@@ -80,3 +80,28 @@ def test_stage_metrics_table():
 def test_empty_label_is_an_error():
     with pytest.raises(ValueError, match="empty"):
         assd(np.zeros((5, 5, 5)), np.ones((5, 5, 5)))
+
+
+def test_assd_equals_the_brute_force_mean_of_surface_distances():
+    """ASSD (computed in the masks' bounding box) against every pair of boundary points, masks touching the
+    image's edge included (their edge voxels are not boundary)."""
+    rng = np.random.default_rng(3)
+    spacing = (0.8, 1.3, 2.0)
+    for _ in range(3):
+        a = np.zeros((14, 18, 16), bool)
+        b = np.zeros_like(a)
+        a[rng.integers(0, 4):rng.integers(8, 15), 2:rng.integers(9, 18), rng.integers(0, 5):12] = True
+        b[3:rng.integers(9, 13), rng.integers(0, 6):15, 4:rng.integers(10, 17)] = True
+
+        def boundary(mask):
+            padded = np.pad(mask, 1, mode="edge")  # outside the image counts as the mask itself
+            inner = np.ones_like(mask)
+            for dz in (-1, 0, 1):
+                for dy in (-1, 0, 1):
+                    for dx in (-1, 0, 1):
+                        inner &= padded[1 + dz:15 + dz, 1 + dy:19 + dy, 1 + dx:17 + dx]
+            return np.argwhere(mask & ~inner) * np.asarray(spacing[::-1])
+        pa, pb = boundary(a), boundary(b)
+        distances = np.linalg.norm(pa[:, None] - pb[None], axis=2)
+        expected = (distances.min(1).sum() + distances.min(0).sum()) / (len(pa) + len(pb))
+        assert assd(a, b, spacing) == pytest.approx(expected, rel=1e-9)

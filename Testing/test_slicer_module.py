@@ -694,7 +694,8 @@ def test_batch_over_node_pairs_and_files(scene_data, tiny_model, tmp_path):
                                      fixedSegmentation=files["fixedSegmentation"],
                                      movingSegmentation=files["movingSegmentation"], fixedLabel=1, movingLabel=20,
                                      name="files")], outputFolder=str(tmp_path / "out"), checkpoint=tiny_model,
-                               device="cpu", keepNodes=False)
+                               device="cpu", keepNodes=False, outputs=("warped", "transform", "inverse", "jacobian",
+                                                                       "metrics"))
     assert rows[0]["name"] == "files" and rows[0]["metrics"]["final"]["dice"] > 0 and rows[0]["error"] is None
     for key in ("warped", "forward_transform", "inverse_transform", "jacobian", "metrics"):
         assert os.path.isfile(rows[0]["paths"][key]), key

@@ -28,12 +28,12 @@ def scans():
 
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
-    """``register`` of the README pair by level names, whole-scan outputs included."""
+    """``register`` of the README pair by level names, the transform's parts, inverse and whole-scan outputs included."""
     s, out = scans(), tmp_path_factory.mktemp("register")
     torch.manual_seed(0)
     assert main(["register", "--fixed", s["fixed"], "--fixed-seg", s["fixed_seg"], "--fixed-vertebra", "L1",
                  "--moving", s["moving"], "--moving-seg", s["moving_seg"], "--moving-vertebra", "l1",
-                 "--whole-scan", "--device", "cpu", "--out", str(out)]) == 0
+                 "--outputs", "default,fields,inverse,scan", "--device", "cpu", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     return {"out": out, "affine": np.array(summary["affine_lps"]),
             "transform": sitk.ReadTransform(str(out / "forward_transform.h5"))}
@@ -47,8 +47,8 @@ def affine_points(affine, points):
 def sample_points(cli_run):
     """Points inside the crop (voxel centres of the deformable field's original grid), and points of the fixed
     scan at least 40 mm outside the crop and its taper band."""
-    field = sitk.ReadImage(str(cli_run["out"] / "deformable_field.nii.gz"))
-    jacobian = sitk.ReadImage(str(cli_run["out"] / "jacobian.nii.gz"))  # the crop's own grid
+    field = sitk.ReadImage(str(cli_run["out"] / "deformable_field.nii"))
+    jacobian = sitk.ReadImage(str(cli_run["out"] / "jacobian.nii"))  # the crop's own grid
     rng = np.random.default_rng(0)
     index = rng.uniform(1, np.array(jacobian.GetSize()) - 2, size=(200, 3))
     inside = np.array([jacobian.TransformContinuousIndexToPhysicalPoint(i.tolist()) for i in index])
@@ -74,7 +74,7 @@ def test_composite_is_the_full_map_inside_the_crop_and_the_affine_outside(cli_ru
     # Inside: the registration's map (the affine of the crop alone would be off by millimetres).
     moved = transform_points(t, inside)
     deformable = transform_points(sitk.DisplacementFieldTransform(
-        sitk.Cast(sitk.ReadImage(str(cli_run["out"] / "deformable_field.nii.gz")), sitk.sitkVectorFloat64)), inside)
+        sitk.Cast(sitk.ReadImage(str(cli_run["out"] / "deformable_field.nii")), sitk.sitkVectorFloat64)), inside)
     assert np.abs(moved - affine_points(cli_run["affine"], deformable)).max() < 1e-4
     assert np.linalg.norm(moved - affine_points(cli_run["affine"], inside), axis=1).max() > 1.0
     # The inverse file undoes it, inside and outside.
@@ -161,7 +161,7 @@ def module_register(module, fixed, moving, fixed_seg=None, moving_seg=None, fixe
 
 def assert_same_registration(result, out):
     assert np.allclose(result.affine_lps, json.loads((out / "summary.json").read_text())["affine_lps"], atol=1e-4)
-    written = sitk.ReadImage(str(out / "deformable_field.nii.gz"))
+    written = sitk.ReadImage(str(out / "deformable_field.nii"))
     exported = result.exported_deformable_field()
     assert exported.GetSize() == written.GetSize()
     assert np.allclose(exported.GetOrigin(), written.GetOrigin(), atol=1e-4)
@@ -190,6 +190,6 @@ def test_module_and_command_line_give_the_same_field_for_ready_crops_in_hounsfie
     assert read_input(paths["fixed"]).notes  # says it took them as Hounsfield units
     out = tmp_path / "cli"
     torch.manual_seed(0)
-    assert main(["register", "--fixed", paths["fixed"], "--moving", paths["moving"], "--device", "cpu",
-                 "--out", str(out)]) == 0
+    assert main(["register", "--fixed", paths["fixed"], "--moving", paths["moving"], "--device", "cpu", "--outputs",
+                 "default,fields", "--out", str(out)]) == 0
     assert_same_registration(module_register(module, paths["fixed"], paths["moving"]), out)

@@ -113,6 +113,10 @@ class LossConfig:
     # Variance of the log-Jacobian inside the fixed vertebra (where a fixed label is given): bone may change
     # its size between subjects, but not unevenly across its inside (see ``refinement_loss_config``).
     vertebra_log_jacobian_variance: float = 0.0
+    # Edge-aware smoothness (Shan et al. 2017, in 3D): the diffusion term's differences weighted by
+    # exp(-alpha |grad fixed|), so that the field may change where the fixed image has an edge. 0: the paper's
+    # plain diffusion (the default; the edge-aware form is not yet measured against it on trained 3D models).
+    smoothness_edge_alpha: float = 0.0
 
 
 LOSS_PRESETS = ("maps", "paper")

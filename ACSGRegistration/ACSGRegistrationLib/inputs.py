@@ -17,7 +17,7 @@ inputs are and how they become the crops the registrar takes.
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -105,14 +105,15 @@ def check_is_crop(image: sitk.Image, what: str) -> None:
 
 
 def read_input(image_path: str, labels_path: Optional[str] = None, vertebra=None, what: str = "fixed",
-               intensity: str = "auto") -> PreparedInput:
-    """``prepare_input`` of image files: names of the label map's values from ``readers.label_map_names``."""
+               intensity: str = "auto", reader: Callable[[str, str], sitk.Image] = read_image) -> PreparedInput:
+    """``prepare_input`` of image files: names of the label map's values from ``readers.label_map_names``;
+    ``reader(path, what)`` reads the files (``io.read_image``, or a batch's cache of it)."""
     from .readers import label_map_names
-    image = read_image(image_path, f"{what} image")
+    image = reader(image_path, f"{what} image")
     if labels_path is None:
         if vertebra not in (None, ""):
             raise InputError(f"a {what} vertebra ({vertebra}) was chosen but no {what} label map was given")
         return prepare_input(image, what=what, intensity=intensity)
-    labels = read_image(labels_path, f"{what} label map")
+    labels = reader(labels_path, f"{what} label map")
     return prepare_input(image, labels, vertebra, what, label_map_names(labels_path, labels),
                          owner=labels_path, intensity=intensity)

@@ -3,7 +3,8 @@
 ITK reads a truncated NIfTI file (``.nii`` or ``.nii.gz``) without complaint, filling everything after the
 cut with zeros (0 HU: a scan that silently ends in water). Other formats (NRRD, MetaImage) fail on their own.
 So NIfTI files are checked against their header first: the gzip stream must end properly and hold the
-header's offset plus every voxel the header declares. The same check verifies the files this package
+header's offset plus every voxel the header declares (read from the gzip trailer where it says so, else by
+decompressing the file: a whole pass, as long as reading it). The same check verifies the files this package
 writes before an output folder is published (``outputs.OutputFolder``).
 """
 
@@ -54,6 +55,18 @@ def _decompressed_length(path: str) -> Tuple[int, bytes]:
             length += len(chunk)
 
 
+def _trailer_length(path: str) -> int:
+    """The length a gzip file's trailer records (ISIZE: the content's length modulo 2**32)."""
+    with open(path, "rb") as fh:
+        fh.seek(-4, os.SEEK_END)
+        return struct.unpack("<I", fh.read(4))[0]
+
+
+def _gzip_head(path: str) -> bytes:
+    with gzip.open(path, "rb") as fh:
+        return fh.read(540)
+
+
 def incomplete_reason(path: str) -> str:
     """Why a NIfTI file is not whole ('' when it is, or when it is not NIfTI and its reader checks itself)."""
     lower = path.lower()
@@ -64,6 +77,12 @@ def incomplete_reason(path: str) -> str:
         return "the file is empty"
     try:
         if lower.endswith(".gz"):
+            # Fast path: a whole single-stream file's trailer records the header's length (a cut file's last
+            # bytes are compressed data, which match it once in 2**32). Otherwise everything is decompressed:
+            # multi-stream files, files with bytes after the voxels, and damaged files (then named exactly).
+            expected = _nifti_header_size(_gzip_head(path)) if size > 8 else None
+            if expected is not None and _trailer_length(path) == expected % 2 ** 32:
+                return ""
             length, head = _decompressed_length(path)
         else:
             length = size
@@ -81,6 +100,17 @@ def incomplete_reason(path: str) -> str:
 
 def read_image(path: str, what: str = "image") -> sitk.Image:
     """A whole 3D scalar image from ``path``; errors name ``what`` and the file."""
+    image = read_whole(path, what)
+    if image.GetDimension() != 3:
+        raise InputError(f"{what} {path} is {image.GetDimension()}D; a 3D volume is needed")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{what} {path} has {image.GetNumberOfComponentsPerPixel()} values per voxel "
+                         "(a colour or vector image); a scalar volume is needed")
+    return image
+
+
+def read_whole(path: str, what: str = "image") -> sitk.Image:
+    """An image of any dimension from ``path``, refused where the file is missing, cut short or unreadable."""
     if not os.path.isfile(path):
         raise InputError(f"{what} not found: {path}")
     reason = incomplete_reason(path)
@@ -91,9 +121,4 @@ def read_image(path: str, what: str = "image") -> sitk.Image:
     except RuntimeError as exc:
         lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
         raise InputError(f"cannot read {what} {path}: {lines[-1] if lines else 'unknown format'}") from exc
-    if image.GetDimension() != 3:
-        raise InputError(f"{what} {path} is {image.GetDimension()}D; a 3D volume is needed")
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{what} {path} has {image.GetNumberOfComponentsPerPixel()} values per voxel "
-                         "(a colour or vector image); a scalar volume is needed")
     return image

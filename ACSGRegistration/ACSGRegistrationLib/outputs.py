@@ -27,6 +27,21 @@ from .io import incomplete_reason
 
 MANIFEST = "manifest.json"
 
+# What a registration can write (``RegistrationResult.write_files``), and what it writes by default.
+OUTPUTS = {
+    "warped": "warped.nii.gz: the moving crop warped onto the fixed crop",
+    "warped_affine": "warped_affine.nii.gz: the same after the affine stage alone",
+    "warped_label": "warped_label.nii.gz: the moving vertebra's mask warped (with --moving-seg)",
+    "jacobian": "jacobian.nii: det of the deformable part's Jacobian on the fixed crop",
+    "transform": "forward_transform.h5: the whole map, fixed point -> moving point, valid on the whole scans "
+                 "(ITK, SimpleITK, ANTs and Slicer read it)",
+    "fields": "its parts: affine_transform.tfm and deformable_field.nii (float32 displacement, LPS mm)",
+    "inverse": "inverse_transform.h5 and inverse_deformable_field.nii (computed only when asked for: as long "
+               "as the registration)",
+    "metrics": "metrics.json: Dice, precision, recall, ASSD per stage, folding (both labels given)",
+}
+DEFAULT_OUTPUTS = ("warped", "warped_label", "jacobian", "transform", "metrics")
+
 
 def _hidden(target: str, kind: str) -> str:
     parent, name = os.path.split(target)

@@ -43,9 +43,9 @@ def crop_grid(center, size=CROP_SIZE, spacing=1.0) -> sitk.Image:
 
 
 def stretch_to_unit(image: sitk.Image, percentiles=(0.5, 99.5)) -> sitk.Image:
-    """Intensities of a non-CT image mapped to [0, 1] between two percentiles (float32, clipped)."""
+    """Intensities of a non-CT image (2D or 3D) mapped to [0, 1] between two percentiles (float32, clipped)."""
     values = sitk.GetArrayViewFromImage(image)
-    lo, hi = (float(v) for v in np.percentile(values[::2, ::2, ::2], percentiles))
+    lo, hi = (float(v) for v in np.percentile(values[(slice(None, None, 2),) * values.ndim], percentiles))
     hi = hi if hi > lo else float(values.max())
     out = sitk.GetImageFromArray(np.clip((values.astype(np.float32) - lo) / max(hi - lo, 1e-6), 0.0, 1.0))
     out.CopyInformation(image)

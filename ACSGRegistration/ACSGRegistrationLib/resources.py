@@ -12,6 +12,7 @@ from .errors import InputError
 DEFAULT_MODEL = "acsgregnet_default.pt"
 BASELINE_MODEL = "avoxelmorph_baseline.pt"
 PROST_MODEL = "prost_lumbar.pt"  # CT to X-ray: ProST's learned similarity
+PLANAR_MODEL = "planar_lumbar.pt"  # 2D deformable (Shan et al. 2017)
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 MODEL_FOLDERS = (os.path.join(_PACKAGE, "models"),  # installed package
                  os.path.join(os.path.dirname(_PACKAGE), "Resources", "Models"))  # the Slicer module's folder
@@ -27,3 +28,8 @@ def shipped_model_path(name: str = DEFAULT_MODEL, must_exist: bool = True) -> st
         raise InputError(f"the shipped model {name} is not installed (looked in {', '.join(MODEL_FOLDERS)}): "
                          "pass a checkpoint file")
     return os.path.join(MODEL_FOLDERS[-1], name)
+
+
+def shipped_planar_model_path() -> str:
+    """The shipped 2D model."""
+    return shipped_model_path(PLANAR_MODEL)

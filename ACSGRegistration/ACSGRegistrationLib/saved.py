@@ -14,8 +14,10 @@ from . import geometry
 from .errors import InputError
 from .io import read_image
 
-# The files a saved registration must hold to be read back (names as RegistrationResult.write_files writes).
-NEEDED = ("summary.json", "jacobian.nii.gz", "deformable_field.nii.gz")
+# What a saved registration is read back from: the outputs (RegistrationResult.write_files) to ask for, and
+# the files of them that must be there (warped_label.nii.gz and metrics only where both labels were given).
+READABLE_OUTPUTS = ("jacobian", "fields", "warped_label", "metrics")
+NEEDED = ("summary.json", "jacobian.nii", "deformable_field.nii")
 
 
 @dataclass
@@ -60,7 +62,7 @@ def load_result(folder: str) -> SavedResult:
     if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
         raise InputError(f"{os.path.join(folder, 'summary.json')}: affine_lps is not a finite 4x4 matrix")
     label_path = os.path.join(folder, "warped_label.nii.gz")
-    field_image = sitk.ReadImage(os.path.join(folder, "deformable_field.nii.gz"), sitk.sitkVectorFloat64)
-    return SavedResult(affine, read_image(os.path.join(folder, "jacobian.nii.gz"), "Jacobian map"), field_image,
+    field_image = sitk.ReadImage(os.path.join(folder, "deformable_field.nii"), sitk.sitkVectorFloat64)
+    return SavedResult(affine, read_image(os.path.join(folder, "jacobian.nii"), "Jacobian map"), field_image,
                        read_image(label_path, "warped label") if os.path.isfile(label_path) else None,
                        summary.get("metrics"), float(summary.get("seconds", 0.0)), list(summary.get("notes", [])))

