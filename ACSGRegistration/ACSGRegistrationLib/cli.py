@@ -454,7 +454,7 @@ def cmd_train2d(args):
                             smoothness_order=args.order, dice=args.dice, seed=args.seed)
     levels = _levels(args.levels)
     views = _planar_views(args.ct, args.ct_seg, "--ct", TRAINING_OFFSETS, levels)
-    held_out = _planar_views(args.val_ct, args.val_ct_seg, "--val-ct", levels=levels)
+    held_out = _planar_views(args.val_ct, args.val_ct_seg, "--val-ct", levels=_levels(args.val_levels) or levels)
     print(f"{len(views)} training views, {len(held_out)} held-out views", flush=True)
     trainer = PlanarTrainer(views, args.out, cfg, PlanarConfig(diffeomorphic=args.diffeomorphic),
                             validation_views=held_out, resume=not args.restart,
@@ -465,7 +465,7 @@ def cmd_train2d(args):
 
 
 def cmd_evaluate2d(args):
-    from .planar.evaluation import evaluate_cases, known_cases, subject_pairs, write_report
+    from .planar.evaluation import evaluate_cases, known_cases, self_cases, subject_pairs, write_report
     from .planar.model_file import load_planar
     if args.threads:
         import torch
@@ -485,10 +485,10 @@ def cmd_evaluate2d(args):
         raise InputError(f"--baselines: unknown {', '.join(unknown)}; choose from {', '.join(PLANAR_BASELINES)}")
     views = _planar_views(args.ct, args.ct_seg, "--ct", levels=_levels(args.levels))
     kinds = {k.strip() for k in args.kinds.split(",") if k.strip()}
-    if not kinds or kinds - {"known", "inter-subject"}:
-        raise InputError(f"--kinds {args.kinds}: choose known, inter-subject or both")
+    if not kinds or kinds - {"known", "inter-subject", "self"}:
+        raise InputError(f"--kinds {args.kinds}: choose from known, inter-subject, self")
     cases = (known_cases(views, range(args.seeds)) if "known" in kinds else []) + \
-        (subject_pairs(views) if "inter-subject" in kinds else [])
+        (subject_pairs(views) if "inter-subject" in kinds else []) + (self_cases(views) if "self" in kinds else [])
     if not cases:
         raise InputError("no cases: inter-subject pairs need views of two CTs (repeat --ct)")
     rows = evaluate_cases(cases, nets, baselines, progress=lambda k, n: print(f"[{k}/{n}]", flush=True)
@@ -765,6 +765,7 @@ def build_parser():
     p.add_argument("--order", type=int, choices=(1, 2), default=1, help="the smoothness's derivative order")
     p.add_argument("--dice", type=_number(float, minimum=0.0), default=0.0, help="optional label Dice weight")
     p.add_argument("--levels", help="comma-separated vertebrae to centre views on (default T12, L1-L5)")
+    p.add_argument("--val-levels", help="the held-out views' vertebrae (default: --levels)")
     p.add_argument("--diffeomorphic", action="store_true", help="a velocity field integrated by scaling and "
                                                                 "squaring instead of the paper's displacement")
     p.add_argument("--threads", type=COUNT, help="CPU threads for PyTorch")
@@ -781,8 +782,9 @@ def build_parser():
     p.add_argument("--seeds", type=COUNT, default=2, help="known deformations per view (default 2)")
     p.add_argument("--baselines", default="demons,bspline", help="comma-separated: demons, bspline (or none)")
     p.add_argument("--levels", help="comma-separated vertebrae to centre views on (default T12, L1-L5)")
-    p.add_argument("--kinds", default="known,inter-subject",
-                   help="known (known deformations of each view), inter-subject (views of two CTs), or both")
+    p.add_argument("--kinds", default="known,inter-subject,self",
+                   help="comma-separated: known (known deformations of each view), inter-subject (views of two "
+                        "CTs), self (each view registered to itself); default all")
     p.add_argument("--threads", type=COUNT, help="CPU threads for PyTorch")
     p.add_argument("--out", required=True, help="folder for cases.csv and summary.md")
     p.set_defaults(func=cmd_evaluate2d)

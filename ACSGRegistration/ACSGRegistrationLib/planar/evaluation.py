@@ -6,6 +6,7 @@ images (the networks given, SimpleITK's Demons and B-spline, the identity).
   with det J <= 0 over the view).
 - **Inter-subject pairs**: views of the same kind and level from two CTs, each centred on its vertebra: Dice
   and ASSD of that vertebra before (centred) and after; folding.
+- **Self-registration**: each view registered to itself; the map should stay the identity.
 - Seconds per pair (network: the forward pass on the CPU; baselines: their registration).
 """
 
@@ -53,6 +54,16 @@ def known_cases(views: Sequence[View], seeds: Sequence[int]) -> List[Dict]:
     return cases
 
 
+def self_cases(views: Sequence[View]) -> List[Dict]:
+    """Each view registered to itself: the truth is the identity (a zero backward field)."""
+    cases = []
+    for view in views:
+        fixed, labels = image_tensor(view.image), image_tensor(view.labels)
+        cases.append({"kind": "self", "view": view, "fixed": fixed, "moving": fixed.clone(),
+                      "backward": torch.zeros(2, *fixed.shape[-2:]), "mask": vertebra_masks(labels)})
+    return cases
+
+
 def subject_pairs(views: Sequence[View]) -> List[Dict]:
     """Ordered pairs of views of the same kind and level from different subjects."""
     pairs = []
@@ -80,7 +91,7 @@ def evaluate_cases(cases: Sequence[Dict], nets: Dict[str, PlanarNet],
             row = {"case": k, "kind": case["kind"], "view": view.kind, "label": view.label,
                    "subject": view.subject + ("" if "other" not in case else f"<-{case['other'].subject}"),
                    "method": method, "folding_percent": _folding(field), "seconds": seconds}
-            if case["kind"] == "known":
+            if case["kind"] in ("known", "self"):
                 error = endpoint_error(field, case["backward"], case["mask"])
                 identity = endpoint_error(torch.zeros_like(field), case["backward"], case["mask"])
                 row.update(epe_mean_mm=error["mean"], epe_p95_mm=error["p95"], epe_max_mm=error["max"],
@@ -125,6 +136,15 @@ def summary_markdown(rows: Sequence[Dict]) -> str:
             cells = [f"{_mean(r['epe_mean_mm'] for r in known if r['method'] == method and r['view'] == v):.3f}"
                      for v in views]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    itself = [r for r in rows if r["kind"] == "self"]
+    if itself:
+        lines += ["", "Each view registered to itself (how far the map moves points inside the vertebrae, mm):", "",
+                  "| method | mean | p95 | max | folding % |", "|---|---|---|---|---|"]
+        for method in methods:
+            mine = [r for r in itself if r["method"] == method]
+            lines.append(f"| {method} | {_mean(r['epe_mean_mm'] for r in mine):.3f} | "
+                         f"{_mean(r['epe_p95_mm'] for r in mine):.3f} | {_mean(r['epe_max_mm'] for r in mine):.3f} | "
+                         f"{_mean(r['folding_percent'] for r in mine):.3f} |")
     pairs = [r for r in rows if r["kind"] == "inter-subject"]
     if pairs:
         lines += ["", "Inter-subject pairs (the centred vertebra):", "",
@@ -133,7 +153,8 @@ def summary_markdown(rows: Sequence[Dict]) -> str:
         for method in methods:
             mine = [r for r in pairs if r["method"] == method]
             lines.append(f"| {method} | {_mean(r['dice_initial'] for r in mine):.3f} | "
-                         f"{_mean(r['dice_final'] for r in mine):.3f} | {_mean(r['assd_final_mm'] for r in mine):.3f} | "
+                         f"{_mean(r['dice_final'] for r in mine):.3f} | "
+                         f"{_mean(r['assd_final_mm'] for r in mine):.3f} | "
                          f"{_mean(r['folding_percent'] for r in mine):.3f} | {_mean(r['seconds'] for r in mine):.3f} |")
     return "\n".join(lines) + "\n"
 
