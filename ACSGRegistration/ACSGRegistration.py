@@ -7,7 +7,7 @@ This file only orchestrates; the work is done elsewhere:
 - the Slicer-bound helpers ``ACSGRegistrationSlicer``: nodes <-> SimpleITK (``conversion``), vertebra choices
   (``labels``), input checks and export (``inputs``), output nodes and display (``outputNodes``), the
   dependencies (``dependencies``), background runs (``backgroundRun``, ``runs``), the self-test's scene
-  (``testScene``), a CT to X-ray registration's nodes (``xrayNodes``).
+  (``testScene``), a CT to X-ray registration's nodes (``xrayNodes``), the 2D mode (``planarNodes``).
 
 ``ACSGRegistrationLogic`` works without the GUI, in Slicer's process (``register``, ``registerPairs``,
 ``registerFiles``, ``fineTune``: scripts and the Python console) or in the background (``startRegistration``,
@@ -53,7 +53,7 @@ from ACSGRegistrationLib.xray import POSE_SEARCH_METHODS
 from ACSGRegistrationSlicer import batch, dependencies, labels, models, outputNodes, settings, training, xrayNodes, \
     xrayRegistration
 from ACSGRegistrationSlicer.conversion import ijkToRasOfNode, loadVolumeFile
-from ACSGRegistrationSlicer import testScene
+from ACSGRegistrationSlicer import planarNodes, testScene
 from ACSGRegistrationSlicer.inputs import PreparedInput, checkInputs, exportInput, pairArguments
 from ACSGRegistrationSlicer.outputNodes import FOREGROUND_CHOICES, RegistrationOutput
 from ACSGRegistrationSlicer.runs import FineTuneRun, RegistrationRun
@@ -434,6 +434,13 @@ class ACSGRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.logic.ensureDependencies(askConfirmation=True):
                 self.ui.statusLabel.text = _("Missing packages were not installed: nothing done.")
                 return
+            if planarNodes.isSingleSlice(p.fixedVolume) and planarNodes.isSingleSlice(p.movingVolume):
+                out = self.logic.registerPlanar(p.fixedVolume, p.movingVolume, p.fixedSegmentation,
+                                                p.movingSegmentation, p.fixedLabel or None)
+                slicer.util.setSliceViewerLayers(background=p.fixedVolume, foreground=out.warpedVolume,
+                                                 foregroundOpacity=0.5)
+                self.ui.statusLabel.text = planarNodes.summaryText(out)
+                return
             self._startRun(self.logic.startRegistrationOf(p), "registration")
 
     def _registrationDone(self, output: RegistrationOutput) -> None:
@@ -648,6 +655,11 @@ class ACSGRegistrationLogic(ScriptedLoadableModuleLogic):
         moving = exportInput(movingVolume, movingSegmentation, movingLabel, "moving")
         return RegistrationRun(fixed, moving, self.resolveCheckpoint(checkpoint), device, refineSteps, given,
                                name).start()
+
+    def registerPlanar(self, fixedVolume, movingVolume, fixedLabels=None, movingLabels=None, label=None,
+                       model=None, name=None) -> "planarNodes.PlanarOutput":
+        """The 2D mode (``planarNodes``): two single-slice volumes registered by the 2D network, in this process."""
+        return planarNodes.registerPlanarNodes(fixedVolume, movingVolume, fixedLabels, movingLabels, label, model, name)
 
     def startRegistrationOf(self, p) -> RegistrationRun:
         """``startRegistration`` of what a parameter node (the panel's) says, into its output nodes."""

@@ -1,0 +1,110 @@
+"""The module's 2D mode: two single-slice volumes (a radiograph, a DRR or one CT slice loaded in Slicer) registered
+by the backend's 2D network (``ACSGRegistrationLib.planar``) in Slicer's process (a few hundredths of a second),
+with the same outputs as in 3D: the warped volume, the map as a grid transform node, the Jacobian map, and the
+warped label map. Inputs are never modified.
+
+A single-slice volume is taken as a 2D image in its slice's plane (``planar.register.as_planar``: the in-plane
+axes of its geometry). The field is lifted back as a one-slice displacement grid in that plane, which Slicer
+applies within the slice (slices at an angle to the volume's axes: the in-plane part of their geometry).
+"""
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+import slicer
+
+from ACSGRegistrationLib.errors import InputError
+
+from .conversion import gridTransformFromField, updateVolumeNodeFromImage, volumeNodeToImage
+
+
+def isSingleSlice(volumeNode) -> bool:
+    """A volume one voxel thick along one of its axes (a 2D image loaded as a volume)."""
+    data = volumeNode.GetImageData() if volumeNode is not None else None
+    return data is not None and min(data.GetDimensions()) == 1 and sorted(data.GetDimensions())[1] > 1
+
+
+@dataclass
+class PlanarOutput:
+    warpedVolume: object
+    transform: object
+    jacobian: object
+    warpedLabels: Optional[object] = None
+    metrics: Optional[Dict] = None
+    seconds: float = 0.0
+    notes: List[str] = field(default_factory=list)
+
+
+def _thinAxis(image) -> int:
+    return [k for k, n in enumerate(image.GetSize()) if n == 1][-1]
+
+
+def _lift(planar, like, isVector: bool = False):
+    """A 2D image (or 2D vector field) of ``like``'s slice back on ``like``'s one-slice 3D grid."""
+    import SimpleITK as sitk
+    thin = _thinAxis(like)
+    array = sitk.GetArrayFromImage(planar)
+    if isVector:  # in-plane (a, b) components -> the 3D vector with 0 across the slice
+        vectors = np.zeros(array.shape[:2] + (3,), dtype=np.float64)
+        vectors[..., [k for k in range(3) if k != thin]] = array
+        array = vectors
+    lifted = sitk.GetImageFromArray(np.expand_dims(array, axis=2 - thin), isVector=isVector)
+    lifted.CopyInformation(like)
+    return lifted
+
+
+def _planarOf(volumeNode, name: str):
+    from ACSGRegistrationLib.planar.register import as_planar
+    if not isSingleSlice(volumeNode):
+        raise InputError(f"'{volumeNode.GetName()}' is not a single-slice volume: the 2D mode registers 2D images")
+    image3d = volumeNodeToImage(volumeNode)
+    return image3d, as_planar(image3d, f"{name} '{volumeNode.GetName()}'")
+
+
+def registerPlanarNodes(fixedVolume, movingVolume, fixedLabels=None, movingLabels=None, label: Optional[int] = None,
+                        model: Optional[str] = None, name: Optional[str] = None) -> PlanarOutput:
+    """Register two single-slice volumes (with optional labelmap volumes and the structure's label value)."""
+    from ACSGRegistrationLib.planar.register import PlanarRegistrar, structure_mask
+    if isinstance(label, str):
+        if not label.strip().isdigit():
+            raise InputError(f"in the 2D mode the structure is a label value of the label maps, not {label!r}")
+        label = int(label)
+    for node in (fixedLabels, movingLabels):
+        if node is not None and not node.IsA("vtkMRMLScalarVolumeNode"):
+            raise InputError(f"'{node.GetName()}': the 2D mode takes label map volumes (a segmentation can be "
+                             "exported to one in the Segmentations module)")
+    fixed3d, fixed = _planarOf(fixedVolume, "fixed volume")
+    _, moving = _planarOf(movingVolume, "moving volume")
+    masks, movingMap = [], None
+    for node, image, what in ((fixedLabels, fixed, "fixed"), (movingLabels, moving, "moving")):
+        if node is None:
+            masks.append(None)
+            continue
+        _, labels = _planarOf(node, f"{what} label map")
+        masks.append(structure_mask(labels, image, label, f"{what} label map '{node.GetName()}'"))
+        movingMap = labels if what == "moving" else movingMap
+    result = PlanarRegistrar(model).register(fixed, moving, masks[0], masks[1], moving_labels=movingMap)
+    base = name or f"{movingVolume.GetName()} to {fixedVolume.GetName()}"
+    scene = slicer.mrmlScene
+    warped = updateVolumeNodeFromImage(scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{base} warped"),
+                                       _lift(result.warped, fixed3d))
+    jacobian = updateVolumeNodeFromImage(scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{base} Jacobian"),
+                                         _lift(result.jacobian, fixed3d))
+    transform = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", f"{base} transform")
+    transform.SetAndObserveTransformFromParent(gridTransformFromField(_lift(result.forward_field, fixed3d, True)))
+    warpedLabels = None
+    if result.warped_label is not None:
+        warpedLabels = updateVolumeNodeFromImage(
+            scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"{base} warped labels"),
+            _lift(result.warped_label, fixed3d))
+    return PlanarOutput(warped, transform, jacobian, warpedLabels, result.metrics, result.seconds)
+
+
+def summaryText(output: PlanarOutput) -> str:
+    text = f"2D registration in {output.seconds:.2f} s"
+    if output.metrics:
+        before, after = output.metrics["initial"], output.metrics["final"]
+        text += (f": Dice {before['dice']:.3f} -> {after['dice']:.3f}, ASSD {after['assd_mm']:.2f} mm, "
+                 f"det J <= 0 {after['nonpositive_jacobian_percent']:.2f} %")
+    return text
