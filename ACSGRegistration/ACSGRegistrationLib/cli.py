@@ -503,8 +503,10 @@ def cmd_register2d(args):
     from .outputs import OutputFolder
     from .planar.register import (DEFAULT_PLANAR_OUTPUTS, PLANAR_OUTPUTS, PlanarRegistrar, read_planar,
                                   structure_mask)
-    outputs = DEFAULT_PLANAR_OUTPUTS if args.outputs == "default" else tuple(
-        o.strip() for o in args.outputs.split(",") if o.strip())
+    outputs = []
+    for word in (o.strip() for o in args.outputs.split(",") if o.strip()):
+        names = DEFAULT_PLANAR_OUTPUTS if word == "default" else tuple(PLANAR_OUTPUTS) if word == "all" else (word,)
+        outputs += [n for n in names if n not in outputs]
     unknown = [o for o in outputs if o not in PLANAR_OUTPUTS]
     if unknown:
         raise InputError(f"--outputs: unknown {', '.join(unknown)}; choose from {', '.join(PLANAR_OUTPUTS)}")
@@ -741,8 +743,9 @@ def build_parser():
     p.add_argument("--moving-label", type=int, help="its value in --moving-seg, where it differs")
     p.add_argument("--model", help="2D model (default: the shipped planar_lumbar.pt)")
     p.add_argument("--outputs", default="default",
-                   help="comma-separated: warped, warped_label, transform (transform.h5), field (field.nii), "
-                        "jacobian, metrics, figure; default = warped, warped_label, transform, jacobian, metrics")
+                   help="comma-separated: default (= warped, warped_label, transform, jacobian, metrics), all, or "
+                        "any of warped, warped_label, transform (transform.h5), field (field.nii), jacobian, "
+                        "metrics, figure")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda")
     p.add_argument("--out", required=True, help="output folder (written as a unit)")
     p.set_defaults(func=cmd_register2d)
