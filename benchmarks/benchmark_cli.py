@@ -57,7 +57,7 @@ for pair in read_pairs(table)[:count]:
     sitk.WriteImage(sitk.Cast(result.forward_field, sitk.sitkVectorFloat32), os.path.join(folder, "field.nii"))
     jacobian = sitk.GetImageFromArray(result.jacobian.astype(np.float32))
     jacobian.CopyInformation(result.warped)
-    sitk.WriteImage(jacobian, os.path.join(folder, "jacobian.nii.gz"))
+    sitk.WriteImage(jacobian, os.path.join(folder, "jacobian.nii"))
     rows.append({"name": pair.name, "seconds_reading": read - started, "seconds": registered - read,
                  "seconds_writing": time.perf_counter() - registered,
                  "dice_final": result.metrics["final"]["dice"] if result.metrics else ""})
