@@ -42,13 +42,16 @@ def output_names() -> Dict[str, str]:
     return {**OUTPUTS, **PAIR_OUTPUTS}
 
 
-def parse_outputs(text: str, option: str = "--outputs") -> Tuple[str, ...]:
-    """``"warped,transform"`` -> the outputs' names; ``default`` stands for the default set, ``all`` for all."""
-    from .outputs import DEFAULT_OUTPUTS
-    known = output_names()
+def parse_outputs(text: str, option: str = "--outputs", known: Optional[Sequence[str]] = None,
+                  default: Optional[Sequence[str]] = None) -> Tuple[str, ...]:
+    """``"warped,transform"`` -> the outputs' names; ``default`` stands for the default set, ``all`` for all
+    ``known`` (default: a pair's 3D outputs, ``output_names``; the 2D command passes its own)."""
+    if known is None:
+        from .outputs import DEFAULT_OUTPUTS
+        known, default = output_names(), DEFAULT_OUTPUTS
     chosen: List[str] = []
     for word in (w.strip() for w in str(text).split(",")):
-        names = DEFAULT_OUTPUTS if word == "default" else tuple(known) if word == "all" else (word,) if word else ()
+        names = tuple(default) if word == "default" else tuple(known) if word == "all" else (word,) if word else ()
         for name in names:
             if name not in known:
                 raise InputError(f"{option}: unknown output {name!r}; choose from default, all, "

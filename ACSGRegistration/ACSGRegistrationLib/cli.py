@@ -500,16 +500,11 @@ def cmd_evaluate2d(args):
 
 
 def cmd_register2d(args):
+    from .batch import parse_outputs
     from .outputs import OutputFolder
     from .planar.register import (DEFAULT_PLANAR_OUTPUTS, PLANAR_OUTPUTS, PlanarRegistrar, read_planar,
                                   structure_mask)
-    outputs = []
-    for word in (o.strip() for o in args.outputs.split(",") if o.strip()):
-        names = DEFAULT_PLANAR_OUTPUTS if word == "default" else tuple(PLANAR_OUTPUTS) if word == "all" else (word,)
-        outputs += [n for n in names if n not in outputs]
-    unknown = [o for o in outputs if o not in PLANAR_OUTPUTS]
-    if unknown:
-        raise InputError(f"--outputs: unknown {', '.join(unknown)}; choose from {', '.join(PLANAR_OUTPUTS)}")
+    outputs = parse_outputs(args.outputs, known=tuple(PLANAR_OUTPUTS), default=DEFAULT_PLANAR_OUTPUTS)
     folder = OutputFolder(args.out, inputs=[p for p in (args.fixed, args.moving, args.fixed_seg, args.moving_seg)
                                             if p], kind="2D registration")
     fixed, moving = read_planar(args.fixed, "fixed image"), read_planar(args.moving, "moving image")

@@ -16,7 +16,7 @@
 
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -215,9 +215,8 @@ def endpoint_error(displacement: torch.Tensor, backward: torch.Tensor, mask: tor
                    spacing: float = 1.0) -> Dict[str, float]:
     """Mean, 95th percentile and max (mm) over ``mask`` (H, W) of how far a predicted map (fixed p -> moving
     p + displacement(p), (1, 2, H, W) pixels) lands from the truth: |q + backward(q) - p| at q = p + u(p)."""
-    q_disp = displacement
-    back_at_q = warp_planar(backward[None], q_disp)  # backward sampled at q
-    error = torch.linalg.vector_norm(q_disp + back_at_q, dim=1)[0] * spacing
+    back_at_q = warp_planar(backward[None], displacement)  # backward sampled at q
+    error = torch.linalg.vector_norm(displacement + back_at_q, dim=1)[0] * spacing
     values = error[mask > 0]
     if values.numel() == 0:
         return {"mean": float("nan"), "p95": float("nan"), "max": float("nan")}
@@ -233,13 +232,6 @@ def vertebra_masks(labels: torch.Tensor) -> torch.Tensor:
     """(H, W) mask of every vertebra in a view's label map."""
     return (labels[0, 0] > 0).float()
 
-
-def pair_of(view: View, rng: np.random.Generator, **kwargs) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                      torch.Tensor, KnownDeformation]:
-    """(fixed, moving, fixed labels, moving labels, truth) of a known deformation of ``view``."""
-    image, labels = image_tensor(view.image), image_tensor(view.labels)
-    truth = known_deformation(image, labels, rng, **kwargs)
-    return image, truth.moving, labels, truth.moving_labels, truth
 
 
 

@@ -17,10 +17,10 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..geometry import write_text
+from ..geometry import write_csv, write_text
 from ..metrics import assd, folding, overlap
 from .baselines import run_baseline
-from .data import View, endpoint_error, image_tensor, known_deformation, vertebra_masks
+from .data import View, endpoint_error, identity_error, image_tensor, known_deformation, vertebra_masks
 from .network import PlanarNet, jacobian_determinant_2d, warp_planar
 
 CASE_COLUMNS = ("case", "kind", "view", "label", "subject", "method", "epe_mean_mm", "epe_p95_mm", "epe_max_mm",
@@ -93,7 +93,7 @@ def evaluate_cases(cases: Sequence[Dict], nets: Dict[str, PlanarNet],
                    "method": method, "folding_percent": _folding(field), "seconds": seconds}
             if case["kind"] in ("known", "self"):
                 error = endpoint_error(field, case["backward"], case["mask"])
-                identity = endpoint_error(torch.zeros_like(field), case["backward"], case["mask"])
+                identity = identity_error(case["backward"], case["mask"])
                 row.update(epe_mean_mm=error["mean"], epe_p95_mm=error["p95"], epe_max_mm=error["max"],
                            identity_epe_mm=identity["mean"])
             else:
@@ -162,7 +162,6 @@ def summary_markdown(rows: Sequence[Dict]) -> str:
 def write_report(rows: Sequence[Dict], out: str, title: Optional[str] = None) -> Dict[str, str]:
     os.makedirs(out, exist_ok=True)
     paths = {"cases": os.path.join(out, "cases.csv"), "summary": os.path.join(out, "summary.md")}
-    from ..geometry import write_csv
-    write_csv(list(rows), paths["cases"], [c for c in CASE_COLUMNS])
+    write_csv(list(rows), paths["cases"], list(CASE_COLUMNS))
     write_text((f"# {title}\n\n" if title else "") + summary_markdown(rows), paths["summary"])
     return paths

@@ -113,8 +113,3 @@ def jacobian_determinant_2d(displacement: torch.Tensor) -> torch.Tensor:
     dy = torch.gradient(displacement, dim=2)[0]
     dx = torch.gradient(displacement, dim=3)[0]
     return (1 + dy[:, 0]) * (1 + dx[:, 1]) - dx[:, 0] * dy[:, 1]
-
-
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-

@@ -28,7 +28,7 @@ from ..metrics import assd, folding, overlap
 from ..resources import shipped_planar_model_path
 from .data import to_unit
 from .model_file import load_planar
-from .network import PlanarNet
+from .network import PlanarNet, jacobian_determinant_2d
 
 PLANAR_OUTPUTS = {
     "warped": "warped.nii.gz: the moving image on the fixed image's grid",
@@ -153,17 +153,13 @@ class PlanarResult:
 
 
 def field_jacobian_2d(field: sitk.Image) -> np.ndarray:
-    """det(I + du/dp) of a 2D physical displacement field (rows, columns), central differences inside."""
+    """det(I + du/dp) of a 2D physical displacement field (rows, columns): ``jacobian_determinant_2d`` of the
+    field in index steps, (D diag(spacing))^-1 u, whose determinant is the same (det(I + A^-1 G) = det(I + G A^-1))."""
     u = sitk.GetArrayFromImage(field).astype(np.float64)  # (rows, columns, 2) vectors (x, y)
-    spacing = np.asarray(field.GetSpacing())
-    direction = np.asarray(field.GetDirection()).reshape(2, 2)
-    d_row = np.gradient(u, axis=0)  # per index step along y (rows)
-    d_col = np.gradient(u, axis=1)
-    # du/dindex (2 x 2: columns x, y indices) -> du/dp through the index-to-point matrix D diag(spacing).
-    du_di = np.stack([d_col, d_row], axis=-1)  # (..., component, index axis)
-    di_dp = np.linalg.inv(direction @ np.diag(spacing))
-    grad = du_di @ di_dp
-    return (1 + grad[..., 0, 0]) * (1 + grad[..., 1, 1]) - grad[..., 0, 1] * grad[..., 1, 0]
+    to_index = np.linalg.inv(np.asarray(field.GetDirection()).reshape(2, 2) @ np.diag(field.GetSpacing()))
+    steps = u @ to_index.T  # (rows, columns, (column step, row step))
+    in_pixels = torch.from_numpy(np.stack([steps[..., 1], steps[..., 0]]))[None]  # (1, (y, x), rows, columns)
+    return jacobian_determinant_2d(in_pixels)[0].numpy()
 
 
 class PlanarRegistrar:

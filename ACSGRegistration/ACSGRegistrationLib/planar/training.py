@@ -10,7 +10,6 @@ steps, the end-point error inside the vertebrae on fixed known-deformation cases
 the identity's).
 """
 
-import csv
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -20,9 +19,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..geometry import write_atomically
+from ..geometry import write_csv
 from ..losses import edge_aware_smoothness, local_ncc, soft_dice
-from .data import View, endpoint_error, image_tensor, intensity_realism, known_deformation, vertebra_masks
+from .data import (View, endpoint_error, identity_error, image_tensor, intensity_realism, known_deformation,
+                   vertebra_masks)
 from .model_file import load_planar, save_planar
 from .network import PlanarConfig, PlanarNet
 
@@ -131,8 +131,7 @@ def validate(net: PlanarNet, cases: Sequence[Dict], spacing: float = 1.0) -> Dic
         for case in cases:
             displacement = net.field(case["fixed"], case["moving"])
             network.append(endpoint_error(displacement, case["backward"], case["mask"], spacing)["mean"])
-            identity.append(endpoint_error(torch.zeros_like(displacement), case["backward"], case["mask"],
-                                           spacing)["mean"])
+            identity.append(identity_error(case["backward"], case["mask"], spacing)["mean"])
     return {"val_epe_mm": float(np.nanmean(network)), "val_identity_epe_mm": float(np.nanmean(identity))}
 
 
@@ -169,16 +168,7 @@ class PlanarTrainer:
                     optimiser=self.optimiser.state_dict(), train_config=asdict(self.cfg))
 
     def _write_history(self) -> None:
-        keys = []
-        for row in self.history:
-            keys += [k for k in row if k not in keys]
-
-        def write(tmp):
-            with open(tmp, "w", newline="") as fh:
-                writer = csv.DictWriter(fh, keys)
-                writer.writeheader()
-                writer.writerows(self.history)
-        write_atomically(write, os.path.join(self.out, "history.csv"))
+        write_csv(self.history, os.path.join(self.out, "history.csv"))
 
     def train(self, should_stop: Optional[Callable[[], bool]] = None) -> Dict:
         status, started = "finished", time.perf_counter()
