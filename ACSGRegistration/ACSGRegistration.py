@@ -657,9 +657,10 @@ class ACSGRegistrationLogic(ScriptedLoadableModuleLogic):
                                name).start()
 
     def registerPlanar(self, fixedVolume, movingVolume, fixedLabels=None, movingLabels=None, label=None,
-                       model=None, name=None) -> "planarNodes.PlanarOutput":
+                       model=None, name=None, refineSteps=None) -> "planarNodes.PlanarOutput":
         """The 2D mode (``planarNodes``): two single-slice volumes registered by the 2D network, in this process."""
-        return planarNodes.registerPlanarNodes(fixedVolume, movingVolume, fixedLabels, movingLabels, label, model, name)
+        return planarNodes.registerPlanarNodes(fixedVolume, movingVolume, fixedLabels, movingLabels, label, model, name,
+                                               refineSteps)
 
     def startRegistrationOf(self, p) -> RegistrationRun:
         """``startRegistration`` of what a parameter node (the panel's) says, into its output nodes."""

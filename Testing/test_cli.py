@@ -177,6 +177,15 @@ def test_evaluate_maps_writes_every_kind_of_case_and_the_bars(checkpoint, tmp_pa
     assert "### known-scan" in (out / "maps.md").read_text()
 
 
+def test_models_keep_their_own_rows_in_the_tables():
+    """Two runs' model.pt files are two methods, named by their run (they once merged into one row)."""
+    from ACSGRegistrationLib.resources import model_labels
+    assert model_labels(["a/run_alpha0/model.pt", "b/run_alpha10/model.pt", "x/acsgregnet_default.pt"]) == [
+        "run_alpha0/model", "run_alpha10/model", "acsgregnet_default"]
+    assert model_labels(["a/run/last.pt", "b/run/last.pt", "m.pt", "n/m.pt"]) == [
+        "run/last", "run/last #2", "m", "m #2"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["register", "--fixed", "nope.nii.gz", "--moving", "nope.nii.gz", "--out", "x"], "fixed image not found"),
     (["evaluate", "--crops", ".", "--out", "x"], "not a crops folder"),

@@ -13,6 +13,7 @@ Resumes the run in OUT_DIR; Ctrl+C or SIGTERM stops after the current step and s
 """
 
 import argparse
+import dataclasses
 import os
 import signal
 
@@ -45,6 +46,9 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--checkpoint-every", type=int, default=20)
     parser.add_argument("--data", default=DATA)
+    parser.add_argument("--edge-alpha", type=float, default=0.0,
+                        help="edge-aware smoothness (Shan et al. 2017): diffusion weighted by exp(-alpha |grad F|); "
+                             "0 = plain diffusion, the default")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -74,7 +78,8 @@ def main(argv=None):
     dataset = MixedPairDataset(inter, known, args.known_fraction, seed=3)
 
     train = TrainConfig(learning_rate=args.lr, batch_size=args.batch_size, max_steps=args.steps,
-                        checkpoint_every=args.checkpoint_every, loss=map_loss_config())
+                        checkpoint_every=args.checkpoint_every,
+                        loss=dataclasses.replace(map_loss_config(), smoothness_edge_alpha=args.edge_alpha))
     init = None
     if args.init and not os.path.isfile(os.path.join(args.out, "last.pt")):
         # The previous model's weights under the new (symmetric) configuration.

@@ -14,6 +14,7 @@ import warnings
 from .batch import short_name
 from .config import METHODS, PRECISIONS
 from .errors import ACSGError, InputError
+from .planar import REFINE_STEPS as PLANAR_REFINE_STEPS
 from .resources import shipped_model_path
 from .validation import INTENSITY_SCALES
 from .xray import POSE_SEARCH_METHODS as XRAY_METHODS
@@ -305,11 +306,13 @@ def _register_batch(args, pairs, registrar, outputs, checkpoint, started):
 def _methods(args, **ants_options):
     """The methods an evaluation compares: each model (and its refined variant), then ANTs SyN."""
     from .evaluation import ants_method, network_method
+    from .resources import model_labels
     methods = []
-    for checkpoint in args.checkpoint or [shipped_model_path()]:
-        methods.append(network_method(checkpoint, args.device, precision=args.precision))
+    checkpoints = args.checkpoint or [shipped_model_path()]
+    for checkpoint, label in zip(checkpoints, model_labels(checkpoints)):
+        methods.append(network_method(checkpoint, args.device, precision=args.precision, label=label))
         if args.refine_steps:
-            methods.append(network_method(checkpoint, args.device, args.refine_steps, args.precision))
+            methods.append(network_method(checkpoint, args.device, args.refine_steps, args.precision, label))
     if args.ants:
         methods.append(ants_method(**ants_options))
     return methods
@@ -400,8 +403,9 @@ def cmd_xray_evaluate(args):
     unknown = [m for m in methods if m not in XRAY_METHODS]
     if unknown:
         raise InputError(f"--methods: unknown {', '.join(unknown)} (choose from {', '.join(XRAY_METHODS)})")
-    models = [(os.path.basename(os.path.dirname(os.path.abspath(m))), load_prost(m)["net"])
-              for m in args.prost_model or []]
+    from .resources import model_labels
+    models = [(label, load_prost(m)["net"]) for m, label in zip(args.prost_model or [], model_labels(
+        args.prost_model or []))]
     if any(m.startswith("prost") for m in methods) and not models:
         raise InputError("the prost methods need --prost-model")
     budgets = {"cmaes+gradient": {"evaluations": args.evaluations, "refine_steps": 40},
@@ -470,11 +474,8 @@ def cmd_evaluate2d(args):
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    nets = {}
-    for path in args.model or []:
-        name = os.path.splitext(os.path.basename(path))[0]
-        name = os.path.basename(os.path.dirname(os.path.abspath(path))) if name in ("model", "last") else name
-        nets[name] = load_planar(path)["net"]
+    from .resources import model_labels
+    nets = {label: load_planar(path)["net"] for path, label in zip(args.model or [], model_labels(args.model or []))}
     if not nets:
         from .resources import shipped_planar_model_path
         nets["shipped"] = load_planar(shipped_planar_model_path())["net"]
@@ -491,8 +492,9 @@ def cmd_evaluate2d(args):
         (subject_pairs(views) if "inter-subject" in kinds else []) + (self_cases(views) if "self" in kinds else [])
     if not cases:
         raise InputError("no cases: inter-subject pairs need views of two CTs (repeat --ct)")
+    from .planar.refinement import PlanarRefineConfig
     rows = evaluate_cases(cases, nets, baselines, progress=lambda k, n: print(f"[{k}/{n}]", flush=True)
-                          if k % 10 == 0 or k == n else None)
+                          if k % 10 == 0 or k == n else None, refine=PlanarRefineConfig(steps=args.refine_steps))
     paths = write_report(rows, args.out, "2D registration: known deformations and inter-subject views")
     with open(paths["summary"]) as fh:
         print(fh.read())
@@ -518,7 +520,7 @@ def cmd_register2d(args):
             labels = label_map if what == "moving" else labels
         else:
             masks.append(None)
-    registrar = PlanarRegistrar(args.model, device=args.device)
+    registrar = PlanarRegistrar(args.model, device=args.device, refine_steps=args.refine_steps)
     result = registrar.register(fixed, moving, masks[0], masks[1], moving_labels=labels)
     with folder:
         paths = result.write_files(folder.path, outputs)
@@ -741,6 +743,9 @@ def build_parser():
                    help="comma-separated: default (= warped, warped_label, transform, jacobian, metrics), all, or "
                         "any of warped, warped_label, transform (transform.h5), field (field.nii), jacobian, "
                         "metrics, figure")
+    p.add_argument("--refine-steps", type=STEPS, default=PLANAR_REFINE_STEPS,
+                   help=f"test-time refinement: steps on each of two grids (default {PLANAR_REFINE_STEPS}, "
+                        "about 0.5 s; 0: the network alone, about 0.02 s)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda")
     p.add_argument("--out", required=True, help="output folder (written as a unit)")
     p.set_defaults(func=cmd_register2d)
@@ -778,6 +783,9 @@ def build_parser():
     p.add_argument("--ct-seg", action="append", required=True, help="its label map")
     p.add_argument("--model", action="append", help="a 2D model (repeat to compare; default: the shipped one)")
     p.add_argument("--seeds", type=COUNT, default=2, help="known deformations per view (default 2)")
+    p.add_argument("--refine-steps", type=STEPS, default=PLANAR_REFINE_STEPS,
+                   help=f"each network also refined on each pair, this many steps per grid (default "
+                        f"{PLANAR_REFINE_STEPS}; 0: the networks alone)")
     p.add_argument("--baselines", default="demons,bspline", help="comma-separated: demons, bspline (or none)")
     p.add_argument("--levels", help="comma-separated vertebrae to centre views on (default T12, L1-L5)")
     p.add_argument("--kinds", default="known,inter-subject,self",

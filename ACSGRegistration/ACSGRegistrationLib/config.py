@@ -115,7 +115,8 @@ class LossConfig:
     vertebra_log_jacobian_variance: float = 0.0
     # Edge-aware smoothness (Shan et al. 2017, in 3D): the diffusion term's differences weighted by
     # exp(-alpha |grad fixed|), so that the field may change where the fixed image has an edge. 0: the paper's
-    # plain diffusion (the default; the edge-aware form is not yet measured against it on trained 3D models).
+    # plain diffusion, the default: with equal training, alpha = 10 gave the same maps within noise and no
+    # better Dice or TRE on the shared cases (model card, "Edge-aware smoothness").
     smoothness_edge_alpha: float = 0.0
 
 

@@ -2,7 +2,7 @@
 
 import os
 from collections import defaultdict
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -10,6 +10,7 @@ from .config import METHODS
 from .errors import InputError
 from .geometry import write_csv, write_text
 from .metrics import METRICS, STAGES, table_row
+from .resources import model_labels
 
 
 def format_stage_table(metrics: Dict[str, Dict[str, float]]) -> str:
@@ -76,15 +77,17 @@ def write_tables(rows: List[Dict], out_dir: str) -> Dict[str, str]:
     return folder.final_paths(paths)
 
 
-def network_method(checkpoint: str, device: str = "auto", refine_steps: int = 0, precision: str = "auto"):
-    """(name, register function) for a trained network; the name says which network and refinement.
+def network_method(checkpoint: str, device: str = "auto", refine_steps: int = 0, precision: str = "auto",
+                   label: Optional[str] = None):
+    """(name, register function) for a trained network; the name says which network (``label``, default
+    ``resources.model_labels``' for this file alone) and refinement.
 
     Every method's function takes (fixed, moving, fixed_label, moving_label) crops and returns its result
     (``metrics``, ``seconds``, ``forward_field``, ``inverse_field``, ``affine_lps``)."""
     from .registrar import Registrar
     registrar = Registrar(checkpoint, device=device, precision=precision, refine_steps=refine_steps)
     name = METHODS[registrar.model.config.method]
-    name += f" ({os.path.basename(checkpoint)})"  # two checkpoints of one method stay apart in the tables
+    name += f" ({label or model_labels([checkpoint])[0]})"  # two checkpoints stay apart in the tables
     if refine_steps:
         name += f" + refinement ({refine_steps} steps)"
     return name, registrar.register

@@ -33,3 +33,23 @@ def shipped_model_path(name: str = DEFAULT_MODEL, must_exist: bool = True) -> st
 def shipped_planar_model_path() -> str:
     """The shipped 2D model."""
     return shipped_model_path(PLANAR_MODEL)
+
+
+RUN_FILE_NAMES = ("model", "last", "best", "init")  # what training runs call their files
+
+
+def model_labels(paths) -> list:
+    """How tables name each model file: its file name without ``.pt``, or for a training run's generic files
+    (``model.pt``, ``last.pt``...) ``run/model``; files that would still share a name get ``#2``, ``#3``... so that
+    two models never merge into one row of a table."""
+    labels = []
+    for path in paths:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if stem in RUN_FILE_NAMES:
+            stem = f"{os.path.basename(os.path.dirname(os.path.abspath(path)))}/{stem}"
+        label, n = stem, 1
+        while label in labels:
+            n += 1
+            label = f"{stem} #{n}"
+        labels.append(label)
+    return labels

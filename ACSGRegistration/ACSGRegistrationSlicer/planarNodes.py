@@ -1,7 +1,8 @@
 """The module's 2D mode: two single-slice volumes (a radiograph, a DRR or one CT slice loaded in Slicer) registered
-by the backend's 2D network (``ACSGRegistrationLib.planar``) in Slicer's process (a few hundredths of a second),
-with the same outputs as in 3D: the warped volume, the map as a grid transform node, the Jacobian map, and the
-warped label map. Inputs are never modified.
+by the backend's 2D network (``ACSGRegistrationLib.planar``) and its refinement on the pair, in Slicer's
+process (about half a second for a 128 x 128 mm view; Slicer keeps painting meanwhile), with the same outputs as
+in 3D: the warped volume, the map as a grid transform node, the Jacobian map, and the warped label map. Inputs
+are never modified.
 
 A single-slice volume is taken as a 2D image in its slice's plane (``planar.register.as_planar``: the in-plane
 axes of its geometry). The field is lifted back as a one-slice displacement grid in that plane, which Slicer
@@ -62,9 +63,18 @@ def _planarOf(volumeNode, name: str):
     return image3d, as_planar(image3d, f"{name} '{volumeNode.GetName()}'")
 
 
+def _keepPainting(step: int, total: int) -> None:
+    """Progress of the refinement: lets Slicer handle its events every few steps (no frozen window)."""
+    app = getattr(slicer, "app", None)
+    if step % 10 == 0 and hasattr(app, "processEvents"):
+        app.processEvents()
+
+
 def registerPlanarNodes(fixedVolume, movingVolume, fixedLabels=None, movingLabels=None, label: Optional[int] = None,
-                        model: Optional[str] = None, name: Optional[str] = None) -> PlanarOutput:
-    """Register two single-slice volumes (with optional labelmap volumes and the structure's label value)."""
+                        model: Optional[str] = None, name: Optional[str] = None,
+                        refineSteps: Optional[int] = None) -> PlanarOutput:
+    """Register two single-slice volumes (with optional labelmap volumes and the structure's label value);
+    ``refineSteps``: the refinement's steps per grid (default the backend's; 0: the network alone)."""
     from ACSGRegistrationLib.planar.register import PlanarRegistrar, structure_mask
     if isinstance(label, str):
         if not label.strip().isdigit():
@@ -84,7 +94,8 @@ def registerPlanarNodes(fixedVolume, movingVolume, fixedLabels=None, movingLabel
         _, labels = _planarOf(node, f"{what} label map")
         masks.append(structure_mask(labels, image, label, f"{what} label map '{node.GetName()}'"))
         movingMap = labels if what == "moving" else movingMap
-    result = PlanarRegistrar(model).register(fixed, moving, masks[0], masks[1], moving_labels=movingMap)
+    registrar = PlanarRegistrar(model, refine_steps=refineSteps, progress=_keepPainting)
+    result = registrar.register(fixed, moving, masks[0], masks[1], moving_labels=movingMap)
     base = name or f"{movingVolume.GetName()} to {fixedVolume.GetName()}"
     scene = slicer.mrmlScene
     warped = updateVolumeNodeFromImage(scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{base} warped"),
@@ -98,7 +109,8 @@ def registerPlanarNodes(fixedVolume, movingVolume, fixedLabels=None, movingLabel
         warpedLabels = updateVolumeNodeFromImage(
             scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"{base} warped labels"),
             _lift(result.warped_label, fixed3d))
-    return PlanarOutput(warped, transform, jacobian, warpedLabels, result.metrics, result.seconds)
+    return PlanarOutput(warped, transform, jacobian, warpedLabels, result.metrics, result.seconds,
+                        list(result.notes))
 
 
 def summaryText(output: PlanarOutput) -> str:

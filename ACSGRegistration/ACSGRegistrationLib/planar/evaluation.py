@@ -7,7 +7,8 @@ images (the networks given, SimpleITK's Demons and B-spline, the identity).
 - **Inter-subject pairs**: views of the same kind and level from two CTs, each centred on its vertebra: Dice
   and ASSD of that vertebra before (centred) and after; folding.
 - **Self-registration**: each view registered to itself; the map should stay the identity.
-- Seconds per pair (network: the forward pass on the CPU; baselines: their registration).
+- Seconds per pair (network: the forward pass on the CPU, and with refinement its optimisation on the pair;
+  baselines: their registration).
 """
 
 import os
@@ -22,17 +23,23 @@ from ..metrics import assd, folding, overlap
 from .baselines import run_baseline
 from .data import View, endpoint_error, identity_error, image_tensor, known_deformation, vertebra_masks
 from .network import PlanarNet, jacobian_determinant_2d, warp_planar
+from .refinement import PlanarRefineConfig, refine_field
+
+REFINED = " + refinement"
 
 CASE_COLUMNS = ("case", "kind", "view", "label", "subject", "method", "epe_mean_mm", "epe_p95_mm", "epe_max_mm",
                 "identity_epe_mm", "dice_initial", "dice_final", "assd_final_mm", "folding_percent", "seconds")
 
 
-def _method_field(method: str, nets: Dict[str, PlanarNet], fixed: torch.Tensor, moving: torch.Tensor):
+def _method_field(method: str, nets: Dict[str, PlanarNet], fixed: torch.Tensor, moving: torch.Tensor,
+                  refine: Optional[PlanarRefineConfig]):
     """(pixel displacement (1, 2, H, W), seconds) of one method."""
     started = time.perf_counter()
     if method in nets:
         with torch.no_grad():
             field = nets[method].field(fixed, moving)
+    elif method.endswith(REFINED):
+        field = refine_field(nets[method[:-len(REFINED)]], fixed, moving, refine)
     else:
         field = torch.from_numpy(run_baseline(method, fixed[0, 0].numpy(), moving[0, 0].numpy()))[None]
     return field, time.perf_counter() - started
@@ -78,16 +85,20 @@ def subject_pairs(views: Sequence[View]) -> List[Dict]:
 
 
 def evaluate_cases(cases: Sequence[Dict], nets: Dict[str, PlanarNet],
-                   baselines: Sequence[str] = ("demons", "bspline"), progress=None) -> List[Dict]:
+                   baselines: Sequence[str] = ("demons", "bspline"), progress=None,
+                   refine: Optional[PlanarRefineConfig] = None) -> List[Dict]:
+    """Rows of every method on every case; with ``refine``, each network refined on each pair as well
+    (``<name> + refinement``)."""
     rows = []
-    methods = ["identity"] + list(nets) + list(baselines)
+    refined = [name + REFINED for name in nets] if refine is not None and refine.steps > 0 else []
+    methods = ["identity"] + list(nets) + refined + list(baselines)
     for k, case in enumerate(cases):
         view = case["view"]
         for method in methods:
             if method == "identity":
                 field, seconds = torch.zeros(1, 2, *case["fixed"].shape[-2:]), 0.0
             else:
-                field, seconds = _method_field(method, nets, case["fixed"], case["moving"])
+                field, seconds = _method_field(method, nets, case["fixed"], case["moving"], refine)
             row = {"case": k, "kind": case["kind"], "view": view.kind, "label": view.label,
                    "subject": view.subject + ("" if "other" not in case else f"<-{case['other'].subject}"),
                    "method": method, "folding_percent": _folding(field), "seconds": seconds}

@@ -73,6 +73,10 @@ class PlanarNet(nn.Module):
 
     def field(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
         """The displacement (B, 2, H, W) in pixels; any H, W."""
+        return self.displacement(self.flow(fixed, moving))
+
+    def flow(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        """The network's raw output (B, 2, H, W): the displacement, or with ``diffeomorphic`` the velocity."""
         height, width = fixed.shape[-2:]
         pad = [0, -width % MULTIPLE, 0, -height % MULTIPLE]
         x = F.pad(torch.cat([fixed, moving], 1), pad, mode="replicate")
@@ -83,9 +87,12 @@ class PlanarNet(nn.Module):
         for layer, skip in zip(self.up, reversed(features)):
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = layer(torch.cat([x, skip], 1))
-        flow = self.head(x)[:, :, :height, :width]
+        return self.head(x)[:, :, :height, :width]
+
+    def displacement(self, flow: torch.Tensor) -> torch.Tensor:
+        """The displacement of a raw output (``flow``): itself, or its velocity integrated by scaling and squaring."""
         if self.config.diffeomorphic:
-            flow = integrate_velocity(as_volume_field(flow), self.config.integration_steps)[:, 1:, 0]
+            return integrate_velocity(as_volume_field(flow), self.config.integration_steps)[:, 1:, 0]
         return flow
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor, moving_label: torch.Tensor = None

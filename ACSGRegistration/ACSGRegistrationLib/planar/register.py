@@ -16,7 +16,7 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -29,6 +29,7 @@ from ..resources import shipped_planar_model_path
 from .data import to_unit
 from .model_file import load_planar
 from .network import PlanarNet, jacobian_determinant_2d
+from .refinement import PlanarRefineConfig, refine_field
 
 PLANAR_OUTPUTS = {
     "warped": "warped.nii.gz: the moving image on the fixed image's grid",
@@ -163,14 +164,23 @@ def field_jacobian_2d(field: sitk.Image) -> np.ndarray:
 
 
 class PlanarRegistrar:
-    """``register(fixed, moving, fixed_mask, moving_mask)`` with a 2D model (default: the shipped one)."""
+    """``register(fixed, moving, fixed_mask, moving_mask)`` with a 2D model (default: the shipped one).
 
-    def __init__(self, model: Optional[str] = None, net: Optional[PlanarNet] = None, device: str = "cpu"):
+    ``refine_steps``: the network's field refined on the pair (``refinement.refine_field``) for this many steps
+    per level (default ``PlanarRefineConfig.steps``: about 0.5 s on a CPU core for 128 x 128 px, half the
+    network's end-point error on known deformations); 0: the network alone (~0.02 s). ``should_stop()`` is
+    asked at every step (``Cancelled``), ``progress(step, total)`` told."""
+
+    def __init__(self, model: Optional[str] = None, net: Optional[PlanarNet] = None, device: str = "cpu",
+                 refine_steps: Optional[int] = None, should_stop: Optional[Callable[[], bool]] = None,
+                 progress: Optional[Callable[[int, int], None]] = None):
         if net is None:
             net = load_planar(model or shipped_planar_model_path())["net"]
         self.net = net.eval().to(device)
         self.device = torch.device(device)
         self.spacing = float(net.config.spacing_mm)
+        self.refine = PlanarRefineConfig() if refine_steps is None else PlanarRefineConfig(steps=int(refine_steps))
+        self.should_stop, self.progress = should_stop, progress
 
     def register(self, fixed: sitk.Image, moving: sitk.Image, fixed_mask: Optional[sitk.Image] = None,
                  moving_mask: Optional[sitk.Image] = None, moving_labels: Optional[sitk.Image] = None
@@ -184,8 +194,8 @@ class PlanarRegistrar:
         f = sitk.Resample(unit_fixed, fixed_grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
         m = sitk.Resample(unit_moving, moving_grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
         tensors = [torch.from_numpy(sitk.GetArrayFromImage(x))[None, None].to(self.device) for x in (f, m)]
-        with torch.no_grad():
-            displacement = self.net.field(*tensors)[0].cpu().numpy().astype(np.float64)  # (2 (y, x), rows, columns)
+        displacement = refine_field(self.net, *tensors, self.refine, self.should_stop, self.progress)
+        displacement = displacement[0].cpu().numpy().astype(np.float64)  # (2 (y, x), rows, columns)
         # Pixels of the network grid -> physical vectors: D diag(spacing) (dx, dy), plus the centring offset.
         steps = np.stack([displacement[1], displacement[0]], axis=-1) * self.spacing
         physical = steps @ np.asarray(fixed.GetDirection()).reshape(2, 2).T + offset
@@ -203,6 +213,9 @@ class PlanarRegistrar:
         jac.CopyInformation(fixed)
         result = PlanarResult(fixed, warped, forward, jac, warped_label, seconds=time.perf_counter() - started,
                               moving=moving)
+        if self.refine.steps > 0:
+            result.notes.append(f"refined on the pair: {self.refine.steps} steps on each of "
+                                f"{len(self.refine.coarsen)} grids")
         if fixed_mask is not None and moving_mask is not None:
             centred = sitk.TranslationTransform(2, offset.tolist())
             result.metrics = {
