@@ -111,9 +111,10 @@ def jacobian_determinant(displacement: torch.Tensor) -> torch.Tensor:
             + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
 
 
-def folding_penalty(jacobian: torch.Tensor, floor: float) -> torch.Tensor:
-    """Mean of relu(floor - det J): zero while no voxel is compressed below ``floor``."""
-    return F.relu(floor - jacobian).mean()
+def folding_penalty(jacobian: torch.Tensor, floor: float, power: int = 1) -> torch.Tensor:
+    """Mean of relu(floor - det J) ** power: zero while no voxel is compressed below ``floor``."""
+    shortfall = F.relu(floor - jacobian)
+    return (shortfall if power == 1 else shortfall.pow(power)).mean()
 
 
 def log_jacobian_penalty(jacobian: torch.Tensor, floor: float = 1e-2) -> torch.Tensor:

@@ -18,6 +18,7 @@ import slicer
 from ACSGRegistrationLib.errors import InputError
 
 from .conversion import gridTransformFromField, updateVolumeNodeFromImage, volumeNodeToImage
+from .dependencies import hasGui
 
 
 def isSingleSlice(volumeNode) -> bool:
@@ -65,9 +66,8 @@ def _planarOf(volumeNode, name: str):
 
 def _keepPainting(step: int, total: int) -> None:
     """Progress of the refinement: lets Slicer handle its events every few steps (no frozen window)."""
-    app = getattr(slicer, "app", None)
-    if step % 10 == 0 and hasattr(app, "processEvents"):
-        app.processEvents()
+    if step % 10 == 0 and hasGui():
+        slicer.app.processEvents()
 
 
 def registerPlanarNodes(fixedVolume, movingVolume, fixedLabels=None, movingLabels=None, label: Optional[int] = None,

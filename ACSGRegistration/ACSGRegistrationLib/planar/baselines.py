@@ -11,6 +11,8 @@ displacement (2, rows, columns) in (y, x) order, fixed pixel -> moving pixel, as
 import numpy as np
 import SimpleITK as sitk
 
+from .data import match_histogram
+
 PLANAR_BASELINES = ("demons", "bspline")
 
 
@@ -24,8 +26,7 @@ def _as_pixels(field: sitk.Image) -> np.ndarray:
 
 
 def demons(fixed: np.ndarray, moving: np.ndarray, iterations: int = 200, sigma: float = 1.5) -> np.ndarray:
-    f, m = _image(fixed), _image(moving)
-    m = sitk.HistogramMatching(m, f, 256, 7, True)
+    f, m = _image(fixed), _image(match_histogram(moving, fixed))
     method = sitk.FastSymmetricForcesDemonsRegistrationFilter()
     method.SetNumberOfIterations(iterations)
     method.SetStandardDeviations(sigma)

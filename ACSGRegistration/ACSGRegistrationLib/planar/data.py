@@ -66,6 +66,14 @@ def to_unit(image: sitk.Image) -> sitk.Image:
     return stretch_to_unit(image)
 
 
+def match_histogram(moving: np.ndarray, fixed: np.ndarray) -> np.ndarray:
+    """The moving image's intensities mapped to the fixed image's histogram (SimpleITK, 256 bins, 7 points,
+    threshold at the mean: the background left out), float32: how Demons and the refinement compare two
+    exposures of the same anatomy."""
+    images = [sitk.GetImageFromArray(np.asarray(a, dtype=np.float32)) for a in (moving, fixed)]
+    return sitk.GetArrayFromImage(sitk.HistogramMatching(images[0], images[1], 256, 7, True))
+
+
 def _reference(centre, kind: str, size=VIEW_SIZE, spacing: float = 1.0, depth: int = 1) -> sitk.Image:
     column, row, normal = (np.asarray(a, dtype=float) for a in _AXES[kind])
     reference = sitk.Image([size[1], size[0], depth], sitk.sitkUInt8)

@@ -20,15 +20,14 @@ Demons: 0.457 mm, Dice 0.788; the default: 0.456 mm, Dice 0.779, no folding):
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
-import numpy as np
-import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
 from ..errors import Cancelled
-from ..losses import edge_aware_smoothness
+from ..losses import edge_aware_smoothness, folding_penalty
 from ..optimiser import Adam
 from . import REFINE_STEPS
+from .data import match_histogram
 from .network import PlanarNet, jacobian_determinant_2d, warp_planar
 
 
@@ -47,14 +46,6 @@ class PlanarRefineConfig:
     jacobian_floor: float = 0.2
 
 
-def match_histogram(moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
-    """The moving image's intensities mapped to the fixed image's histogram (SimpleITK, 256 bins, 7 points,
-    threshold at the mean: the background left out)."""
-    as_image = [sitk.GetImageFromArray(x[0, 0].detach().cpu().numpy().astype(np.float32)) for x in (moving, fixed)]
-    matched = sitk.HistogramMatching(as_image[0], as_image[1], 256, 7, True)
-    return torch.from_numpy(sitk.GetArrayFromImage(matched))[None, None].to(moving)
-
-
 def refine_field(net: PlanarNet, fixed: torch.Tensor, moving: torch.Tensor,
                  cfg: Optional[PlanarRefineConfig] = None, should_stop: Optional[Callable[[], bool]] = None,
                  progress: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
@@ -64,7 +55,10 @@ def refine_field(net: PlanarNet, fixed: torch.Tensor, moving: torch.Tensor,
         flow = net.flow(fixed, moving)
     if cfg.steps <= 0:
         return net.displacement(flow)
-    target = match_histogram(moving, fixed) if cfg.histogram_matching else moving
+    target = moving
+    if cfg.histogram_matching:
+        matched = match_histogram(*(x[0, 0].detach().cpu().numpy() for x in (moving, fixed)))
+        target = torch.from_numpy(matched)[None, None].to(moving)
     height, width = flow.shape[-2:]
     total, done = cfg.steps * len(cfg.coarsen), 0
     for coarsen in cfg.coarsen:
@@ -82,7 +76,7 @@ def refine_field(net: PlanarNet, fixed: torch.Tensor, moving: torch.Tensor,
             loss = F.mse_loss(warp_planar(target, u), fixed) + \
                 cfg.smoothness * edge_aware_smoothness(u, fixed, cfg.edge_alpha, cfg.smoothness_order)
             if cfg.folding > 0:
-                loss = loss + cfg.folding * F.relu(cfg.jacobian_floor - jacobian_determinant_2d(u)).pow(2).mean()
+                loss = loss + cfg.folding * folding_penalty(jacobian_determinant_2d(u), cfg.jacobian_floor, power=2)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
