@@ -1,6 +1,7 @@
 """The 2D method (Shan et al. 2017): edge-aware smoothness, the network, its transform in physical space, training,
 the command line."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -18,6 +19,7 @@ from ACSGRegistrationLib.planar.data import (endpoint_error, identity_error, ima
 from ACSGRegistrationLib.planar.model_file import load_planar, save_planar
 from ACSGRegistrationLib.planar.network import PlanarConfig, PlanarNet, jacobian_determinant_2d, warp_planar
 from ACSGRegistrationLib.planar.register import PlanarRegistrar, read_planar
+from ACSGRegistrationLib.planar.training import PairSampler, PlanarTrainConfig, PlanarTrainer
 from conftest import data_path
 
 
@@ -223,6 +225,13 @@ def test_evaluate2d_and_train2d_commands(tmp_path, capsys):
     assert main(["train2d", "--ct", f"{ct_dir}/ct.nii.gz", "--ct-seg", f"{ct_dir}/seg.nii.gz", "--levels", "L1",
                  "--steps", "6", "--batch-size", "2", "--out", str(run)]) == 0
     assert load_planar(str(run / "model.pt"))["step"] == 6
+    # Fine-tuned from that model: it starts from its weights (the same validation error at step 0).
+    tuned = tmp_path / "tuned"
+    assert main(["train2d", "--ct", f"{ct_dir}/ct.nii.gz", "--ct-seg", f"{ct_dir}/seg.nii.gz", "--levels", "L1",
+                 "--steps", "2", "--batch-size", "2", "--init", str(run / "model.pt"), "--balance-kinds",
+                 "--schedule", "cosine", "--out", str(tuned)]) == 0
+    start = load_planar(str(run / "model.pt"))["history"][-1]["val_epe_mm"]
+    assert load_planar(str(tuned / "model.pt"))["history"][0]["val_epe_mm"] == pytest.approx(start, rel=1e-6)
     out = tmp_path / "eval"
     assert main(["evaluate2d", "--ct", f"{ct_dir}/ct.nii.gz", "--ct-seg", f"{ct_dir}/seg.nii.gz", "--levels", "L1",
                  "--model", str(run / "model.pt"), "--seeds", "1", "--baselines", "demons", "--kinds", "known",
@@ -232,6 +241,24 @@ def test_evaluate2d_and_train2d_commands(tmp_path, capsys):
     assert "| run/model + refinement |" in summary
     rows = (out / "cases.csv").read_text().splitlines()
     assert len(rows) == 1 + 5 * 4  # five views of L1, four methods
+
+
+def test_balanced_sampling_draws_each_kind_of_view_equally_often_and_the_cosine_rate_decays(chest_view):
+    views = [chest_view] * 5 + [dataclasses.replace(chest_view, kind="lateral")]
+    counts = {}
+    for balanced in (False, True):
+        sampler = PairSampler(views, known_fraction=0.7, seed=0, balance_kinds=balanced)
+        picks = [views[sampler.pick()].kind for _ in range(2000)]
+        counts[balanced] = picks.count("lateral") / len(picks)
+    assert counts[False] == pytest.approx(1 / 6, abs=0.03) and counts[True] == pytest.approx(1 / 2, abs=0.04)
+    trainer = PlanarTrainer.__new__(PlanarTrainer)
+    trainer.cfg = PlanarTrainConfig(steps=100, learning_rate=1e-3, schedule="cosine")
+    rates = []
+    for trainer.step in range(101):
+        rates.append(trainer.learning_rate())
+    assert rates[0] == pytest.approx(1e-3) and rates[-1] == pytest.approx(1e-5) and np.all(np.diff(rates) < 0)
+    with pytest.raises(ValueError, match="unknown learning-rate schedule 'step'"):
+        PlanarTrainer([chest_view], "unused", PlanarTrainConfig(schedule="step"))
 
 
 def test_the_shipped_2d_model_leaves_an_image_registered_to_itself_nearly_in_place(chest_view):

@@ -396,3 +396,38 @@ def test_the_depth_prior_is_what_the_search_subtracts():
     with torch.no_grad():
         plain = gradient_ncc(search.render(parameters), search.xray)
         assert torch.allclose(search.similarity(parameters), plain - torch.tensor([0.0, DEPTH_PRIOR_WEIGHT]))
+
+
+def test_the_per_vertebra_similarity_compares_the_images_over_the_targets_projected_box():
+    """``target_region`` is the bounding box of the target's points as ``CArm.project`` places them, widened by the
+    margin; gradient NCC over it equals gradient NCC of the images cut to that box (one pixel more on each side,
+    for the central differences); the search uses it when asked, and only where target points are given."""
+    from ACSGRegistrationLib.xray.camera import placed
+    from ACSGRegistrationLib.xray.register import TARGET_MARGIN_MM, PoseSearch, gradient_ncc, ncc, prepare_xray, \
+        target_region
+    image, _ = bony_phantom()
+    carm = CArm(1000.0, (1.6, 1.6), (96, 80))
+    truth = look_at([0.0, 0.0, 0.0], 650.0)
+    volume = Volume.from_image(image)
+    points = np.random.default_rng(0).uniform(-8, 8, size=(50, 3)) + [3.0, 0.0, 0.0]
+    region = target_region(carm, torch.as_tensor(truth)[None], torch.as_tensor(points), TARGET_MARGIN_MM)[0]
+    pixels = carm.project(placed(points, truth))
+    margin = TARGET_MARGIN_MM / 1.6
+    low, high = np.ceil(pixels.min(0) - margin).astype(int), np.floor(pixels.max(0) + margin).astype(int)
+    assert (low > 1).all() and (high < [94, 78]).all()
+    expected = np.zeros((80, 96))
+    expected[low[1]:high[1] + 1, low[0]:high[0] + 1] = 1
+    assert 0 < expected.sum() < expected.size and np.array_equal(region.numpy(), expected)
+    a, b = torch.rand(2, 40, 48, dtype=torch.float64)
+    assert torch.allclose(ncc(a, b, torch.ones(40, 48)), ncc(a, b))  # over every pixel: plain NCC
+    xray = render(volume, carm, torch.as_tensor(look_at([2.0, -1.0, 0.0], 660.0), dtype=torch.float32))
+    drr = render(volume, carm, torch.as_tensor(truth, dtype=torch.float32))
+    cut = (slice(low[1] - 1, high[1] + 2), slice(low[0] - 1, high[0] + 2))
+    within = gradient_ncc(drr[None], xray, region[None].float())
+    assert torch.allclose(within, gradient_ncc(drr[None][:, cut[0], cut[1]], xray[cut]), atol=1e-5)
+    search = PoseSearch(volume, carm, prepare_xray(xray.numpy(), carm.size), truth, np.zeros(3), target_points=points)
+    with torch.no_grad():
+        value = search.image_similarity(torch.zeros(1, 6), search.xray, around_target=True)
+        whole = search.image_similarity(torch.zeros(1, 6), search.xray)
+    assert torch.allclose(value, gradient_ncc(drr[None][:, cut[0], cut[1]], search.xray[cut]), atol=1e-5)
+    assert torch.allclose(whole, gradient_ncc(drr[None], search.xray), atol=1e-6)

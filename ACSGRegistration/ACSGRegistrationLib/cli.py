@@ -411,11 +411,16 @@ def cmd_xray_evaluate(args):
     budgets = {"cmaes+gradient": {"evaluations": args.evaluations, "refine_steps": 40},
                "cmaes": {"evaluations": args.evaluations}, "gradient": {"refine_steps": 100},
                "prost+cmaes+gradient": {"evaluations": 300, "refine_steps": 40}, "prost": {}}
+    regions = [r.strip() for r in args.regions.split(",") if r.strip()]
+    if not regions or set(regions) - {"vertebra", "image"}:
+        raise InputError(f"--regions: choose from vertebra, image (got {args.regions!r})")
     specs = {}
     for method in methods:
         for model_name, net in (models if method.startswith("prost") else [(None, None)]):
-            name = f"{method} [{model_name}]" if len(models) > 1 and model_name else method
-            specs[name] = {"method": method, "learned": net, **budgets[method]}
+            for region in regions:
+                name = f"{method} [{model_name}]" if len(models) > 1 and model_name else method
+                name += " (whole image)" if region == "image" else ""
+                specs[name] = {"method": method, "learned": net, "region": region, **budgets[method]}
     bins = BINS[:args.bins]
     rows = []
     for ct_path, seg_path, label in zip(args.ct, args.ct_seg, args.label):
@@ -455,14 +460,15 @@ def cmd_train2d(args):
         torch.set_num_threads(args.threads)
     cfg = PlanarTrainConfig(steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
                             similarity=args.similarity, smoothness=args.smoothness, edge_alpha=args.edge_alpha,
-                            smoothness_order=args.order, dice=args.dice, seed=args.seed)
+                            smoothness_order=args.order, dice=args.dice, seed=args.seed,
+                            balance_kinds=args.balance_kinds, schedule=args.schedule)
     levels = _levels(args.levels)
     views = _planar_views(args.ct, args.ct_seg, "--ct", TRAINING_OFFSETS, levels)
     held_out = _planar_views(args.val_ct, args.val_ct_seg, "--val-ct", levels=_levels(args.val_levels) or levels)
     print(f"{len(views)} training views, {len(held_out)} held-out views", flush=True)
     trainer = PlanarTrainer(views, args.out, cfg, PlanarConfig(diffeomorphic=args.diffeomorphic),
                             validation_views=held_out, resume=not args.restart,
-                            progress=_progress_printer(args.print_every))
+                            progress=_progress_printer(args.print_every), init=args.init)
     summary = trainer.train(should_stop=_stop_requests())
     print(json.dumps(summary, indent=2))
     return 0 if summary["status"] == "finished" else 130
@@ -722,6 +728,10 @@ def build_parser():
     p.add_argument("--cases", type=COUNT, default=5, help="cases per start bin and CT (default 5)")
     p.add_argument("--bins", type=COUNT, default=4, help="how many of the bins 0-10, 10-20, 20-40, 40-60 mm")
     p.add_argument("--evaluations", type=COUNT, default=400, help="CMA-ES's DRRs per run without ProST")
+    p.add_argument("--regions", default="vertebra",
+                   help="where the intensity similarity compares the images, comma-separated: vertebra (around the "
+                        "target's projection, as xray-register does with a label map; default), image (the whole "
+                        "X-ray, as without one)")
     p.add_argument("--out", required=True, help="folder for cases.csv, summary.csv, summary.md")
     p.add_argument("--threads", type=COUNT, help="CPU threads for PyTorch")
     p.add_argument("--seed", type=int, default=0)
@@ -775,6 +785,11 @@ def build_parser():
     p.add_argument("--print-every", type=COUNT, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--restart", action="store_true", help="start afresh even if --out holds a run")
+    p.add_argument("--init", help="a 2D model to start from (fine-tuning; e.g. the shipped planar_lumbar.pt)")
+    p.add_argument("--balance-kinds", action="store_true",
+                   help="draw each kind of view (sagittal, coronal, axial, lateral, AP) equally often")
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                   help="learning rate: constant, or cosine decay to 1%% over --steps")
     p.set_defaults(func=cmd_train2d)
 
     p = sub.add_parser("evaluate2d", help="the 2D study: known deformations and inter-subject views of test CTs, "

@@ -10,6 +10,7 @@ steps, the end-point error inside the vertebrae on fixed known-deformation cases
 the identity's).
 """
 
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -27,6 +28,7 @@ from .model_file import load_planar, save_planar
 from .network import PlanarConfig, PlanarNet
 
 SIMILARITIES = ("l2", "lncc")
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -45,6 +47,11 @@ class PlanarTrainConfig:
     # Pairs of one view and another exposure of it, undeformed: without them the network learned to deform
     # whatever it is given (an image registered to itself moved 0.42 mm on average, 2.8 mm at the 99th pct).
     identity_fraction: float = 0.1
+    # Each kind of view (sagittal, coronal, axial, lateral, ap) drawn equally often: otherwise the slices'
+    # five offsets per level leave the projections (radiograph-like, the users' main 2D images) 2 pairs in 17.
+    balance_kinds: bool = False
+    # "cosine": the learning rate decays to 1 % of its value over ``steps`` (a fine-tune's usual ending).
+    schedule: str = "constant"
     validate_every: int = 100
     checkpoint_every: int = 100
     seed: int = 0
@@ -79,19 +86,31 @@ def planar_loss(cfg: PlanarTrainConfig, fixed, out, fixed_label=None) -> Dict[st
 class PairSampler:
     """Training pairs (fixed, moving, fixed mask, moving mask) drawn from views."""
 
-    def __init__(self, views: Sequence[View], known_fraction: float, seed: int, identity_fraction: float = 0.0):
+    def __init__(self, views: Sequence[View], known_fraction: float, seed: int, identity_fraction: float = 0.0,
+                 balance_kinds: bool = False):
         if not views:
             raise ValueError("no views to train on")
         self.views, self.known_fraction, self.identity_fraction = list(views), known_fraction, identity_fraction
         self.rng = np.random.default_rng(seed)
+        # Balanced: each kind equally likely, then each of that kind's views (None: every view equally likely).
+        kinds = [v.kind for v in self.views]
+        self.weights = None
+        if balance_kinds:
+            self.weights = np.array([1.0 / kinds.count(k) for k in kinds]) / len(set(kinds))
         self.partners = {}
         for i, v in enumerate(self.views):
             self.partners[i] = [j for j, w in enumerate(self.views) if j != i and w.kind == v.kind
                                 and (w.subject != v.subject or abs(w.label - v.label) == 1)]
 
+    def pick(self) -> int:
+        """The index of the next pair's fixed view."""
+        if self.weights is None:
+            return int(self.rng.integers(len(self.views)))
+        return int(self.rng.choice(len(self.views), p=self.weights))
+
     def draw(self):
         """(fixed, moving, fixed mask, moving mask): the masks are the vertebra each view is centred on."""
-        i = int(self.rng.integers(len(self.views)))
+        i = self.pick()
         view = self.views[i]
         fixed, labels = image_tensor(view.image), image_tensor(view.labels)
         draw = self.rng.random()
@@ -136,18 +155,23 @@ def validate(net: PlanarNet, cases: Sequence[Dict], spacing: float = 1.0) -> Dic
 
 
 class PlanarTrainer:
-    """Train (or resume) a 2D network in ``out``: ``last.pt`` (resumed from), ``model.pt``, ``history.csv``."""
+    """Train (or resume) a 2D network in ``out``: ``last.pt`` (resumed from), ``model.pt``, ``history.csv``.
+    ``init``: a 2D model file to start from (fine-tuning: its weights and layout; a fresh optimiser)."""
 
     def __init__(self, views: Sequence[View], out: str, cfg: PlanarTrainConfig = None,
                  net_config: PlanarConfig = None, validation_views: Sequence[View] = (), resume: bool = True,
-                 progress: Optional[Callable[[int, int, Dict], None]] = None):
+                 progress: Optional[Callable[[int, int, Dict], None]] = None, init: Optional[str] = None):
         self.cfg = cfg or PlanarTrainConfig()
         if self.cfg.similarity not in SIMILARITIES:
             raise ValueError(f"unknown similarity {self.cfg.similarity!r}: choose from {', '.join(SIMILARITIES)}")
+        if self.cfg.schedule not in SCHEDULES:
+            raise ValueError(f"unknown learning-rate schedule {self.cfg.schedule!r}: choose from "
+                             f"{', '.join(SCHEDULES)}")
         self.out = out
         os.makedirs(out, exist_ok=True)
         self.last_path, self.model_path = os.path.join(out, "last.pt"), os.path.join(out, "model.pt")
-        self.sampler = PairSampler(views, self.cfg.known_fraction, self.cfg.seed, self.cfg.identity_fraction)
+        self.sampler = PairSampler(views, self.cfg.known_fraction, self.cfg.seed, self.cfg.identity_fraction,
+                                   self.cfg.balance_kinds)
         self.cases = validation_cases(validation_views or views)
         self.progress = progress
         self.step, self.history = 0, []
@@ -160,8 +184,15 @@ class PlanarTrainer:
             self.optimiser.load_state_dict(payload["optimiser"])
             self.sampler.rng = np.random.default_rng(self.cfg.seed + self.step)
         else:
-            self.net = PlanarNet(net_config or PlanarConfig()).train()
+            self.net = (load_planar(init, "the 2D model to start from")["net"] if init else
+                        PlanarNet(net_config or PlanarConfig())).train()
             self.optimiser = torch.optim.Adam(self.net.parameters(), lr=self.cfg.learning_rate)
+
+    def learning_rate(self) -> float:
+        """The rate of the coming step (``self.step`` steps done)."""
+        if self.cfg.schedule == "cosine":
+            return self.cfg.learning_rate * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * self.step / self.cfg.steps)))
+        return self.cfg.learning_rate
 
     def save(self, path: str, status: str) -> None:
         save_planar(path, self.net, step=self.step, history=self.history, status=status,
@@ -184,6 +215,8 @@ class PlanarTrainer:
             terms = planar_loss(self.cfg, fixed, out, fixed_label)
             self.optimiser.zero_grad(set_to_none=True)
             terms["total"].backward()
+            for group in self.optimiser.param_groups:
+                group["lr"] = self.learning_rate()
             self.optimiser.step()
             self.step += 1
             row = {"step": self.step, **{k: v.item() for k, v in terms.items()}}

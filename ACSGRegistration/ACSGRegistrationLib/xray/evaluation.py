@@ -78,8 +78,9 @@ def evaluate_subject(name: str, ct: sitk.Image, labels: sitk.Image, label: int, 
             on_grid = prepare_xray(xray, carm.size)
             start, start_error = starting_offset(rng, truth, centre, points, low, high)
             for row_name, spec in methods.items():
-                options = {k: v for k, v in spec.items() if k not in ("method", "learned")}
-                search = PoseSearch(volume, carm, on_grid, start, centre)
+                options = {k: v for k, v in spec.items() if k not in ("method", "learned", "region")}
+                whole = spec.get("region", "vertebra") == "image"
+                search = PoseSearch(volume, carm, on_grid, start, centre, target_points=None if whole else points)
                 learned = None
                 t0 = time.perf_counter()
                 if spec.get("learned") is not None:

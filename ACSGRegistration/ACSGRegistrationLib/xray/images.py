@@ -13,7 +13,7 @@ goes (bright or dark) is left to the registration, which handles both.
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -113,10 +113,8 @@ def carm_of(xray: XRay, geometry: Optional[Dict] = None, where: str = "GEOMETRY.
     return CArm.from_dict(merged, where=f"{xray.path} + {where}")
 
 
-def target_centre(ct: sitk.Image, labels: Optional[sitk.Image], label, where: str) -> np.ndarray:
-    """The pivot (LPS mm): the chosen label's centroid, or the CT's centre without a label map."""
-    if labels is None:
-        return np.asarray(ct.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in ct.GetSize()]))
+def target_label(labels: sitk.Image, label, where: str) -> Tuple[int, np.ndarray]:
+    """The target's label value and centroid (LPS mm): ``label``, or the label map's only label."""
     from ..preprocessing import label_centroids
     centroids = label_centroids(labels)
     if label is None:
@@ -125,4 +123,11 @@ def target_centre(ct: sitk.Image, labels: Optional[sitk.Image], label, where: st
         label = next(iter(centroids))
     if int(label) not in centroids:
         raise InputError(f"label {label} is not in {where} (it holds {sorted(centroids)})")
-    return np.asarray(centroids[int(label)])
+    return int(label), np.asarray(centroids[int(label)])
+
+
+def target_centre(ct: sitk.Image, labels: Optional[sitk.Image], label, where: str) -> np.ndarray:
+    """The pivot (LPS mm): the chosen label's centroid, or the CT's centre without a label map."""
+    if labels is None:
+        return np.asarray(ct.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in ct.GetSize()]))
+    return target_label(labels, label, where)[1]

@@ -19,7 +19,7 @@ from ..io import read_image
 from .camera import CArm, detector_corners, detector_image, placed, pose_json, project_to_detector, read_pose, \
     source_position
 from .drr import Volume
-from .images import carm_of, read_geometry, read_xray, target_centre
+from .images import carm_of, read_geometry, read_xray, target_centre, target_label
 from .register import DEPTH_PRIOR_MM, DEPTH_PRIOR_WEIGHT, PoseSearch, prepare_xray, register_pose
 
 # The registration's detector: its longest side in pixels (the X-ray is area-averaged onto it).
@@ -72,6 +72,12 @@ def register_files(ct_path: str, xray_path: str, init_path: str, out_dir: str, g
     ct = read_image(ct_path, "CT")
     labels = read_image(seg_path, "CT label map") if seg_path else None
     centre = target_centre(ct, labels, label, seg_path or "")
+    # With a label map, the similarity looks at the target vertebra's neighbourhood on the X-ray (the
+    # per-vertebra mode): over the whole image its optimum drifts along the ray (register.TARGET_MARGIN_MM).
+    target_points = None
+    if labels is not None:
+        from .simulation import label_points
+        target_points = label_points(labels, target_label(labels, label, seg_path)[0], count=500, seed=seed)
     xray = read_xray(xray_path)
     carm_full: CArm = carm_of(xray, read_geometry(geometry_path), where=geometry_path or "--geometry")
     initial = read_pose(init_path)
@@ -88,7 +94,7 @@ def register_files(ct_path: str, xray_path: str, init_path: str, out_dir: str, g
     pixels = prepare_xray(xray.pixels, carm.size, device=device)
     log(f"CT {ct.GetSize()} resampled to {tuple(volume.shape_ijk)} at {spacing:.1f} mm; X-ray "
         f"{carm_full.size[0]} x {carm_full.size[1]} registered on {carm.size[0]} x {carm.size[1]} pixels")
-    search = PoseSearch(volume, carm, pixels, initial, centre)
+    search = PoseSearch(volume, carm, pixels, initial, centre, target_points=target_points)
     t0 = time.perf_counter()
     learned = None
     if net is not None:
@@ -98,8 +104,10 @@ def register_files(ct_path: str, xray_path: str, init_path: str, out_dir: str, g
     with torch.no_grad():
         final = torch.as_tensor(result["parameters"], dtype=volume.mu.dtype, device=volume.mu.device)
         drr = search.render(final[None])[0].cpu().numpy()
-    metrics = {"method": method, "similarity": f"gradient NCC less the depth prior ({DEPTH_PRIOR_WEIGHT} at "
-                                                f"{DEPTH_PRIOR_MM:g} mm along the ray)", "prost_model": prost_model,
+    region = "around the target vertebra" if target_points is not None else "over the whole image"
+    metrics = {"method": method, "similarity": f"gradient NCC {region} less the depth prior ({DEPTH_PRIOR_WEIGHT} "
+                                                f"at {DEPTH_PRIOR_MM:g} mm along the ray)",
+               "prost_model": prost_model,
                "initial_similarity": result["initial_similarity"], "final_similarity": result["similarity"],
                "evaluations": result["evaluations"], "seconds": round(time.perf_counter() - t0, 2),
                "polarity": result["polarity"], "detector": carm.to_dict(), "target_centre_lps": centre.tolist(),
