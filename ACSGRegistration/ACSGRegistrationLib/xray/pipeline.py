@@ -104,7 +104,7 @@ def register_files(ct_path: str, xray_path: str, init_path: str, out_dir: str, g
     with torch.no_grad():
         final = torch.as_tensor(result["parameters"], dtype=volume.mu.dtype, device=volume.mu.device)
         drr = search.render(final[None])[0].cpu().numpy()
-    region = "around the target vertebra" if target_points is not None else "over the whole image"
+    region = "(the refinement's around the target vertebra)" if target_points is not None else "(whole image)"
     metrics = {"method": method, "similarity": f"gradient NCC {region} less the depth prior ({DEPTH_PRIOR_WEIGHT} "
                                                 f"at {DEPTH_PRIOR_MM:g} mm along the ray)",
                "prost_model": prost_model,
