@@ -190,6 +190,8 @@ def test_models_keep_their_own_rows_in_the_tables():
     (["register", "--fixed", "nope.nii.gz", "--moving", "nope.nii.gz", "--out", "x"], "fixed image not found"),
     (["evaluate", "--crops", ".", "--out", "x"], "not a crops folder"),
     (["train", "--out", "x"], "give --crops"),
+    (["evaluate2d", "--ct", "a", "--ct-seg", "b", "--baselines", "demons,bogus", "--out", "x"],
+     "--baselines 'demons,bogus': unknown bogus; choose from demons, bspline, none"),
 ])
 def test_errors_exit_with_a_message(args, message, capsys, checkpoint, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

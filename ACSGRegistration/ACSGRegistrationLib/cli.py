@@ -399,10 +399,7 @@ def cmd_xray_evaluate(args):
         torch.set_num_threads(args.threads)
     from .xray.prost_training import check_ct_targets
     check_ct_targets(args.ct, args.ct_seg, args.label)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in XRAY_METHODS]
-    if unknown:
-        raise InputError(f"--methods: unknown {', '.join(unknown)} (choose from {', '.join(XRAY_METHODS)})")
+    methods = _choices("--methods", args.methods, XRAY_METHODS, empty_ok=True)
     from .resources import model_labels
     models = [(label, load_prost(m)["net"]) for m, label in zip(args.prost_model or [], model_labels(
         args.prost_model or []))]
@@ -411,9 +408,7 @@ def cmd_xray_evaluate(args):
     budgets = {"cmaes+gradient": {"evaluations": args.evaluations, "refine_steps": 40},
                "cmaes": {"evaluations": args.evaluations}, "gradient": {"refine_steps": 100},
                "prost+cmaes+gradient": {"evaluations": 300, "refine_steps": 40}, "prost": {}}
-    regions = [r.strip() for r in args.regions.split(",") if r.strip()]
-    if not regions or set(regions) - {"vertebra", "image"}:
-        raise InputError(f"--regions: choose from vertebra, image (got {args.regions!r})")
+    regions = _choices("--regions", args.regions, ("vertebra", "image"))
     specs = {}
     for method in methods:
         for model_name, net in (models if method.startswith("prost") else [(None, None)]):
@@ -440,6 +435,16 @@ def _planar_views(cts, segs, option, offsets=(0.0,), levels=None):
     for ct, seg in zip(cts or [], segs or []):
         views += spine_views_of_files(ct, seg, levels or TRAINING_LEVELS, offsets=offsets, option=option)
     return views
+
+
+def _choices(option: str, text: str, allowed, empty_ok: bool = False) -> list:
+    """A comma-separated option's items, in order, each one of ``allowed``; InputError naming the option."""
+    items = [w.strip() for w in (text or "").split(",") if w.strip()]
+    unknown = [w for w in items if w not in allowed]
+    if unknown or not (items or empty_ok):
+        found = f"unknown {', '.join(unknown)}" if unknown else "nothing given"
+        raise InputError(f"{option} {text!r}: {found}; choose from {', '.join(allowed)}")
+    return items
 
 
 def _levels(text):
@@ -486,14 +491,10 @@ def cmd_evaluate2d(args):
         from .resources import shipped_planar_model_path
         nets["shipped"] = load_planar(shipped_planar_model_path())["net"]
     from .planar.baselines import PLANAR_BASELINES
-    baselines = [b.strip() for b in args.baselines.split(",") if b.strip() and b.strip() != "none"]
-    unknown = [b for b in baselines if b not in PLANAR_BASELINES]
-    if unknown:
-        raise InputError(f"--baselines: unknown {', '.join(unknown)}; choose from {', '.join(PLANAR_BASELINES)}")
+    baselines = [b for b in _choices("--baselines", args.baselines, PLANAR_BASELINES + ("none",), empty_ok=True)
+                 if b != "none"]
     views = _planar_views(args.ct, args.ct_seg, "--ct", levels=_levels(args.levels))
-    kinds = {k.strip() for k in args.kinds.split(",") if k.strip()}
-    if not kinds or kinds - {"known", "inter-subject", "self"}:
-        raise InputError(f"--kinds {args.kinds}: choose from known, inter-subject, self")
+    kinds = set(_choices("--kinds", args.kinds, ("known", "inter-subject", "self")))
     cases = (known_cases(views, range(args.seeds)) if "known" in kinds else []) + \
         (subject_pairs(views) if "inter-subject" in kinds else []) + (self_cases(views) if "self" in kinds else [])
     if not cases:

@@ -71,13 +71,14 @@ def register_files(ct_path: str, xray_path: str, init_path: str, out_dir: str, g
                           kind="X-ray registration")
     ct = read_image(ct_path, "CT")
     labels = read_image(seg_path, "CT label map") if seg_path else None
-    centre = target_centre(ct, labels, label, seg_path or "")
-    # With a label map, the similarity looks at the target vertebra's neighbourhood on the X-ray (the
+    # With a label map, the refinement looks at the target vertebra's neighbourhood on the X-ray (the
     # per-vertebra mode): over the whole image its optimum drifts along the ray (register.TARGET_MARGIN_MM).
-    target_points = None
-    if labels is not None:
+    if labels is None:
+        centre, target_points = target_centre(ct, None, label, ""), None
+    else:
         from .simulation import label_points
-        target_points = label_points(labels, target_label(labels, label, seg_path)[0], count=500, seed=seed)
+        target, centre = target_label(labels, label, seg_path)
+        target_points = label_points(labels, target, count=500, seed=seed)
     xray = read_xray(xray_path)
     carm_full: CArm = carm_of(xray, read_geometry(geometry_path), where=geometry_path or "--geometry")
     initial = read_pose(init_path)
