@@ -85,7 +85,9 @@ def test_a_point_projects_where_the_camera_formula_says():
     assert np.allclose(carm.project(target[None])[0], carm.principal_point_px)
 
 
-def test_pose_gradient_matches_finite_differences():
+@pytest.mark.parametrize("second_order", [False, True])
+def test_pose_gradient_matches_finite_differences(second_order):
+    """Both samplers: PyTorch's grid_sample (first derivatives) and the gathers (differentiable twice)."""
     image, centre, _ = ball_phantom(radius=20.0, size=56, supersample=2)
     # An off-centre, uneven object so that every pose parameter changes the image.
     values = sitk.GetArrayFromImage(image)
@@ -102,7 +104,8 @@ def test_pose_gradient_matches_finite_differences():
     carm = CARM
 
     def loss(p):
-        return (render(volume, carm, pose_from_parameters(p, reference, pivot), samples=200) * weights).sum()
+        pose = pose_from_parameters(p, reference, pivot)
+        return (render(volume, carm, pose, samples=200, second_order=second_order) * weights).sum()
 
     p0 = torch.tensor([0.03, -0.02, 0.05, 2.0, -1.5, 3.0], dtype=torch.float64, requires_grad=True)
     grad = torch.autograd.grad(loss(p0), p0)[0].numpy()
@@ -128,7 +131,8 @@ def test_second_derivative_reaches_what_the_similarity_learns_from():
     reference = torch.as_tensor(look_at(centre + [3.0, 0.0, 2.0], 600.0))
     target = render(Volume(features.detach(), volume.index_to_lps), carm, reference, samples=80)
     p = torch.zeros(6, dtype=torch.float64, requires_grad=True)
-    moved = render(volume, carm, pose_from_parameters(p, reference, torch.as_tensor(centre)), samples=80)
+    moved = render(volume, carm, pose_from_parameters(p, reference, torch.as_tensor(centre)), samples=80,
+                   second_order=True)
     similarity = -((moved - target - 0.1) ** 2).sum()
     pose_gradient = torch.autograd.grad(similarity, p, create_graph=True)[0]
     direction = torch.tensor([0.2, -0.1, 0.3, 1.0, 0.5, -0.7], dtype=torch.float64)

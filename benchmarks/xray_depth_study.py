@@ -3,7 +3,7 @@ X-ray, or around the target vertebra's projection (``register.PoseSearch(target_
 ``around_target``: the per-vertebra mode's refinement). One view sees depth only through magnification, so a similarity whose peak is off along the ray moves
 every registration off by as much (a study: prints figures, asserts nothing).
 
-    python benchmarks/xray_depth_study.py [--cases 8] [--label 31] [--out FILE.md]
+    python benchmarks/xray_depth_study.py [--cases 8] [--label 31] [--factors] [--out FILE.md]
 
 Per shared CT and case: a simulated X-ray at a random true pose (``simulation.random_view``, the evaluation's
 detector and realism; also noise-free, nothing moved), then the similarity at the truth moved -30..+30 mm along
@@ -11,6 +11,7 @@ the principal ray (registration grid: 64 x 64 pixels of 3.2 mm, CT at 3 mm, as `
 """
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -29,14 +30,26 @@ from ACSGRegistrationLib.xray.simulation import Realism, XraySimulator, label_po
 
 DATA = os.path.join(ROOT, "..", "shared", "data", "ct")
 OFFSETS_MM = np.arange(-30.0, 30.1, 2.5)
+# ``--factors``: each realism effect alone (``simulation.Realism``'s fields), on a noise-free X-ray otherwise.
+FACTORS = {"photon noise": ("photons",), "blur": ("blur_px",), "gamma": ("gamma",),
+           "collimation": ("collimation",), "neighbours moved": ("neighbour_deg", "neighbour_mm"),
+           "polarity": ("bone_bright",)}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=8)
     parser.add_argument("--label", type=int, default=31)
+    parser.add_argument("--factors", action="store_true",
+                        help="also each realism effect alone: which of them moves the peak")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
+    xrays = [("noise-free", Realism.none()), ("realistic", Realism())]
+    if args.factors:
+        full = Realism()
+        for effect, fields in FACTORS.items():
+            xrays.append((f"{effect} only", dataclasses.replace(
+                Realism.none(), **{f: getattr(full, f) for f in fields})))
     torch.set_num_threads(1)
     lines = [f"Depth of the similarity's peak at the true pose, {time.strftime('%Y-%m-%d')}: target label "
              f"{args.label}, {args.cases} cases per CT; offsets {OFFSETS_MM[0]:g}..{OFFSETS_MM[-1]:g} mm by 2.5 mm.",
@@ -53,7 +66,7 @@ def main(argv=None):
         volume = Volume.from_image(ct, spacing=3.0)
         parameters = torch.zeros(len(OFFSETS_MM), 6, dtype=volume.mu.dtype)
         parameters[:, 5] = torch.as_tensor(OFFSETS_MM, dtype=volume.mu.dtype)
-        for realism_name, realism in (("noise-free", Realism.none()), ("realistic", Realism())):
+        for realism_name, realism in xrays:
             peaks = {"whole image": [], "target vertebra": []}
             for case in range(args.cases):
                 rng = np.random.default_rng(case)

@@ -71,9 +71,11 @@ class ProSTNet(nn.Module):
         x = (mu / MU_WATER)[None, None]
         return torch.cat([x, self.volume_branch(x)], dim=1)[0]
 
-    def project(self, volume: Volume, features: torch.Tensor, carm, poses: torch.Tensor) -> torch.Tensor:
-        """The features integrated along the rays of each pose: (B, C, rows, columns), standardised."""
-        return standardise(render(volume, carm, poses, channels=features))
+    def project(self, volume: Volume, features: torch.Tensor, carm, poses: torch.Tensor,
+                second_order: bool = False) -> torch.Tensor:
+        """The features integrated along the rays of each pose: (B, C, rows, columns), standardised.
+        ``second_order``: the training differentiates the pose gradient (``drr.render``)."""
+        return standardise(render(volume, carm, poses, channels=features, second_order=second_order))
 
     def distance(self, projections: torch.Tensor, xray: torch.Tensor) -> torch.Tensor:
         """1 - cos between the encoded projections (B, C, rows, columns) and the X-ray (rows, columns; or one

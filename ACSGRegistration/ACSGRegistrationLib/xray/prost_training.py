@@ -103,7 +103,7 @@ def gradient_directions(net: ProSTNet, subject: Subject, carm, truths, starts, x
     theta = torch.zeros(len(starts), 6, requires_grad=True)
     poses = torch.stack([pose_from_parameters(theta[b] * scale, starts[b], centre) for b in range(len(starts))])
     features = net.volume_features(subject.volume.mu)
-    distance = net.distance(net.project(subject.volume, features, carm, poses), xrays)
+    distance = net.distance(net.project(subject.volume, features, carm, poses, second_order=create_graph), xrays)
     learned = torch.autograd.grad(distance.sum(), theta, create_graph=create_graph)[0]
     towards = [parameters_between(s.double().numpy(), t.double().numpy(), subject.centre)
                for s, t in zip(starts, truths)]
