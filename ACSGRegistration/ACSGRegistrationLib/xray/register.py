@@ -29,7 +29,8 @@ PARAMETER_SCALE = np.array([0.1, 0.1, 0.1, 10.0, 10.0, 30.0])  # depth (z) is th
 # DEPTH_PRIOR_WEIGHT · (Δz / DEPTH_PRIOR_MM)². One view sees depth only through magnification (10 mm at 750 mm
 # is 1.3 %). Over the whole image gradient NCC peaks 10-30 mm along the ray from the true pose, even on noise-free
 # simulated X-rays (the CT's other anatomy and its field of view's edges change with magnification); around the
-# target vertebra within 3-6 mm at the true rotation (``benchmarks/xray_depth_study.py``), but in the full
+# target vertebra within 3-6 mm at the true rotation, moved there mostly by photon noise (``benchmarks/
+# xray_depth_study.py --factors``; a finer detector or CT did not help), but in the full
 # search depth trades against out-of-plane rotation: with the prior widened to 60 mm the depth error grew from
 # 0.8 to 3.0 and from 4.5 to 8.4 mm on two simulated cases. The C-arm's source-to-patient distance, which the
 # initial pose holds, stays the better guess.
