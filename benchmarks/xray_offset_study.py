@@ -23,11 +23,11 @@ import torch  # noqa: E402
 from ACSGRegistrationLib.io import read_image  # noqa: E402
 from ACSGRegistrationLib.resources import PROST_MODEL, shipped_model_path  # noqa: E402
 from ACSGRegistrationLib.xray import POSE_SEARCH_METHODS  # noqa: E402
-from ACSGRegistrationLib.xray.camera import CArm, pose_from_parameters  # noqa: E402
+from ACSGRegistrationLib.xray.camera import pose_from_parameters  # noqa: E402
 from ACSGRegistrationLib.xray.drr import Volume  # noqa: E402
-from ACSGRegistrationLib.xray.evaluation import pose_errors  # noqa: E402
-from ACSGRegistrationLib.xray.prost import LearnedSimilarity, load_prost  # noqa: E402
-from ACSGRegistrationLib.xray.register import PoseSearch, mean_target_error, prepare_xray, register_pose  # noqa: E402
+from ACSGRegistrationLib.xray.evaluation import register_case, simulation_detectors  # noqa: E402
+from ACSGRegistrationLib.xray.prost import load_prost  # noqa: E402
+from ACSGRegistrationLib.xray.register import mean_target_error, prepare_xray  # noqa: E402
 from ACSGRegistrationLib.xray.simulation import Realism, XraySimulator, label_points, random_view  # noqa: E402
 
 DATA = os.path.join(ROOT, "..", "shared", "data", "ct")
@@ -55,8 +55,7 @@ def main(argv=None):
     simulator = XraySimulator(ct, labels, args.label)
     centre = simulator.centre
     points = label_points(labels, args.label, count=500, seed=0)
-    detector = CArm(1020.0, (1.6, 1.6), (128, 128))
-    carm = detector.scaled(2)
+    detector, carm = simulation_detectors()
     volume = Volume.from_image(ct, spacing=3.0)
     net = load_prost(shipped_model_path(PROST_MODEL))["net"] if args.method.startswith("prost") else None
     rng = np.random.default_rng(args.seed)
@@ -69,16 +68,13 @@ def main(argv=None):
         direction = unit(rng)
         offset = np.concatenate([np.deg2rad(args.rotation) * unit(rng), args.translation * direction])
         start = pose_from_parameters(torch.as_tensor(offset), torch.as_tensor(truth), torch.as_tensor(centre)).numpy()
-        search = PoseSearch(volume, carm, prepare_xray(xray, carm.size), start, centre, target_points=points)
-        t0 = time.perf_counter()
-        learned = LearnedSimilarity(net, ct, centre, detector, xray) if net is not None else None
-        result = register_pose(search, args.method, learned=learned, seed=case)
-        final = mean_target_error(result["ct_to_source"], truth, points)
-        errors = pose_errors(result["ct_to_source"], truth, centre, points, carm)
+        _, errors = register_case({"method": args.method, "learned": net}, volume, carm, detector, ct, xray,
+                                  prepare_xray(xray, carm.size), start, truth, centre, points, seed=case)
+        final, seconds = errors["final_mtre_mm"], errors["seconds"]
         finals.append(final)
         print(f"case {case}: start mTRE {mean_target_error(start, truth, points):5.1f} mm (of it along the ray "
               f"{abs(args.translation * direction[2]):4.1f}) -> {final:6.2f} mm; depth {errors['depth_mm']:.1f}, "
-              f"projection {errors['projection_mm']:.1f} mm; {time.perf_counter() - t0:.0f} s", flush=True)
+              f"projection {errors['projection_mm']:.1f} mm; {seconds:.0f} s", flush=True)
     finals = np.asarray(finals)
     print(f"success (mTRE < 10 mm): {int((finals < 10).sum())} of {len(finals)}; < 5 mm: {int((finals < 5).sum())}; "
           f"median final mTRE {np.median(finals):.2f} mm")

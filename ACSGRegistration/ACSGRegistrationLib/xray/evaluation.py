@@ -54,6 +54,34 @@ def starting_offset(rng: np.random.Generator, truth: np.ndarray, centre: np.ndar
     raise RuntimeError(f"no starting pose found in the {low}-{high} mm bin")
 
 
+def simulation_detectors(detector_pixels: int = 64) -> Tuple[CArm, CArm]:
+    """The simulated X-rays' detector (1.6 mm pixels at 1,020 mm, twice finer than the registration's) and the
+    registration's (``detector_pixels`` a side)."""
+    detector = CArm(1020.0, (1.6, 1.6), (2 * detector_pixels, 2 * detector_pixels))
+    return detector, detector.scaled(2)
+
+
+def register_case(spec: Dict, volume: Volume, carm: CArm, detector: CArm, ct: sitk.Image, xray: np.ndarray,
+                  on_grid: torch.Tensor, start: np.ndarray, truth: np.ndarray, centre: np.ndarray, points: np.ndarray,
+                  seed: int = 0, should_stop: Optional[Callable[[], bool]] = None) -> Tuple[Dict, Dict[str, float]]:
+    """One method (``spec``: as ``evaluate_subject``'s ``methods`` values) on one simulated case (the X-ray at
+    the detector's resolution and on the registration's grid): ``register_pose``'s result, and the final mTRE,
+    ``pose_errors`` and seconds (the learned similarity's set-up counted)."""
+    from .prost import LearnedSimilarity
+    options = {k: v for k, v in spec.items() if k not in ("method", "learned", "region")}
+    whole = spec.get("region", "vertebra") == "image"
+    search = PoseSearch(volume, carm, on_grid, start, centre, target_points=None if whole else points)
+    t0 = time.perf_counter()
+    learned = None
+    if spec.get("learned") is not None:
+        learned = LearnedSimilarity(spec["learned"], ct, centre, detector, xray)
+    result = register_pose(search, spec["method"], learned=learned, seed=seed, should_stop=should_stop, **options)
+    errors = {"final_mtre_mm": mean_target_error(result["ct_to_source"], truth, points),
+              **pose_errors(result["ct_to_source"], truth, centre, points, carm),
+              "seconds": time.perf_counter() - t0}
+    return result, errors
+
+
 def evaluate_subject(name: str, ct: sitk.Image, labels: sitk.Image, label: int, methods: Dict[str, Dict],
                      cases_per_bin: int, seed: int = 0, bins: Sequence[Tuple[float, float]] = BINS,
                      registration_spacing: float = 3.0, detector_pixels: int = 64,
@@ -61,13 +89,11 @@ def evaluate_subject(name: str, ct: sitk.Image, labels: sitk.Image, label: int, 
                      ) -> List[Dict]:
     """Rows (one per case and method). ``methods``: {row name: {"method": a POSE_SEARCH_METHODS name,
     "learned": a ``prost.ProSTNet`` or None, and ``register_pose``'s budget keywords}}."""
-    from .prost import LearnedSimilarity
     rng = np.random.default_rng(seed)
     simulator = XraySimulator(ct, labels, label)  # the CT's own resolution: not the registration's grid
     centre = simulator.centre
     points = label_points(labels, label, count=500, seed=seed)
-    detector = CArm(1020.0, (1.6, 1.6), (2 * detector_pixels, 2 * detector_pixels))
-    carm = detector.scaled(2)
+    detector, carm = simulation_detectors(detector_pixels)
     volume = Volume.from_image(ct, spacing=registration_spacing)
     realism = Realism()
     rows = []
@@ -78,22 +104,13 @@ def evaluate_subject(name: str, ct: sitk.Image, labels: sitk.Image, label: int, 
             on_grid = prepare_xray(xray, carm.size)
             start, start_error = starting_offset(rng, truth, centre, points, low, high)
             for row_name, spec in methods.items():
-                options = {k: v for k, v in spec.items() if k not in ("method", "learned", "region")}
-                whole = spec.get("region", "vertebra") == "image"
-                search = PoseSearch(volume, carm, on_grid, start, centre, target_points=None if whole else points)
-                learned = None
-                t0 = time.perf_counter()
-                if spec.get("learned") is not None:
-                    learned = LearnedSimilarity(spec["learned"], ct, centre, detector, xray)
-                result = register_pose(search, spec["method"], learned=learned, seed=case,
-                                       should_stop=should_stop, **options)
-                seconds = time.perf_counter() - t0
-                final = mean_target_error(result["ct_to_source"], truth, points)
+                result, errors = register_case(spec, volume, carm, detector, ct, xray, on_grid, start, truth,
+                                               centre, points, seed=case, should_stop=should_stop)
+                final, seconds = errors.pop("final_mtre_mm"), errors.pop("seconds")
                 row = {"ct": name, "method": row_name, "bin": f"{low:g}-{high:g}", "case": case,
                        "start_mtre_mm": round(start_error, 2), "final_mtre_mm": round(final, 2)}
                 row.update({f"success_{int(s)}mm": int(final < s) for s in SUCCESS_MM})
-                row.update({k: round(v, 2) for k, v in pose_errors(result["ct_to_source"], truth, centre, points,
-                                                                     carm).items()})
+                row.update({k: round(v, 2) for k, v in errors.items()})
                 row.update({"seconds": round(seconds, 1), "polarity": result["polarity"]})
                 rows.append(row)
                 log(f"{name} {row_name:>22} bin {row['bin']:>5} case {case}: mTRE {start_error:5.1f} -> "
