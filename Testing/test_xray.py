@@ -314,6 +314,40 @@ def test_pose_search_recovers_a_known_pose(bone):
     check_pose(result["ct_to_source"], "result")
 
 
+def test_a_second_view_pins_down_the_depth_one_view_cannot_see():
+    """Two X-rays of the phantom 90 deg apart (AP and lateral), the start 16 mm off along the AP view's ray: the
+    AP view alone keeps that depth (its prior; one view sees depth only through magnification), both views
+    together find it. A second view's poses are the C-arm's motion applied to the first's, and the search's
+    similarity is the mean of the two views' (no depth prior)."""
+    from ACSGRegistrationLib.xray.register import PoseSearch, mean_target_error, prepare_xray, register_pose
+    image, points = bony_phantom()
+    volume = Volume.from_image(image)
+    carm = CArm(1000.0, (1.6, 1.6), (48, 48))
+    truths = [look_at([0.0, 0.0, 0.0], 650.0, lao_deg=lao, cranial_deg=5.0) for lao in (15.0, 105.0)]
+    motion = truths[1] @ np.linalg.inv(truths[0])  # the C-arm's turn between the shots, known
+    xrays = [prepare_xray(render(volume, carm, torch.as_tensor(t, dtype=torch.float32), samples=240).numpy(),
+                          carm.size) for t in truths]
+    start = pose_from_parameters(torch.tensor([0.02, -0.02, 0.01, 2.0, -2.0, 16.0], dtype=torch.float64),
+                                 torch.as_tensor(truths[0]), torch.zeros(3, dtype=torch.float64)).numpy()
+
+    def search(views):
+        found = PoseSearch(volume, carm, xrays[0], start, np.zeros(3), target_points=points)
+        if views == 2:
+            lateral = found.add_view(carm, xrays[1], motion @ start)
+            p = torch.tensor([0.03, 0.0, -0.02, 1.0, 2.0, -3.0])
+            assert np.allclose(lateral.pose(torch.zeros(6)).numpy(), motion @ start, atol=1e-4)
+            assert torch.allclose(lateral.pose(p), torch.as_tensor(motion, dtype=torch.float32) @ found.pose(p),
+                                  atol=1e-3)
+            with torch.no_grad():
+                both = found.similarity(p[None])
+                each = [v.image_similarity(p[None], v.xray) for v in (found, lateral)]
+            assert torch.allclose(both, (each[0] + each[1]) / 2, atol=1e-6)
+        return register_pose(found, "gradient", refine_steps=60)["ct_to_source"]
+    before = mean_target_error(start, truths[0], points)
+    one, two = (mean_target_error(search(views), truths[0], points) for views in (1, 2))
+    assert before > 15.0 and one > 8.0 and two < 3.0, (before, one, two)
+
+
 def test_xray_register_command_line(tmp_path, capsys):
     from ACSGRegistrationLib.cli import main
     from ACSGRegistrationLib.xray.register import mean_target_error
@@ -352,6 +386,46 @@ def test_xray_register_command_line(tmp_path, capsys):
     assert "does not give source_to_detector_mm and pixel_spacing_mm" in capsys.readouterr().err
     assert main(["xray-register"] + common + ["--geometry", str(geometry), "--label", "3"]) == 2
     assert "label 3 is not in" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_xray_register_command_line_with_two_views(tmp_path, capsys):
+    """``--xray`` and ``--init`` repeated (one ``--geometry`` for both): one CT pose found from both X-rays; the
+    second view's files end in _2 and its pose is the first's moved by the C-arm's motion between the shots."""
+    from ACSGRegistrationLib.cli import main
+    from ACSGRegistrationLib.xray.register import mean_target_error
+    image, points = bony_phantom()
+    ct = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(image, str(ct))
+    carm = CArm(1000.0, (1.6, 1.6), (48, 48))
+    truths = [look_at([0.0, 0.0, 0.0], 650.0, lao_deg=lao) for lao in (0.0, 90.0)]
+    motion = truths[1] @ np.linalg.inv(truths[0])
+    start = pose_from_parameters(torch.tensor([0.02, -0.02, 0.01, 2.0, -2.0, 14.0], dtype=torch.float64),
+                                 torch.as_tensor(truths[0]), torch.zeros(3, dtype=torch.float64)).numpy()
+    geometry = tmp_path / "geometry.json"
+    geometry.write_text(json.dumps({"source_to_detector_mm": 1000.0, "pixel_spacing_mm": [1.6, 1.6]}))
+    views = []
+    for number, (truth, initial) in enumerate(zip(truths, (start, motion @ start)), 1):
+        line = render(Volume.from_image(image), carm, torch.as_tensor(truth, dtype=torch.float32), samples=240)
+        xray, init = tmp_path / f"xray{number}.nii.gz", tmp_path / f"init{number}.json"
+        sitk.WriteImage(sitk.GetImageFromArray(line.numpy().astype(np.float32)), str(xray))
+        init.write_text(json.dumps({"ct_to_source": initial.tolist()}))
+        views.append((str(xray), str(init)))
+    out = tmp_path / "out"
+    common = ["--ct", str(ct), "--geometry", str(geometry), "--out", str(out), "--method", "gradient",
+              "--refine-steps", "40", "--detector-pixels", "48"]
+    both = ["--xray", views[0][0], "--init", views[0][1], "--xray", views[1][0], "--init", views[1][1]]
+    assert main(["xray-register"] + common + both) == 0
+    assert "2 views" in capsys.readouterr().out
+    assert json.loads((out / "metrics.json").read_text())["views"] == 2
+    poses = [read_pose(str(out / name)) for name in ("pose.json", "pose_2.json")]
+    assert np.allclose(poses[1], motion @ poses[0], atol=1e-4)
+    assert mean_target_error(poses[0], truths[0], points) < 2.0 < 12.0 < mean_target_error(start, truths[0], points)
+    for name in ("drr_2.nii.gz", "xray_2.nii.gz", "projections_2.json", "overlay_2.png"):
+        assert (out / name).is_file(), name
+    # One initial pose for two X-rays: refused before any work, saying what is missing.
+    assert main(["xray-register"] + common[:4] + ["--out", str(tmp_path / "x")] + both[:6]) == 2
+    assert "2 X-ray(s) need as many initial poses" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 

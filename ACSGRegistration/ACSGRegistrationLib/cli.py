@@ -363,8 +363,9 @@ def cmd_xray_register(args):
                           args.method, args.evaluations, args.refine_steps, args.detector_pixels, args.ct_spacing,
                           device=device, seed=args.seed, prost_model=args.prost_model)
     m = done["metrics"]
+    views = f", {m['views']} views" if m["views"] > 1 else ""
     print(f"gradient NCC {m['initial_similarity']:.3f} -> {m['final_similarity']:.3f} in {m['seconds']:.1f} s "
-          f"({m['evaluations']} DRRs, {m['polarity']})")
+          f"({m['evaluations']} DRRs, {m['polarity']}{views})")
     for key, path in done["paths"].items():
         print(f"  {key}: {path}")
     return 0
@@ -679,11 +680,18 @@ def build_parser():
     p.add_argument("--ct", required=True, help="CT in Hounsfield units (any format SimpleITK reads)")
     p.add_argument("--ct-seg", help="the CT's label map: the target vertebra's centroid is the pose's pivot")
     p.add_argument("--label", type=int, help="the target's label value in --ct-seg (may be omitted with one label)")
-    p.add_argument("--xray", required=True, help="2D X-ray: PNG/TIFF/NIfTI/MHA, or DICOM XA/RF/DX/CR")
-    p.add_argument("--geometry", help="GEOMETRY.json: source_to_detector_mm, pixel_spacing_mm [sx, sy], size, "
-                                      "principal_point_px; DICOM tags fill in what it omits")
-    p.add_argument("--init", required=True, help="POSE.json {\"ct_to_source\": 4x4}: the initial pose")
-    p.add_argument("--out", required=True, help="folder for pose.json, drr.nii.gz, overlay.png, metrics.json")
+    p.add_argument("--xray", required=True, action="append",
+                   help="2D X-ray: PNG/TIFF/NIfTI/MHA, or DICOM XA/RF/DX/CR; repeat for more views of the patient "
+                        "(e.g. AP and lateral), registered together: a second view pins down the depth one view "
+                        "cannot see")
+    p.add_argument("--geometry", action="append",
+                   help="GEOMETRY.json: source_to_detector_mm, pixel_spacing_mm [sx, sy], size, principal_point_px; "
+                        "DICOM tags fill in what it omits; once for all views or once per --xray")
+    p.add_argument("--init", required=True, action="append",
+                   help="POSE.json {\"ct_to_source\": 4x4}: the initial pose; one per --xray, in the same order "
+                        "(their differences are the C-arm's motion between the shots, kept fixed)")
+    p.add_argument("--out", required=True, help="folder for pose.json, drr.nii.gz, overlay.png, metrics.json "
+                                                "(the second view's: pose_2.json, ...)")
     p.add_argument("--method", choices=XRAY_METHODS, default=XRAY_METHODS[0])
     p.add_argument("--prost-model", help="ProST model for the prost methods (default: the shipped one)")
     p.add_argument("--evaluations", type=COUNT, default=600, help="CMA-ES's budget of DRRs (default 600)")

@@ -63,14 +63,18 @@ def simulation_detectors(detector_pixels: int = 64) -> Tuple[CArm, CArm]:
 
 def register_case(spec: Dict, volume: Volume, carm: CArm, detector: CArm, ct: sitk.Image, xray: np.ndarray,
                   on_grid: torch.Tensor, start: np.ndarray, truth: np.ndarray, centre: np.ndarray, points: np.ndarray,
-                  seed: int = 0, should_stop: Optional[Callable[[], bool]] = None) -> Tuple[Dict, Dict[str, float]]:
+                  seed: int = 0, should_stop: Optional[Callable[[], bool]] = None,
+                  other_views: Sequence[Tuple[torch.Tensor, np.ndarray]] = ()) -> Tuple[Dict, Dict[str, float]]:
     """One method (``spec``: as ``evaluate_subject``'s ``methods`` values) on one simulated case (the X-ray at
     the detector's resolution and on the registration's grid): ``register_pose``'s result, and the final mTRE,
-    ``pose_errors`` and seconds (the learned similarity's set-up counted)."""
+    ``pose_errors`` (in the first view) and seconds (the learned similarity's set-up counted). ``other_views``:
+    (X-ray on the registration's grid, initial pose) of more views on the same C-arm (``PoseSearch.add_view``)."""
     from .prost import LearnedSimilarity
     options = {k: v for k, v in spec.items() if k not in ("method", "learned", "region")}
     whole = spec.get("region", "vertebra") == "image"
     search = PoseSearch(volume, carm, on_grid, start, centre, target_points=None if whole else points)
+    for other, other_start in other_views:
+        search.add_view(carm, other, other_start)
     t0 = time.perf_counter()
     learned = None
     if spec.get("learned") is not None:

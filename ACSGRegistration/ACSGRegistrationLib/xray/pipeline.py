@@ -3,17 +3,20 @@ chosen vertebra is the target: the pivot of the pose search and where errors are
 geometry, an initial pose; out: ``pose.json``, ``drr.nii.gz`` (the final DRR on the registration's detector
 grid) and ``xray.nii.gz``, both placed where the detector stands in the CT's space, ``projections.json`` (the
 source, the detector's corners and the label centroids projected onto the detector), ``overlay.png`` and
-``metrics.json``, written as one unit (``outputs.OutputFolder``)."""
+``metrics.json``, written as one unit (``outputs.OutputFolder``). Several X-rays of the patient (each with its
+geometry and initial pose) are registered together (``register.PoseSearch.add_view``); the second view's files
+end in ``_2`` (``pose_2.json``, ...), and so on."""
 
 import json
 import os
 import time
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
+from ..errors import InputError
 from ..geometry import write_image, write_text
 from ..io import read_image
 from .camera import CArm, detector_corners, detector_image, placed, pose_json, project_to_detector, read_pose, \
@@ -59,15 +62,36 @@ def projections(pose: np.ndarray, carm: CArm, ct: sitk.Image, labels: Optional[s
                           for k, c, d, px in zip(sorted(centroids), points, on_detector, pixels)}}
 
 
-def register_files(ct_path: str, xray_path: str, init_path: str, out_dir: str, geometry_path: Optional[str] = None,
+def _views(xray_path, init_path, geometry_path):
+    """(X-ray, initial pose, geometry) paths of each view: one path or a list of each; one geometry may serve
+    every view."""
+    def listed(value):
+        return [] if value is None else [value] if isinstance(value, (str, os.PathLike)) else list(value)
+    xrays, inits, geometries = listed(xray_path), listed(init_path), listed(geometry_path)
+    if not xrays:
+        raise InputError("no X-ray given (--xray)")
+    if len(inits) != len(xrays):
+        raise InputError(f"{len(xrays)} X-ray(s) need as many initial poses (--init, one per X-ray, in the same "
+                         f"order), got {len(inits)}")
+    if len(geometries) not in (0, 1, len(xrays)):
+        raise InputError(f"{len(xrays)} X-rays need one geometry (--geometry) for all or one each, "
+                         f"got {len(geometries)}")
+    geometries = geometries if len(geometries) == len(xrays) else (geometries or [None]) * len(xrays)
+    return list(zip(xrays, inits, geometries))
+
+
+def register_files(ct_path: str, xray_path: Union[str, Sequence[str]], init_path: Union[str, Sequence[str]],
+                   out_dir: str, geometry_path: Union[None, str, Sequence[Optional[str]]] = None,
                    seg_path: Optional[str] = None, label=None, method: str = "cmaes+gradient",
                    evaluations: int = 600, refine_steps: int = 60, detector_pixels: int = DETECTOR_PIXELS,
                    ct_spacing: float = CT_SPACING, device: str = "cpu", seed: int = 0, log=print,
                    prost_model: Optional[str] = None) -> Dict:
     """Every input is read and checked before any work; returns {"paths", "metrics"}. The ``prost`` methods
-    use ``prost_model`` (default: the shipped ProST model)."""
+    use ``prost_model`` (default: the shipped ProST model), on the first view. Several views: lists of X-rays,
+    initial poses and geometries (or one geometry for all), in the same order."""
     from ..outputs import OutputFolder
-    folder = OutputFolder(out_dir, inputs=(ct_path, xray_path, init_path, geometry_path, seg_path),
+    views = _views(xray_path, init_path, geometry_path)
+    folder = OutputFolder(out_dir, inputs=(ct_path, seg_path, *[p for view in views for p in view]),
                           kind="X-ray registration")
     ct = read_image(ct_path, "CT")
     labels = read_image(seg_path, "CT label map") if seg_path else None
@@ -79,50 +103,63 @@ def register_files(ct_path: str, xray_path: str, init_path: str, out_dir: str, g
         from .simulation import label_points
         target, centre = target_label(labels, label, seg_path)
         target_points = label_points(labels, target, count=500, seed=seed)
-    xray = read_xray(xray_path)
-    carm_full: CArm = carm_of(xray, read_geometry(geometry_path), where=geometry_path or "--geometry")
-    initial = read_pose(init_path)
+    xrays, full_carms, initials = [], [], []
+    for xray_file, init_file, geometry_file in views:
+        xrays.append(read_xray(xray_file))
+        full_carms.append(carm_of(xrays[-1], read_geometry(geometry_file), where=geometry_file or "--geometry"))
+        initials.append(read_pose(init_file))
     net = None
     if method.startswith("prost"):
         from ..resources import PROST_MODEL, shipped_model_path
         from .prost import load_prost
         prost_model = prost_model or shipped_model_path(PROST_MODEL)
         net = load_prost(prost_model, map_location=device)["net"].to(device)
-    carm = carm_full.at_most(detector_pixels)
+    carms = [carm.at_most(detector_pixels) for carm in full_carms]
     resample = min(ct.GetSpacing()) < ct_spacing
     spacing = ct_spacing if resample else min(ct.GetSpacing())
     volume = Volume.from_image(ct, spacing=ct_spacing if resample else None, device=device)
-    pixels = prepare_xray(xray.pixels, carm.size, device=device)
-    log(f"CT {ct.GetSize()} resampled to {tuple(volume.shape_ijk)} at {spacing:.1f} mm; X-ray "
-        f"{carm_full.size[0]} x {carm_full.size[1]} registered on {carm.size[0]} x {carm.size[1]} pixels")
-    search = PoseSearch(volume, carm, pixels, initial, centre, target_points=target_points)
+    pixels = [prepare_xray(x.pixels, c.size, device=device) for x, c in zip(xrays, carms)]
+    for number, (full, carm) in enumerate(zip(full_carms, carms), 1):
+        log(f"X-ray {number}: {full.size[0]} x {full.size[1]} registered on {carm.size[0]} x {carm.size[1]} pixels")
+    log(f"CT {ct.GetSize()} resampled to {tuple(volume.shape_ijk)} at {spacing:.1f} mm")
+    search = PoseSearch(volume, carms[0], pixels[0], initials[0], centre, target_points=target_points)
+    searches = [search] + [search.add_view(c, x, i) for c, x, i in zip(carms[1:], pixels[1:], initials[1:])]
     t0 = time.perf_counter()
     learned = None
     if net is not None:
         from .prost import LearnedSimilarity
-        learned = LearnedSimilarity(net, ct, centre, carm_full, xray.pixels, device=device)
+        learned = LearnedSimilarity(net, ct, centre, full_carms[0], xrays[0].pixels, device=device)
     result = register_pose(search, method, evaluations, refine_steps, seed, learned=learned)
-    with torch.no_grad():
-        final = torch.as_tensor(result["parameters"], dtype=volume.mu.dtype, device=volume.mu.device)
-        drr = search.render(final[None])[0].cpu().numpy()
     region = "(the refinement's around the target vertebra)" if target_points is not None else "(whole image)"
-    metrics = {"method": method, "similarity": f"gradient NCC {region} less the depth prior ({DEPTH_PRIOR_WEIGHT} "
-                                                f"at {DEPTH_PRIOR_MM:g} mm along the ray)",
-               "prost_model": prost_model,
+    if len(views) == 1:
+        similarity = f"gradient NCC {region} less the depth prior ({DEPTH_PRIOR_WEIGHT} at {DEPTH_PRIOR_MM:g} mm " \
+                     f"along the ray)"
+    else:
+        similarity = f"gradient NCC {region}, the mean over the {len(views)} views (no depth prior: each view " \
+                     f"sees the others' depth)"
+    metrics = {"method": method, "similarity": similarity, "views": len(views), "prost_model": prost_model,
                "initial_similarity": result["initial_similarity"], "final_similarity": result["similarity"],
                "evaluations": result["evaluations"], "seconds": round(time.perf_counter() - t0, 2),
-               "polarity": result["polarity"], "detector": carm.to_dict(), "target_centre_lps": centre.tolist(),
+               "polarity": result["polarity"], "detector": carms[0].to_dict(), "target_centre_lps": centre.tolist(),
                "ct_spacing_mm": spacing}
-    pose = result["ct_to_source"]
+    final = torch.as_tensor(result["parameters"], dtype=volume.mu.dtype, device=volume.mu.device)
     with folder:
-        paths = {name: os.path.join(folder.path, name + extension) for name, extension in (
-            ("pose", ".json"), ("drr", ".nii.gz"), ("xray", ".nii.gz"), ("projections", ".json"),
-            ("overlay", ".png"), ("metrics", ".json"))}
-        write_text(pose_json(pose), paths["pose"])
-        # The DRR (registration grid) and the X-ray (its own) placed where the detector stands in the CT's space.
-        write_image(detector_image(drr, carm, pose), paths["drr"])
-        write_image(detector_image(xray.pixels, carm_full, pose), paths["xray"])
-        write_text(json.dumps(projections(pose, carm_full, ct, labels), indent=2), paths["projections"])
-        overlay_png(search.xray.cpu().numpy(), drr, paths["overlay"])
+        paths = {}
+        for number, (view, xray, full, carm) in enumerate(zip(searches, xrays, full_carms, carms), 1):
+            suffix = "" if number == 1 else f"_{number}"
+            with torch.no_grad():
+                pose = view.pose(final).cpu().numpy().astype(np.float64)
+                drr = view.render(final[None])[0].cpu().numpy()
+            named = {name + suffix: os.path.join(folder.path, name + suffix + extension) for name, extension in (
+                ("pose", ".json"), ("drr", ".nii.gz"), ("xray", ".nii.gz"), ("projections", ".json"),
+                ("overlay", ".png"))}
+            write_text(pose_json(pose), named["pose" + suffix])
+            # The DRR (registration grid) and the X-ray (its own) placed where the detector stands in the CT's space.
+            write_image(detector_image(drr, carm, pose), named["drr" + suffix])
+            write_image(detector_image(xray.pixels, full, pose), named["xray" + suffix])
+            write_text(json.dumps(projections(pose, full, ct, labels), indent=2), named["projections" + suffix])
+            overlay_png(view.xray.cpu().numpy(), drr, named["overlay" + suffix])
+            paths.update(named)
+        paths["metrics"] = os.path.join(folder.path, "metrics.json")
         write_text(json.dumps(metrics, indent=2), paths["metrics"])
     return {"paths": folder.final_paths(paths), "metrics": metrics}

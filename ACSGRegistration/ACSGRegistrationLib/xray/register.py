@@ -103,7 +103,9 @@ def prepare_xray(pixels: np.ndarray, size, device=None, dtype=torch.float32) -> 
 @dataclass
 class PoseSearch:
     """One CT-to-X-ray problem: the CT's volume, the C-arm (registration resolution), the X-ray on that grid,
-    the initial pose and the pivot (the target vertebra's centre, LPS mm)."""
+    the initial pose and the pivot (the target vertebra's centre, LPS mm). More views of the same patient
+    (``add_view``: a lateral beside an AP shot) are searched together: one pose of the CT, each view's similarity
+    averaged, and no depth prior, since another view sees the first one's depth in its plane."""
 
     volume: Volume
     carm: object
@@ -116,6 +118,9 @@ class PoseSearch:
     target_points: Optional[torch.Tensor] = None
     history: List[Dict] = field(default_factory=list)
     evaluations: int = 0
+    # A second view's source frame from the first one's (4x4): its poses are frame @ (the first view's pose).
+    frame: Optional[torch.Tensor] = None
+    others: List["PoseSearch"] = field(default_factory=list)
 
     def __post_init__(self):
         dtype = self.volume.mu.dtype
@@ -125,7 +130,20 @@ class PoseSearch:
         if self.target_points is not None:
             self.target_points = torch.as_tensor(np.asarray(self.target_points), dtype=dtype,
                                                  device=self.volume.mu.device).reshape(-1, 3)
+        if self.frame is not None:
+            self.frame = torch.as_tensor(self.frame, dtype=dtype, device=self.volume.mu.device)
         self.detect_polarity(torch.zeros(6, dtype=dtype))
+
+    def add_view(self, carm, xray: torch.Tensor, initial) -> "PoseSearch":
+        """Another X-ray of the patient, taken without the patient moving: ``initial`` is its own initial pose
+        (4x4 ct_to_source), which with the first view's gives the C-arm's motion between the two shots (from
+        the C-arm's angles, or from both views' initial poses found as for one); the search keeps that motion
+        fixed and moves the CT."""
+        initial = torch.as_tensor(initial, dtype=self.initial.dtype)
+        view = PoseSearch(self.volume, carm, xray, self.initial, self.centre, self.samples, self.target_points,
+                          frame=initial @ torch.linalg.inv(self.initial))
+        self.others.append(view)
+        return view
 
     def detect_polarity(self, parameters: torch.Tensor) -> None:
         """Bone bright or dark, read from the sign of gradient NCC at the pose (of those given, (k, 6) or (6,))
@@ -143,7 +161,8 @@ class PoseSearch:
             self.xray = -torch.log(self.given / self.given.max()) if positive else -self.given
 
     def pose(self, parameters: torch.Tensor) -> torch.Tensor:
-        return pose_from_parameters(parameters, self.initial, self.centre)
+        pose = pose_from_parameters(parameters, self.initial, self.centre)
+        return pose if self.frame is None else self.frame @ pose
 
     def render(self, parameters: torch.Tensor) -> torch.Tensor:
         return render(self.volume, self.carm, self.pose(parameters), self.samples)
@@ -161,7 +180,12 @@ class PoseSearch:
         return gradient_ncc(render(self.volume, self.carm, poses, self.samples), xray, region)
 
     def similarity(self, parameters: torch.Tensor, around_target: bool = False) -> torch.Tensor:
-        """The image similarity at a batch of parameter vectors (B, 6), less the depth prior."""
+        """The image similarity at a batch of parameter vectors (B, 6), less the depth prior (one view); with
+        more views, the mean of their similarities."""
+        if self.others:
+            views = [self] + self.others
+            self.evaluations += parameters.shape[0] * len(views)
+            return sum(v.image_similarity(parameters, v.xray, around_target) for v in views) / len(views)
         self.evaluations += parameters.shape[0]
         prior = DEPTH_PRIOR_WEIGHT * (parameters[:, 5] / DEPTH_PRIOR_MM) ** 2
         return self.image_similarity(parameters, self.xray, around_target) - prior
