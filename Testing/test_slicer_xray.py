@@ -103,8 +103,9 @@ def test_initial_pose_from_the_c_arm_angles_looks_at_the_target(xray_case, monke
     seen = {}
 
     class Recorder:
-        def __init__(self, ct, xray, geometry, initialPose, *args):
+        def __init__(self, ct, xray, geometry, initialPose, *args, **options):
             seen["pose"] = np.asarray(initialPose)
+            seen["others"] = options.get("otherViews", ())
 
         def start(self):
             return self
@@ -116,3 +117,34 @@ def test_initial_pose_from_the_c_arm_angles_looks_at_the_target(xray_case, monke
     centre_in_source = pose[:3, :3] @ np.asarray(c["centre"]) + pose[:3, 3]
     # The target (its centroid, from the exported mask on the CT's grid) on the principal ray, 700 mm away.
     assert np.allclose(centre_in_source[:2], 0.0, atol=1.5) and abs(centre_in_source[2] - 700.0) < 1.5
+    # A second view from its own C-arm angles: the same target on its principal ray, turned 90 deg.
+    logic.startXrayRegistration(c["ct"], c["xray"], c["carm"].to_dict(), segmentation=c["labels"], label=31,
+                                sourceToTargetMm=700.0, laoDeg=20.0,
+                                otherViews=[{"xray": c["xray"], "laoDeg": 110.0}])
+    (_, geometry, lateral), = seen["others"]
+    assert geometry == c["carm"].to_dict()
+    assert np.allclose(lateral, look_at(np.asarray(c["centre"]), 700.0, 110.0), atol=3.0)
+
+
+def test_two_x_rays_are_registered_together_from_slicer(xray_case, tmp_path):
+    """An AP and a lateral X-ray (``otherViews``): one background run; the second view's nodes come back in
+    ``otherViews``, its pose the first's moved by the C-arm's motion between the shots."""
+    logic = M.ACSGRegistrationLogic()
+    c = xray_case
+    ct = sitk.ReadImage(data_path("ct", "totalsegmentator-example", "ct.nii.gz"))
+    seg = sitk.ReadImage(data_path("ct", "totalsegmentator-example", "seg.nii.gz"))
+    lateral = look_at(c["centre"], 750.0, lao_deg=94.0, cranial_deg=-3.0)
+    motion = lateral @ np.linalg.inv(c["truth"])
+    image = XraySimulator(ct, seg, 31, spacing=3.0).xray(c["carm"], lateral, np.random.default_rng(1), Realism.none())
+    path = str(tmp_path / "lateral.nii.gz")
+    sitk.WriteImage(sitk.GetImageFromArray(image), path)
+    output = logic.registerXray(c["ct"], c["xray"], c["carm"].to_dict(), segmentation=c["labels"], label=31,
+                                initialPose=c["start"], method="gradient", detectorPixels=32,
+                                otherViews=[{"xray": path, "initialPose": motion @ c["start"]}])
+    assert output.metrics["views"] == 2 and len(output.otherViews) == 1
+    second = output.otherViews[0]
+    poses = [np.asarray(slicer.util.arrayFromTransformMatrix(o.poseTransform)) @ np.diag([-1.0, -1.0, 1.0, 1.0])
+             for o in (output, second)]
+    assert np.allclose(poses[1], motion @ poses[0], atol=1e-3)
+    assert slicer.util.arrayFromVolume(second.drrVolume).shape == (1, 32, 32)
+    assert "view 2" in second.xrayVolume.GetName()

@@ -7,8 +7,8 @@ control point (the vertebral level, read off the X-ray). The slice view shows th
 
 import json
 import os
-from dataclasses import dataclass
-from typing import Dict, Optional
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
 
 import numpy as np
 import vtk
@@ -28,26 +28,31 @@ class XrayOutput:
     source: object  # markups fiducial: the X-ray source
     detector: object  # markups closed curve: the detector's outline
     metrics: Dict
+    otherViews: List["XrayOutput"] = field(default_factory=list)  # the nodes of the second view, ...
 
 
 def loadXrayResult(folder: str, labelNames: Optional[Dict[int, str]] = None, name: str = "X-ray registration",
-                   scene=None) -> XrayOutput:
-    """Nodes for the output folder of ``acsgreg xray-register`` (or ``logic.registerXray``)."""
+                   scene=None, view: int = 1) -> XrayOutput:
+    """Nodes for the output folder of ``acsgreg xray-register`` (or ``logic.registerXray``): of its first X-ray,
+    or of the ``view``-th where it registered several (``pose_2.json``, ...)."""
     from ACSGRegistrationLib.errors import InputError
     from ACSGRegistrationLib.xray.camera import pose_to_slicer, read_pose
     scene = scene or slicer.mrmlScene
-    missing = [f for f in ("pose.json", "xray.nii.gz", "drr.nii.gz", "projections.json", "metrics.json")
-               if not os.path.isfile(os.path.join(folder, f))]
+    suffix = "" if view == 1 else f"_{view}"
+    files = {f: os.path.join(folder, f + suffix + e) for f, e in (("pose", ".json"), ("xray", ".nii.gz"),
+                                                                   ("drr", ".nii.gz"), ("projections", ".json"))}
+    files["metrics"] = os.path.join(folder, "metrics.json")
+    missing = [os.path.basename(f) for f in files.values() if not os.path.isfile(f)]
     if missing:
         raise InputError(f"{folder} is not an X-ray registration's output folder (missing {', '.join(missing)})")
-    pose = read_pose(os.path.join(folder, "pose.json"))
+    pose = read_pose(files["pose"])
     transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", scene.GenerateUniqueName(f"{name} pose"))
     transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(pose_to_slicer(pose)))
-    xray = loadVolumeFile(os.path.join(folder, "xray.nii.gz"), name=f"{name} X-ray", scene=scene)
-    drr = loadVolumeFile(os.path.join(folder, "drr.nii.gz"), name=f"{name} DRR", scene=scene)
-    with open(os.path.join(folder, "projections.json")) as fh:
+    xray = loadVolumeFile(files["xray"], name=f"{name} X-ray", scene=scene)
+    drr = loadVolumeFile(files["drr"], name=f"{name} DRR", scene=scene)
+    with open(files["projections"]) as fh:
         placed = json.load(fh)
-    with open(os.path.join(folder, "metrics.json")) as fh:
+    with open(files["metrics"]) as fh:
         metrics = json.load(fh)
     centroids = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", f"{name} centroids on X-ray")
     for label, where in placed["centroids"].items():

@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -22,36 +22,37 @@ from .runs import StagedRun
 
 class XrayRegistrationRun(StagedRun):
     """One ``acsgreg xray-register`` process; ``finish()`` loads the pose, the placed X-ray and DRR and the
-    markups. The X-ray is a file (DICOM keeps its geometry tags) or a one-slice volume node."""
+    markups. The X-ray is a file (DICOM keeps its geometry tags) or a one-slice volume node. ``otherViews``:
+    (X-ray, geometry, initial pose) of more X-rays of the patient, registered with the first (one CT pose)."""
 
     def __init__(self, ct: InputSide, xray, geometry: Dict, initialPose, method: str = "cmaes+gradient",
                  device: str = "auto", prostModel: Optional[str] = None, evaluations: int = 600,
-                 detectorPixels: int = 96, name: str = "X-ray registration"):
+                 detectorPixels: int = 96, name: str = "X-ray registration", otherViews: Sequence[Tuple] = ()):
         from ACSGRegistrationLib.xray.camera import pose_json
         from .conversion import volumeNodeToImage
-        self.ct, self.name = ct, name
+        self.ct, self.name, self.views = ct, name, 1 + len(otherViews)
         self.work = tempfile.mkdtemp(prefix="acsg-xray-")
         self.out = os.path.join(self.work, "result")
-        files = {f: os.path.join(self.work, f) for f in ("ct.nii", "seg.nii", "xray.nii", "geometry.json",
-                                                          "init.json")}
-        sitk.WriteImage(ct.source, files["ct.nii"])
-        arguments = ["xray-register", "--ct", files["ct.nii"], "--geometry", files["geometry.json"],
-                     "--init", files["init.json"], "--method", method, "--device", device, "--out", self.out,
-                     "--evaluations", int(evaluations), "--detector-pixels", int(detectorPixels)]
+        arguments = ["xray-register", "--ct", os.path.join(self.work, "ct.nii"), "--method", method, "--device",
+                     device, "--out", self.out, "--evaluations", int(evaluations), "--detector-pixels",
+                     int(detectorPixels)]
+        sitk.WriteImage(ct.source, arguments[2])
         if ct.mask is not None:
-            sitk.WriteImage(ct.mask, files["seg.nii"])
-            arguments += ["--ct-seg", files["seg.nii"], "--label", "1"]
-        if isinstance(xray, str):
-            arguments += ["--xray", xray]
-        else:
-            sitk.WriteImage(volumeNodeToImage(xray, np.float32), files["xray.nii"])
-            arguments += ["--xray", files["xray.nii"]]
+            sitk.WriteImage(ct.mask, os.path.join(self.work, "seg.nii"))
+            arguments += ["--ct-seg", os.path.join(self.work, "seg.nii"), "--label", "1"]
+        for number, (image, viewGeometry, pose) in enumerate([(xray, geometry, initialPose)] + list(otherViews), 1):
+            files = {f: os.path.join(self.work, f"{f}{number}.{e}") for f, e in (("xray", "nii"), ("geometry", "json"),
+                                                                                  ("init", "json"))}
+            if not isinstance(image, str):
+                sitk.WriteImage(volumeNodeToImage(image, np.float32), files["xray"])
+            with open(files["geometry"], "w") as fh:
+                json.dump(viewGeometry or {}, fh)
+            with open(files["init"], "w") as fh:
+                fh.write(pose_json(np.asarray(pose, dtype=float)))
+            arguments += ["--xray", image if isinstance(image, str) else files["xray"], "--geometry",
+                          files["geometry"], "--init", files["init"]]
         if prostModel:
             arguments += ["--prost-model", prostModel]
-        with open(files["geometry.json"], "w") as fh:
-            json.dump(geometry or {}, fh)
-        with open(files["init.json"], "w") as fh:
-            fh.write(pose_json(np.asarray(initialPose, dtype=float)))
         self.stage = BackgroundRun(arguments, "X-ray registration")
 
     def cancel(self) -> None:
@@ -64,7 +65,11 @@ class XrayRegistrationRun(StagedRun):
         from .xrayNodes import loadXrayResult
         try:
             self.ended("X-ray registration")
-            return loadXrayResult(self.out, {1: self.ct.name} if self.ct.name else None, name=self.name)
+            names = {1: self.ct.name} if self.ct.name else None
+            output = loadXrayResult(self.out, names, name=self.name)
+            output.otherViews = [loadXrayResult(self.out, names, name=f"{self.name} view {number}", view=number)
+                                 for number in range(2, self.views + 1)]
+            return output
         finally:
             shutil.rmtree(self.work, ignore_errors=True)
 
@@ -72,21 +77,37 @@ class XrayRegistrationRun(StagedRun):
 def startXrayRegistration(ctVolume, xray, geometry: Dict, segmentation=None, label=None, initialPose=None,
                           sourceToTargetMm: float = 750.0, laoDeg: float = 0.0, cranialDeg: float = 0.0,
                           method: str = "cmaes+gradient", device: str = "auto", prostModel: Optional[str] = None,
-                          evaluations: int = 600, detectorPixels: int = 96) -> XrayRegistrationRun:
+                          evaluations: int = 600, detectorPixels: int = 96,
+                          otherViews: Sequence[Dict] = ()) -> XrayRegistrationRun:
     """``xray``: a file path or a one-slice volume node; ``geometry``: GEOMETRY.json's keys (what DICOM tags do
     not give). The initial pose: ``initialPose`` (4x4 ct_to_source, LPS), or an AP view of the target vertebra
     (its centroid, or the CT's centre) ``sourceToTargetMm`` from the source, turned by the C-arm's LAO and
-    cranial angles. Returns the started run."""
+    cranial angles. ``otherViews``: more X-rays of the patient (a lateral beside the AP), each a dict with
+    ``xray``, ``geometry`` (default the first's) and ``initialPose`` or ``laoDeg``/``cranialDeg`` (and
+    ``sourceToTargetMm``) as above; the patient is taken to stay still between the shots. Returns the started
+    run; its ``finish()`` gives the first view's nodes, the others' in ``.otherViews``."""
     from ACSGRegistrationLib.xray.camera import look_at
     from ACSGRegistrationLib.xray.images import target_centre
     if ctVolume is None or xray is None:
         raise InputError("choose the CT volume and the X-ray")
     ct = exportInput(ctVolume, segmentation, label, "CT")
-    if initialPose is None:
-        centre = target_centre(ct.source, ct.mask, 1 if ct.mask is not None else None, "the segmentation")
-        initialPose = look_at(centre, sourceToTargetMm, laoDeg, cranialDeg)
-    return XrayRegistrationRun(ct, xray, geometry, initialPose, method, device, prostModel, evaluations,
-                               detectorPixels).start()
+    centre = []
+
+    def pose(given, distance, lao, cranial):
+        if given is not None:
+            return given
+        if not centre:
+            centre.append(target_centre(ct.source, ct.mask, 1 if ct.mask is not None else None, "the segmentation"))
+        return look_at(centre[0], distance, lao, cranial)
+    others = []
+    for number, view in enumerate(otherViews, 2):
+        if view.get("xray") is None:
+            raise InputError(f"X-ray view {number}: no X-ray given")
+        others.append((view["xray"], view.get("geometry", geometry),
+                       pose(view.get("initialPose"), view.get("sourceToTargetMm", sourceToTargetMm),
+                            view.get("laoDeg", 0.0), view.get("cranialDeg", 0.0))))
+    return XrayRegistrationRun(ct, xray, geometry, pose(initialPose, sourceToTargetMm, laoDeg, cranialDeg), method,
+                               device, prostModel, evaluations, detectorPixels, otherViews=others).start()
 
 
 def xrayFileOf(p) -> str:
