@@ -15,6 +15,7 @@ import vtk
 
 import slicer
 from ACSGRegistrationLib.geometry import LPS_TO_RAS
+from ACSGRegistrationLib.xray import view_outputs
 
 from .conversion import loadVolumeFile
 
@@ -38,9 +39,7 @@ def loadXrayResult(folder: str, labelNames: Optional[Dict[int, str]] = None, nam
     from ACSGRegistrationLib.errors import InputError
     from ACSGRegistrationLib.xray.camera import pose_to_slicer, read_pose
     scene = scene or slicer.mrmlScene
-    suffix = "" if view == 1 else f"_{view}"
-    files = {f: os.path.join(folder, f + suffix + e) for f, e in (("pose", ".json"), ("xray", ".nii.gz"),
-                                                                   ("drr", ".nii.gz"), ("projections", ".json"))}
+    files = {kind: os.path.join(folder, name) for kind, name in view_outputs(view).items() if kind != "overlay"}
     files["metrics"] = os.path.join(folder, "metrics.json")
     missing = [os.path.basename(f) for f in files.values() if not os.path.isfile(f)]
     if missing:

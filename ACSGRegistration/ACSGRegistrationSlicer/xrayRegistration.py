@@ -33,13 +33,13 @@ class XrayRegistrationRun(StagedRun):
         self.ct, self.name, self.views = ct, name, 1 + len(otherViews)
         self.work = tempfile.mkdtemp(prefix="acsg-xray-")
         self.out = os.path.join(self.work, "result")
-        arguments = ["xray-register", "--ct", os.path.join(self.work, "ct.nii"), "--method", method, "--device",
-                     device, "--out", self.out, "--evaluations", int(evaluations), "--detector-pixels",
-                     int(detectorPixels)]
-        sitk.WriteImage(ct.source, arguments[2])
+        ctFile, segFile = os.path.join(self.work, "ct.nii"), os.path.join(self.work, "seg.nii")
+        sitk.WriteImage(ct.source, ctFile)
+        arguments = ["xray-register", "--ct", ctFile, "--method", method, "--device", device, "--out", self.out,
+                     "--evaluations", int(evaluations), "--detector-pixels", int(detectorPixels)]
         if ct.mask is not None:
-            sitk.WriteImage(ct.mask, os.path.join(self.work, "seg.nii"))
-            arguments += ["--ct-seg", os.path.join(self.work, "seg.nii"), "--label", "1"]
+            sitk.WriteImage(ct.mask, segFile)
+            arguments += ["--ct-seg", segFile, "--label", "1"]
         for number, (image, viewGeometry, pose) in enumerate([(xray, geometry, initialPose)] + list(otherViews), 1):
             files = {f: os.path.join(self.work, f"{f}{number}.{e}") for f, e in (("xray", "nii"), ("geometry", "json"),
                                                                                   ("init", "json"))}

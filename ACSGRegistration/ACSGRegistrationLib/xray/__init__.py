@@ -6,3 +6,14 @@ PyTorch (the command line's parser reads the methods from here)."""
 # The pose searches: CMA-ES then gradient ascent through the renderer (default), either alone; ProST's learned
 # similarity first, refined by both (needs a ProST model), or alone.
 POSE_SEARCH_METHODS = ("cmaes+gradient", "cmaes", "gradient", "prost+cmaes+gradient", "prost")
+
+# What ``xray-register`` writes for each X-ray, by kind: the first view's files as named here, the N-th's with
+# ``_N`` before the extension (``pose_2.json``, ...); ``metrics.json`` once for all views.
+VIEW_OUTPUTS = (("pose", ".json"), ("drr", ".nii.gz"), ("xray", ".nii.gz"), ("projections", ".json"),
+                ("overlay", ".png"))
+
+
+def view_outputs(view: int = 1) -> dict:
+    """{kind: file name} of the ``view``-th X-ray's outputs (1: ``pose.json``, ...; 2: ``pose_2.json``, ...)."""
+    suffix = "" if view == 1 else f"_{view}"
+    return {kind: kind + suffix + extension for kind, extension in VIEW_OUTPUTS}

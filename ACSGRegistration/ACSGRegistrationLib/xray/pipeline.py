@@ -19,6 +19,7 @@ import torch
 from ..errors import InputError
 from ..geometry import write_image, write_text
 from ..io import read_image
+from . import view_outputs
 from .camera import CArm, detector_corners, detector_image, placed, pose_json, project_to_detector, read_pose, \
     source_position
 from .drr import Volume
@@ -146,20 +147,18 @@ def register_files(ct_path: str, xray_path: Union[str, Sequence[str]], init_path
     with folder:
         paths = {}
         for number, (view, xray, full, carm) in enumerate(zip(searches, xrays, full_carms, carms), 1):
-            suffix = "" if number == 1 else f"_{number}"
             with torch.no_grad():
                 pose = view.pose(final).cpu().numpy().astype(np.float64)
                 drr = view.render(final[None])[0].cpu().numpy()
-            named = {name + suffix: os.path.join(folder.path, name + suffix + extension) for name, extension in (
-                ("pose", ".json"), ("drr", ".nii.gz"), ("xray", ".nii.gz"), ("projections", ".json"),
-                ("overlay", ".png"))}
-            write_text(pose_json(pose), named["pose" + suffix])
+            named = {kind: os.path.join(folder.path, name) for kind, name in view_outputs(number).items()}
+            write_text(pose_json(pose), named["pose"])
             # The DRR (registration grid) and the X-ray (its own) placed where the detector stands in the CT's space.
-            write_image(detector_image(drr, carm, pose), named["drr" + suffix])
-            write_image(detector_image(xray.pixels, full, pose), named["xray" + suffix])
-            write_text(json.dumps(projections(pose, full, ct, labels), indent=2), named["projections" + suffix])
-            overlay_png(view.xray.cpu().numpy(), drr, named["overlay" + suffix])
-            paths.update(named)
+            write_image(detector_image(drr, carm, pose), named["drr"])
+            write_image(detector_image(xray.pixels, full, pose), named["xray"])
+            write_text(json.dumps(projections(pose, full, ct, labels), indent=2), named["projections"])
+            overlay_png(view.xray.cpu().numpy(), drr, named["overlay"])
+            # Keyed by file name less its extension: pose, ..., pose_2, ...
+            paths.update({os.path.basename(path).split(".")[0]: path for path in named.values()})
         paths["metrics"] = os.path.join(folder.path, "metrics.json")
         write_text(json.dumps(metrics, indent=2), paths["metrics"])
     return {"paths": folder.final_paths(paths), "metrics": metrics}
