@@ -177,6 +177,8 @@ class ACSGRegistrationParameterNode:
     laoDeg: Annotated[float, WithinRange(-90.0, 90.0)] = 0.0
     cranialDeg: Annotated[float, WithinRange(-45.0, 45.0)] = 0.0
     sourceToTargetMm: Annotated[float, WithinRange(100.0, 1500.0)] = 750.0
+    xraySecondFile: pathlib.Path = pathlib.Path()  # a second view (a lateral beside the AP); unset: one view
+    secondLaoDeg: Annotated[float, WithinRange(-180.0, 180.0)] = 90.0
     xrayMethod: Annotated[str, Choice(list(POSE_SEARCH_METHODS))] = POSE_SEARCH_METHODS[0]
     xrayFade: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
 
@@ -507,10 +509,10 @@ class ACSGRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.lastXrayOutput = output
         xrayNodes.showXrayOverlay(output, self._parameterNode.xrayFade)
         m = output.metrics
-        self.ui.xrayStatusLabel.text = _("Done in {seconds:.0f} s: gradient NCC {before:.2f} -> {after:.2f} "
-                                         "({method}, {polarity})").format(
-            seconds=m["seconds"], before=m["initial_similarity"], after=m["final_similarity"], method=m["method"],
-            polarity=m["polarity"])
+        self.ui.xrayStatusLabel.text = _("Done in {seconds:.0f} s, {views} view(s): gradient NCC {before:.2f} -> "
+                                         "{after:.2f} ({method}, {polarity})").format(
+            seconds=m["seconds"], views=m.get("views", 1), before=m["initial_similarity"],
+            after=m["final_similarity"], method=m["method"], polarity=m["polarity"])
 
     def _fineTuneDone(self, summary: Dict) -> None:
         self.lastFineTune = summary

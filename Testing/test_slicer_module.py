@@ -194,7 +194,8 @@ def some_value(name, info, scene):
               "batchSize": 4, "trainingOutputFolder": pathlib.Path("/runs/mine"), "resumeTraining": False,
               "xrayTarget": "L3", "xrayFile": pathlib.Path("/data/xray.dcm"), "sourceToDetectorMm": 1020.0,
               "xrayPixelSpacingMm": 0.3, "laoDeg": -12.0, "cranialDeg": 8.0, "sourceToTargetMm": 700.0,
-              "xrayMethod": "cmaes", "xrayFade": 0.8}
+              "xraySecondFile": pathlib.Path("/data/lateral.dcm"), "secondLaoDeg": -90.0, "xrayMethod": "cmaes",
+              "xrayFade": 0.8}
     return others[name]
 
 

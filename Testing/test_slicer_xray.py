@@ -3,6 +3,7 @@ MRML and Slicer's own Python layer: the registration runs in the background thro
 becomes a linear transform node equal to pose.json's, the X-ray and the DRR stand where the detector stood in the
 CT's space, the source, the detector and the projected centroid are markups, and a cancel adds no node."""
 
+import pathlib
 import time
 
 import numpy as np
@@ -15,7 +16,7 @@ from conftest import data_path, slicer_module  # noqa: E402
 
 slicer, M = slicer_module()
 import slicer_environment  # noqa: E402
-from ACSGRegistrationLib.errors import Cancelled  # noqa: E402
+from ACSGRegistrationLib.errors import Cancelled, InputError  # noqa: E402
 from ACSGRegistrationLib.xray.camera import CArm, look_at, pose_from_parameters  # noqa: E402
 from ACSGRegistrationLib.xray.simulation import Realism, XraySimulator  # noqa: E402
 from ACSGRegistrationSlicer import conversion, xrayRegistration  # noqa: E402
@@ -124,6 +125,36 @@ def test_initial_pose_from_the_c_arm_angles_looks_at_the_target(xray_case, monke
     (_, geometry, lateral), = seen["others"]
     assert geometry == c["carm"].to_dict()
     assert np.allclose(lateral, look_at(np.asarray(c["centre"]), 700.0, 110.0), atol=3.0)
+
+
+def test_the_panels_second_x_ray_is_a_second_view_from_its_own_angle(xray_case, monkeypatch, tmp_path):
+    """The panel's "Second X-ray" and its LAO/RAO become the run's second view (the first's geometry, tilt and
+    distance); without it, one view; a second file that is not there is refused before any work."""
+    logic = M.ACSGRegistrationLogic()
+    c = xray_case
+    seen = {}
+
+    class Recorder:
+        def __init__(self, ct, xray, geometry, initialPose, *args, **options):
+            seen["others"] = options.get("otherViews", ())
+
+        def start(self):
+            return self
+
+    monkeypatch.setattr(xrayRegistration, "XrayRegistrationRun", Recorder)
+    p = logic.getParameterNode()
+    p.xrayCt, p.xraySegmentation, p.xrayTarget, p.xrayFile = c["ct"], c["labels"], "31", pathlib.Path(c["xray"])
+    p.sourceToDetectorMm, p.xrayPixelSpacingMm, p.laoDeg, p.sourceToTargetMm = 1020.0, 3.2, 0.0, 700.0
+    logic.startXrayRegistrationOf(p)
+    assert not seen["others"]
+    p.xraySecondFile, p.secondLaoDeg = pathlib.Path(c["xray"]), 90.0
+    logic.startXrayRegistrationOf(p)
+    (xray, geometry, lateral), = seen["others"]
+    assert xray == c["xray"] and geometry == {"source_to_detector_mm": 1020.0, "pixel_spacing_mm": [3.2, 3.2]}
+    assert np.allclose(lateral, look_at(np.asarray(c["centre"]), 700.0, 90.0), atol=3.0)
+    p.xraySecondFile = tmp_path / "lateral.dcm"
+    with pytest.raises(InputError, match="second X-ray .*lateral.dcm: no such file"):
+        logic.startXrayRegistrationOf(p)
 
 
 def test_two_x_rays_are_registered_together_from_slicer(xray_case, tmp_path):
