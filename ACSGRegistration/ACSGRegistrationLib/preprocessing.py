@@ -99,8 +99,14 @@ def smoothed_mask(binary: sitk.Image, bbox: Sequence[int], sigma_voxels: float =
     lo = [max(0, int(b) - m) for b, m in zip(bbox[:3], margin)]
     hi = [min(n, int(b) + int(e) + m) for b, e, m, n in zip(bbox[:3], bbox[3:], margin, binary.GetSize())]
     region = sitk.Cast(sitk.RegionOfInterest(binary, [h - l for l, h in zip(lo, hi)], lo), sitk.sitkFloat32)
-    if sigma <= 0 or min(region.GetSize()) < 4:  # too thin a scan for the recursive filter: steps it is
+    if sigma <= 0:
         return region
+    # Where the label reaches the scan's edge, zeros beyond it (outside the scan: no label, as the crop's
+    # resampling takes it), so that the filter's own edge handling, which is not the same at both ends of an
+    # axis, never reaches the label: the mask is then the same whichever way the scan's axes run.
+    below = [m - (int(b) - l) for m, b, l in zip(margin, bbox[:3], lo)]
+    above = [m - (h - int(b) - int(e)) for m, b, e, h in zip(margin, bbox[:3], bbox[3:], hi)]
+    region = sitk.ConstantPad(region, [max(0, v) for v in below], [max(0, v) for v in above], 0.0)
     return sitk.SmoothingRecursiveGaussian(region, [sigma] * 3)
 
 

@@ -74,13 +74,15 @@ class RegistrationRun(StagedRun):
                      "--outputs", ",".join(READABLE_OUTPUTS), "--out", os.path.join(self.work, "result")]
         for side in (fixed, moving):
             what = "fixed" if side is fixed else "moving"
-            # Uncompressed: written and read in a fraction of a second, removed at the end.
-            path = os.path.join(self.work, f"{what}.nii")
+            # Uncompressed: written and read in a fraction of a second, removed at the end. NRRD, not NIfTI: it
+            # keeps the geometry in double precision (NIfTI's is float32), so the background run crops exactly
+            # what a run in Slicer's process would (a 1e-6 mm shift can flip a mask voxel at its threshold).
+            path = os.path.join(self.work, f"{what}.nrrd")
             sitk.WriteImage(side.source, path)
             arguments += [f"--{what}", path]
             if side.mask is not None:
-                sitk.WriteImage(side.mask, os.path.join(self.work, f"{what}_seg.nii"))
-                arguments += [f"--{what}-seg", os.path.join(self.work, f"{what}_seg.nii"), f"--{what}-vertebra", "1"]
+                sitk.WriteImage(side.mask, os.path.join(self.work, f"{what}_seg.nrrd"))
+                arguments += [f"--{what}-seg", os.path.join(self.work, f"{what}_seg.nrrd"), f"--{what}-vertebra", "1"]
         self.stage = BackgroundRun(arguments, "registration")
 
     def cancel(self) -> None:
