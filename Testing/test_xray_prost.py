@@ -4,6 +4,7 @@ part of the network, a tiny training run on a real CT turns its pose gradient to
 poses, a moved-vertebra X-ray is the plain DRR when nothing moves, models are saved and refused as they should
 be, and registration runs through ProST from the command line."""
 
+import csv
 import json
 
 import numpy as np
@@ -166,9 +167,15 @@ def test_xray_train_and_evaluate_from_the_command_line(tmp_path, capsys):
     assert main(["xray-evaluate", "--ct", ct, "--ct-seg", seg, "--label", "31", "--methods", "gradient,prost",
                  "--prost-model", str(run / "model.pt"), "--bins", "1", "--cases", "1", "--out", str(out)]) == 0
     table = (out / "summary.md").read_text()
-    assert "| gradient | 0-10 | 1 |" in table and "| prost | 0-10 | 1 |" in table
+    assert "| gradient | 1 | 0-10 | 1 |" in table and "| prost | 1 | 0-10 | 1 |" in table
     rows = (out / "cases.csv").read_text().splitlines()
     assert len(rows) == 3 and "final_mtre_mm" in rows[0] and "projection_mm" in rows[0]
+    # With a lateral X-ray beside the AP one: the same AP case (the same start), both views registered together.
+    assert main(["xray-evaluate", "--ct", ct, "--ct-seg", seg, "--label", "31", "--methods", "gradient", "--views",
+                 "2", "--bins", "1", "--cases", "1", "--out", str(tmp_path / "two")]) == 0
+    assert "| gradient | 2 | 0-10 | 1 |" in (tmp_path / "two" / "summary.md").read_text()
+    one, two = (list(csv.DictReader(open(folder / "cases.csv"))) for folder in (out, tmp_path / "two"))
+    assert two[0]["views"] == "2" and two[0]["start_mtre_mm"] == one[0]["start_mtre_mm"]
     assert main(["xray-evaluate", "--ct", ct, "--ct-seg", seg, "--label", "31", "--methods", "prost",
                  "--out", str(tmp_path / "y")]) == 2
     assert "need --prost-model" in capsys.readouterr().err

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from ACSGRegistrationLib.io import read_image  # noqa: E402
 from ACSGRegistrationLib.resources import PROST_MODEL, shipped_model_path  # noqa: E402
 from ACSGRegistrationLib.xray import POSE_SEARCH_METHODS  # noqa: E402
-from ACSGRegistrationLib.xray.camera import pose_from_parameters  # noqa: E402
+from ACSGRegistrationLib.xray.camera import pose_from_parameters, turned_about_long_axis  # noqa: E402
 from ACSGRegistrationLib.xray.drr import Volume  # noqa: E402
 from ACSGRegistrationLib.xray.evaluation import register_case, simulation_detectors  # noqa: E402
 from ACSGRegistrationLib.xray.prost import load_prost  # noqa: E402
@@ -40,15 +40,6 @@ DATA = os.path.join(ROOT, "..", "shared", "data", "ct")
 def unit(rng: np.random.Generator) -> np.ndarray:
     vector = rng.normal(size=3)
     return vector / np.linalg.norm(vector)
-
-
-def lateral_of(pose: np.ndarray, centre: np.ndarray) -> np.ndarray:
-    """The view of ``pose``'s C-arm turned 90 deg about the patient's head-foot axis through the target (LPS z),
-    at the same distance: a lateral beside an AP shot."""
-    turn = np.eye(4)
-    turn[:3, :3] = [[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
-    turn[:3, 3] = centre - turn[:3, :3] @ centre
-    return pose @ turn
 
 
 def main(argv=None):
@@ -85,7 +76,7 @@ def main(argv=None):
         start = pose_from_parameters(torch.as_tensor(offset), torch.as_tensor(truth), torch.as_tensor(centre)).numpy()
         others = []
         if args.views == 2:  # the C-arm turned 90 deg about the patient's head-foot axis; its motion is known
-            motion = lateral_of(truth, centre) @ np.linalg.inv(truth)
+            motion = turned_about_long_axis(truth, centre) @ np.linalg.inv(truth)
             # its own noise stream: the AP cases stay those of the one-view runs
             lateral = simulator.xray(detector, motion @ truth, np.random.default_rng([args.seed, case]), Realism())
             others.append((prepare_xray(lateral, carm.size), motion @ start))

@@ -421,7 +421,8 @@ def cmd_xray_evaluate(args):
     rows = []
     for ct_path, seg_path, label in zip(args.ct, args.ct_seg, args.label):
         rows += evaluate_subject(short_name(ct_path), read_image(ct_path, "CT"), read_image(seg_path, "CT label map"),
-                                 label, specs, args.cases, seed=args.seed, bins=bins, should_stop=_stop_requests())
+                                 label, specs, args.cases, seed=args.seed, bins=bins, should_stop=_stop_requests(),
+                                 views=args.views)
         paths = write_report(rows, args.out)  # after each CT: a long run's results so far
     with open(paths["table"]) as fh:
         print(fh.read())
@@ -743,6 +744,9 @@ def build_parser():
                         "X-ray, as without one)")
     p.add_argument("--out", required=True, help="folder for cases.csv, summary.csv, summary.md")
     p.add_argument("--threads", type=COUNT, help="CPU threads for PyTorch")
+    p.add_argument("--views", type=int, choices=(1, 2), default=1,
+                   help="2: a lateral X-ray beside each AP one, registered together (the patient unmoved, the "
+                        "C-arm turned 90 deg); errors of the AP view")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_xray_evaluate)
 

@@ -178,6 +178,16 @@ def look_at(target_lps: Sequence[float], source_to_target_mm: float, lao_deg: fl
     return matrix
 
 
+def turned_about_long_axis(pose: np.ndarray, centre: Sequence[float], degrees: float = 90.0) -> np.ndarray:
+    """The view of ``pose``'s C-arm turned by ``degrees`` about the patient's head-foot axis (LPS z) through
+    ``centre``, at the same distance: with 90, the lateral shot beside an AP one (the patient unmoved)."""
+    a = math.radians(degrees)
+    turn = np.eye(4)
+    turn[:3, :3] = [[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0], [0.0, 0.0, 1.0]]
+    turn[:3, 3] = np.asarray(centre, dtype=float) - turn[:3, :3] @ np.asarray(centre, dtype=float)
+    return np.asarray(pose, dtype=float) @ turn
+
+
 def placed(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """Points (N, 3) mapped by a 4x4 pose (``ct_to_source``, or its inverse): (N, 3)."""
     p = np.asarray(points, dtype=np.float64).reshape(-1, 3)

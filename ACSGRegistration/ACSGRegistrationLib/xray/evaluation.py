@@ -5,6 +5,9 @@ twice finer than the registration's, at a known pose; the registration starts fr
 the starting mTRE falls in a bin (0-10, 10-20, 20-40, 40-60 mm). Every method runs on the same cases in the
 same run. Per case: mTRE over the target vertebra, success at 10 / 5 / 2 mm, rotation error, translation error
 of the vertebra's centre in the detector's plane and in depth, projection error on the detector, seconds.
+With two views, each case also has a lateral X-ray (the C-arm turned 90 degrees about the patient's head-foot
+axis, the patient unmoved, the motion between the shots known), with its own noise: the AP cases stay those of a
+one-view run with the same seed; errors are those of the first (AP) view.
 """
 
 import os
@@ -16,7 +19,7 @@ import SimpleITK as sitk
 import torch
 
 from ..geometry import write_csv, write_text
-from .camera import CArm, placed, pose_from_parameters
+from .camera import CArm, placed, pose_from_parameters, turned_about_long_axis
 from .drr import Volume
 from .register import PoseSearch, mean_target_error, prepare_xray, register_pose
 from .simulation import Realism, XraySimulator, label_points, random_parameters, random_view
@@ -89,10 +92,13 @@ def register_case(spec: Dict, volume: Volume, carm: CArm, detector: CArm, ct: si
 def evaluate_subject(name: str, ct: sitk.Image, labels: sitk.Image, label: int, methods: Dict[str, Dict],
                      cases_per_bin: int, seed: int = 0, bins: Sequence[Tuple[float, float]] = BINS,
                      registration_spacing: float = 3.0, detector_pixels: int = 64,
-                     log: Callable[[str], None] = print, should_stop: Optional[Callable[[], bool]] = None
-                     ) -> List[Dict]:
+                     log: Callable[[str], None] = print, should_stop: Optional[Callable[[], bool]] = None,
+                     views: int = 1) -> List[Dict]:
     """Rows (one per case and method). ``methods``: {row name: {"method": a POSE_SEARCH_METHODS name,
-    "learned": a ``prost.ProSTNet`` or None, and ``register_pose``'s budget keywords}}."""
+    "learned": a ``prost.ProSTNet`` or None, and ``register_pose``'s budget keywords}}. ``views``: 1, or 2 (a
+    lateral beside each AP X-ray, registered together)."""
+    if views not in (1, 2):
+        raise ValueError(f"views must be 1 or 2, not {views}")
     rng = np.random.default_rng(seed)
     simulator = XraySimulator(ct, labels, label)  # the CT's own resolution: not the registration's grid
     centre = simulator.centre
@@ -101,17 +107,24 @@ def evaluate_subject(name: str, ct: sitk.Image, labels: sitk.Image, label: int, 
     volume = Volume.from_image(ct, spacing=registration_spacing)
     realism = Realism()
     rows = []
-    for low, high in bins:
+    for number, (low, high) in enumerate(bins):
         for case in range(cases_per_bin):
             truth = random_view(rng, centre)
             xray = simulator.xray(detector, truth, rng, realism)
             on_grid = prepare_xray(xray, carm.size)
             start, start_error = starting_offset(rng, truth, centre, points, low, high)
+            others = []
+            if views == 2:
+                motion = turned_about_long_axis(truth, centre) @ np.linalg.inv(truth)
+                lateral = simulator.xray(detector, motion @ truth, np.random.default_rng([seed, number, case]),
+                                         realism)
+                others.append((prepare_xray(lateral, carm.size), motion @ start))
             for row_name, spec in methods.items():
                 result, errors = register_case(spec, volume, carm, detector, ct, xray, on_grid, start, truth,
-                                               centre, points, seed=case, should_stop=should_stop)
+                                               centre, points, seed=case, should_stop=should_stop,
+                                               other_views=others)
                 final, seconds = errors.pop("final_mtre_mm"), errors.pop("seconds")
-                row = {"ct": name, "method": row_name, "bin": f"{low:g}-{high:g}", "case": case,
+                row = {"ct": name, "method": row_name, "views": views, "bin": f"{low:g}-{high:g}", "case": case,
                        "start_mtre_mm": round(start_error, 2), "final_mtre_mm": round(final, 2)}
                 row.update({f"success_{int(s)}mm": int(final < s) for s in SUCCESS_MM})
                 row.update({k: round(v, 2) for k, v in errors.items()})
@@ -127,12 +140,12 @@ def summarise(rows: List[Dict]) -> List[Dict]:
     errors, mean seconds."""
     groups: Dict[Tuple[str, str, str], List[Dict]] = {}
     for row in rows:
-        groups.setdefault((row["ct"], row["method"], row["bin"]), []).append(row)
+        groups.setdefault((row["ct"], row["method"], row.get("views", 1), row["bin"]), []).append(row)
     table = []
-    for (ct, method, bin_name), members in groups.items():
+    for (ct, method, views, bin_name), members in groups.items():
         final = np.array([m["final_mtre_mm"] for m in members], dtype=float)
         ok = final < 10.0
-        summary = {"ct": ct, "method": method, "bin": bin_name, "cases": len(members)}
+        summary = {"ct": ct, "method": method, "views": views, "bin": bin_name, "cases": len(members)}
         summary.update({f"success@{int(s)}": round(float((final < s).mean()) * 100, 1) for s in SUCCESS_MM})
         summary["median_mtre_successes_mm"] = round(float(np.median(final[ok])), 2) if ok.any() else None
         for key in ("rotation_deg", "in_plane_mm", "depth_mm", "projection_mm"):
@@ -143,12 +156,14 @@ def summarise(rows: List[Dict]) -> List[Dict]:
 
 
 def markdown_table(summary: List[Dict]) -> str:
-    header = ["CT", "method", "start mTRE (mm)", "cases", "success@10 / 5 / 2 (%)", "median mTRE of successes (mm)",
-              "rotation (°)", "in-plane (mm)", "depth (mm)", "projection (mm)", "s / case"]
+    header = ["CT", "method", "views", "start mTRE (mm)", "cases", "success@10 / 5 / 2 (%)",
+              "median mTRE of successes (mm)", "rotation (°)", "in-plane (mm)", "depth (mm)", "projection (mm)",
+              "s / case"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for s in summary:
         median = "–" if s["median_mtre_successes_mm"] is None else f"{s['median_mtre_successes_mm']:.2f}"
-        lines.append(f"| {s['ct']} | {s['method']} | {s['bin']} | {s['cases']} | {s['success@10']:.0f} / "
+        lines.append(f"| {s['ct']} | {s['method']} | {s['views']} | {s['bin']} | {s['cases']} | "
+                     f"{s['success@10']:.0f} / "
                      f"{s['success@5']:.0f} / {s['success@2']:.0f} | {median} | {s['median_rotation_deg']:.1f} | "
                      f"{s['median_in_plane_mm']:.1f} | {s['median_depth_mm']:.1f} | {s['median_projection_mm']:.1f}"
                      f" | {s['seconds']:.0f} |")
