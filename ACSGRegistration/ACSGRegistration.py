@@ -511,7 +511,7 @@ class ACSGRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         m = output.metrics
         self.ui.xrayStatusLabel.text = _("Done in {seconds:.0f} s, {views} view(s): gradient NCC {before:.2f} -> "
                                          "{after:.2f} ({method}, {polarity})").format(
-            seconds=m["seconds"], views=m.get("views", 1), before=m["initial_similarity"],
+            seconds=m["seconds"], views=m["views"], before=m["initial_similarity"],
             after=m["final_similarity"], method=m["method"], polarity=m["polarity"])
 
     def _fineTuneDone(self, summary: Dict) -> None:

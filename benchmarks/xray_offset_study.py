@@ -27,9 +27,9 @@ import torch  # noqa: E402
 from ACSGRegistrationLib.io import read_image  # noqa: E402
 from ACSGRegistrationLib.resources import PROST_MODEL, shipped_model_path  # noqa: E402
 from ACSGRegistrationLib.xray import POSE_SEARCH_METHODS  # noqa: E402
-from ACSGRegistrationLib.xray.camera import pose_from_parameters, turned_about_long_axis  # noqa: E402
+from ACSGRegistrationLib.xray.camera import pose_from_parameters  # noqa: E402
 from ACSGRegistrationLib.xray.drr import Volume  # noqa: E402
-from ACSGRegistrationLib.xray.evaluation import register_case, simulation_detectors  # noqa: E402
+from ACSGRegistrationLib.xray.evaluation import lateral_beside, register_case, simulation_detectors  # noqa: E402
 from ACSGRegistrationLib.xray.prost import load_prost  # noqa: E402
 from ACSGRegistrationLib.xray.register import mean_target_error, prepare_xray  # noqa: E402
 from ACSGRegistrationLib.xray.simulation import Realism, XraySimulator, label_points, random_view  # noqa: E402
@@ -75,11 +75,9 @@ def main(argv=None):
         offset = np.concatenate([np.deg2rad(args.rotation) * unit(rng), args.translation * direction])
         start = pose_from_parameters(torch.as_tensor(offset), torch.as_tensor(truth), torch.as_tensor(centre)).numpy()
         others = []
-        if args.views == 2:  # the C-arm turned 90 deg about the patient's head-foot axis; its motion is known
-            motion = turned_about_long_axis(truth, centre) @ np.linalg.inv(truth)
-            # its own noise stream: the AP cases stay those of the one-view runs
-            lateral = simulator.xray(detector, motion @ truth, np.random.default_rng([args.seed, case]), Realism())
-            others.append((prepare_xray(lateral, carm.size), motion @ start))
+        if args.views == 2:  # its own noise stream: the AP cases stay those of the one-view runs
+            others.append(lateral_beside(simulator, detector, carm, truth, start,
+                                         np.random.default_rng([args.seed, case]), Realism()))
         _, errors = register_case({"method": args.method, "learned": net}, volume, carm, detector, ct, xray,
                                   prepare_xray(xray, carm.size), start, truth, centre, points, seed=case,
                                   other_views=others)

@@ -104,9 +104,9 @@ def smoothed_mask(binary: sitk.Image, bbox: Sequence[int], sigma_voxels: float =
     # Where the label reaches the scan's edge, zeros beyond it (outside the scan: no label, as the crop's
     # resampling takes it), so that the filter's own edge handling, which is not the same at both ends of an
     # axis, never reaches the label: the mask is then the same whichever way the scan's axes run.
-    below = [m - (int(b) - l) for m, b, l in zip(margin, bbox[:3], lo)]
-    above = [m - (h - int(b) - int(e)) for m, b, e, h in zip(margin, bbox[:3], bbox[3:], hi)]
-    region = sitk.ConstantPad(region, [max(0, v) for v in below], [max(0, v) for v in above], 0.0)
+    below = [max(0, m - int(b)) for m, b in zip(margin, bbox[:3])]
+    above = [max(0, int(b) + int(e) + m - n) for b, e, m, n in zip(bbox[:3], bbox[3:], margin, binary.GetSize())]
+    region = sitk.ConstantPad(region, below, above, 0.0)
     return sitk.SmoothingRecursiveGaussian(region, [sigma] * 3)
 
 

@@ -81,8 +81,9 @@ class RegistrationRun(StagedRun):
             sitk.WriteImage(side.source, path)
             arguments += [f"--{what}", path]
             if side.mask is not None:
-                sitk.WriteImage(side.mask, os.path.join(self.work, f"{what}_seg.nrrd"))
-                arguments += [f"--{what}-seg", os.path.join(self.work, f"{what}_seg.nrrd"), f"--{what}-vertebra", "1"]
+                segPath = os.path.join(self.work, f"{what}_seg.nrrd")
+                sitk.WriteImage(side.mask, segPath)
+                arguments += [f"--{what}-seg", segPath, f"--{what}-vertebra", "1"]
         self.stage = BackgroundRun(arguments, "registration")
 
     def cancel(self) -> None:

@@ -129,13 +129,13 @@ def geometryOf(p) -> Dict:
 
 def optionsOf(p) -> Dict:
     """``startXrayRegistration``'s options from the panel: a second X-ray, where one is chosen, is another view
-    of the same patient, with the first's geometry, tilt and distance and its own LAO/RAO angle."""
+    of the same patient, with the first's tilt and its own LAO/RAO angle (and, as ``startXrayRegistration``
+    gives every other view, the first's geometry and distance)."""
     options = {"segmentation": p.xraySegmentation, "label": p.xrayTarget or None,
                "sourceToTargetMm": p.sourceToTargetMm, "laoDeg": p.laoDeg, "cranialDeg": p.cranialDeg,
                "method": p.xrayMethod, "device": p.device}
     if not isUnset(p.xraySecondFile):
         if not os.path.isfile(str(p.xraySecondFile)):
             raise InputError(f"second X-ray {p.xraySecondFile}: no such file (clear the field for one view)")
-        options["otherViews"] = [{"xray": str(p.xraySecondFile), "geometry": geometryOf(p), "laoDeg": p.secondLaoDeg,
-                                  "cranialDeg": p.cranialDeg, "sourceToTargetMm": p.sourceToTargetMm}]
+        options["otherViews"] = [{"xray": str(p.xraySecondFile), "laoDeg": p.secondLaoDeg, "cranialDeg": p.cranialDeg}]
     return options
