@@ -62,6 +62,33 @@ def test_line_integrals_are_the_chord_lengths_of_a_ball():
     assert missing.sum() > 100 and np.abs(drr[missing]).max() < 1e-9  # rays that miss the ball see nothing
 
 
+def test_sampling_only_where_the_rays_meet_the_volume_changes_no_pixel(monkeypatch):
+    """The renderer skips the samples that no ray of the batch takes within a voxel of the grid: the DRRs
+    are those of every sample across the bounding sphere, for views through the volume, beside it (some
+    rays missing it) and turned 90 degrees, batched; and it does skip (fewer samples than the sphere's)."""
+    from ACSGRegistrationLib.xray import drr
+    image, centre, _ = ball_phantom(size=40, spacing=2.0)
+    volume = Volume.from_image(image + 0.01, hounsfield=False, dtype=torch.float64)  # non-zero up to its faces
+    poses = torch.as_tensor(np.stack([look_at(centre + offset, 700.0, lao_deg=lao, cranial_deg=cranial)
+                                      for offset, lao, cranial in (((0, 0, 0), 0.0, 0.0), ((50, 0, 20), 30.0, 10.0),
+                                                                   ((0, 10, 0), 90.0, -15.0))]))
+    carm = CArm(1000.0, (1.5, 1.5), (48, 40), (20.0, 22.0))
+    taken = []
+    original = drr.samples_inside
+    monkeypatch.setattr(drr, "samples_inside", lambda *a: taken.append(original(*a)) or taken[-1])
+    clipped = render(volume, carm, poses)
+    alone = torch.stack([render(volume, carm, pose) for pose in poses])  # each pose's own, narrower range
+    monkeypatch.setattr(drr, "samples_inside", lambda *a: slice(None))
+    full = render(volume, carm, poses)
+    assert float(full.abs().max()) > 10.0 and float((full == 0).float().mean()) > 0.05  # rays through and past it
+    for image in (clipped, alone):
+        assert torch.allclose(image, full, rtol=0, atol=1e-9), float((image - full).abs().max())
+    monkeypatch.setattr(drr, "samples_inside", lambda *a: taken.append(original(*a)) or taken[-1])
+    render(volume, carm, poses[0])  # about its depth (the grid is turned 20 degrees), not its sphere's diameter
+    samples = int(torch.ceil(2 * volume.bounding_sphere()[1] / 2.0))
+    assert taken[-1].stop - taken[-1].start < 0.85 * samples
+
+
 def test_a_point_projects_where_the_camera_formula_says():
     image = sitk.Image(60, 60, 60, sitk.sitkFloat32)
     image.SetOrigin((-30.0, -30.0, -30.0))

@@ -5,9 +5,10 @@ similarity on the pose gradient's direction, which differentiates a gradient).
 Each ray is sampled at ``samples`` evenly spaced points across the volume's bounding sphere (so the sampling
 moves smoothly with the pose, with no branch at the volume's faces); the attenuation is interpolated trilinearly
 (written out with gathers: PyTorch's grid_sample has no second derivative for 3D) and is zero outside the
-volume; the sum times the step is the line integral in mm × mm⁻¹ (dimensionless optical depth). Where no
-second derivative is wanted (a search's evaluations, a refinement's pose gradient) PyTorch's grid_sample gives the
-same values and first derivatives 2-4 times faster.
+volume, so the samples that no ray of a batch takes within a voxel of the grid are skipped: the same sum, in
+two thirds of the time for a CT box. The sum times the step is the line integral in mm × mm⁻¹ (dimensionless
+optical depth). Where no second derivative is wanted (a search's evaluations, a refinement's pose gradient)
+PyTorch's grid_sample gives the same values and first derivatives 2-4 times faster.
 """
 
 from dataclasses import dataclass
@@ -130,27 +131,64 @@ def render(volume: Volume, carm, ct_to_source: torch.Tensor, samples: Optional[i
     to_index = torch.linalg.inv(volume.index_to_lps)
     source_index = source @ to_index[:3, :3].T + to_index[:3, 3]  # (B, 3)
     direction_index = directions @ to_index[:3, :3].T  # (B, rows, columns, 3)
-    points = (source_index[:, None, None, None, :]
-              + t[:, None, None, :, None] * direction_index[:, :, :, None, :])  # (B, rows, columns, N, 3)
+    # Only the samples that some ray of the batch takes inside the volume: the others add exactly zero.
+    t = t[:, samples_inside(source_index, direction_index, t, step, volume.shape_ijk)]
     field = volume.mu if channels is None else channels
     if second_order and torch.is_grad_enabled() and (field.requires_grad or pose.requires_grad):
-        values = trilinear(field, points)
+        values = trilinear(field, points_along(source_index, direction_index, t))
     else:  # PyTorch's own sampler: the same values and first derivatives, several times faster
-        values = sample_first_order(field, points)
+        # Its coordinates run from -1 to 1 between the first and the last voxel centre: a linear map of the
+        # indices, applied to each ray's start and direction rather than to every sample.
+        d, h, w = field.shape[-3:]
+        scale = 2 / torch.tensor([w - 1, h - 1, d - 1], dtype=dtype, device=device).clamp(min=1)
+        values = sample_grid(field, points_along(source_index * scale - 1, direction_index * scale, t))
     image = values.sum(-1) * step  # (B, rows, columns) or (C, B, rows, columns)
     if channels is not None:
         image = image.transpose(0, 1)
     return image if batched else image[0]
 
 
-def sample_first_order(volume: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """``trilinear``'s values (zero outside) through ``grid_sample``: index -> [-1, 1] with corners aligned.
-    Differentiable once in the points and the volume (PyTorch has no second derivative of it in 3D)."""
+def samples_inside(source_index: torch.Tensor, direction_index: torch.Tensor, t: torch.Tensor, step,
+                   shape_ijk) -> slice:
+    """The range of sample numbers (columns of ``t``, (B, N) mm from the source) at which any of the batch's rays
+    (from ``source_index`` (B, 3) along ``direction_index`` (B, rows, columns, 3), index units per mm) is within
+    one voxel of the grid, where interpolation can be non-zero. The samples stay where they were (no new
+    discretisation, no branch in the derivatives), so the sum is the same: the whole range costs 30-40 % more on
+    a CT box inside its bounding sphere."""
+    with torch.no_grad():
+        low = torch.full((3,), -1.0, dtype=t.dtype, device=t.device)
+        high = torch.as_tensor([float(n) for n in shape_ijk], dtype=t.dtype, device=t.device)
+        direction = direction_index.reshape(direction_index.shape[0], -1, 3)
+        # Rays parallel to a face: a tiny slope keeps the slab test's signs (inside: +-inf, outside: a miss).
+        direction = torch.where(direction.abs() < 1e-9, torch.full_like(direction, 1e-9), direction)
+        start = source_index[:, None, :]
+        to_low, to_high = (low - start) / direction, (high - start) / direction
+        entry = torch.minimum(to_low, to_high).amax(-1)  # (B, rays)
+        leave = torch.maximum(to_low, to_high).amin(-1)
+        hit = entry < leave
+        if not bool(hit.any()):
+            return slice(0, 0)
+        first = torch.where(hit, entry, torch.full_like(entry, float("inf"))).amin(-1)  # (B,)
+        last = torch.where(hit, leave, torch.full_like(leave, -float("inf"))).amax(-1)
+        # t[:, k] = t[:, 0] + step * k
+        k0 = torch.floor((first - t[:, 0]) / step) - 1
+        k1 = torch.ceil((last - t[:, 0]) / step) + 2
+        samples = t.shape[1]
+        return slice(int(k0.min().clamp(0, samples)), int(k1.max().clamp(0, samples)))
+
+
+def points_along(start: torch.Tensor, direction: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """start + t * direction for each ray and sample: (B, rows, columns, N, 3) from ``start`` (B, 3),
+    ``direction`` (B, rows, columns, 3) and ``t`` (B, N), in one pass over the result."""
+    return torch.addcmul(start[:, None, None, None, :], t[:, None, None, :, None], direction[:, :, :, None, :])
+
+
+def sample_grid(volume: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """``trilinear``'s values (zero outside) through ``grid_sample``, at ``grid`` (..., 3) in its coordinates
+    (-1 and 1 at the first and last voxel centres, x along i). Differentiable once in the points and the volume
+    (PyTorch has no second derivative of it in 3D)."""
     grid_values = volume if volume.dim() == 4 else volume[None]
-    d, h, w = grid_values.shape[1:]
-    size = torch.tensor([w - 1, h - 1, d - 1], dtype=points.dtype, device=points.device).clamp(min=1)
-    grid = (2 * points / size - 1).reshape(1, -1, 1, 1, 3)
-    values = torch.nn.functional.grid_sample(grid_values[None], grid, mode="bilinear", padding_mode="zeros",
-                                             align_corners=True)
-    values = values.reshape((grid_values.shape[0],) + points.shape[:-1])
+    values = torch.nn.functional.grid_sample(grid_values[None], grid.reshape(1, -1, 1, 1, 3), mode="bilinear",
+                                             padding_mode="zeros", align_corners=True)
+    values = values.reshape((grid_values.shape[0],) + grid.shape[:-1])
     return values if volume.dim() == 4 else values[0]
