@@ -141,6 +141,25 @@ def test_a_tiny_model_overfits_one_real_slice_pair(chest_view):
     assert error < 0.5 * identity, (error, identity)
 
 
+def test_the_refinements_symmetric_forces_pull_along_both_images_gradients():
+    """The L2 term's gradient in the displacement is r (grad moving(x + u) + grad fixed) / N: half the plain
+    term's plus r grad fixed / N, with the fixed image's gradient in the field's channel order (row, column),
+    checked against an analytic one inside the image."""
+    from ACSGRegistrationLib.planar.refinement import intensity_loss
+    rows, columns = torch.meshgrid(torch.arange(24.0), torch.arange(20.0), indexing="ij")
+    fixed = (torch.sin(0.3 * rows) + 0.01 * columns ** 2)[None, None].double()
+    analytic = torch.stack([0.3 * torch.cos(0.3 * rows), 0.02 * columns])[None].double()
+    moving = (torch.sin(0.3 * rows + 0.4) + 0.01 * (columns - 0.7) ** 2)[None, None].double()
+    u = (0.3 * torch.randn(1, 2, 24, 20, generator=torch.Generator().manual_seed(0))).double().requires_grad_(True)
+    plain, = torch.autograd.grad(intensity_loss(warp_planar(moving, u), fixed, u), u)
+    gradient = torch.cat(torch.gradient(fixed, dim=(2, 3)), dim=1)
+    symmetric, = torch.autograd.grad(intensity_loss(warp_planar(moving, u), fixed, u, gradient), u)
+    residual = (warp_planar(moving, u) - fixed).detach()
+    expected = 0.5 * plain + residual * analytic / residual.numel()
+    inside = (slice(None), slice(None), slice(2, -2), slice(2, -2))
+    assert torch.allclose(symmetric[inside], expected[inside], atol=2e-3 * float(expected.abs().max()))
+
+
 def test_refinement_recovers_a_known_deformation_of_a_real_slice_and_can_be_cancelled(chest_view):
     """From an untrained network (the identity), refinement alone on the pair (another exposure, noise) brings
     the vertebrae's points back: less than half the identity's error; a registrar's refinement stops when asked."""

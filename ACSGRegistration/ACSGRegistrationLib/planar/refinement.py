@@ -7,7 +7,11 @@ exp(-alpha |grad F|) on the fixed image's edges), here of second order, and a pe
 choice was measured on the views of the *training* levels (T12, L2, L4, L5 of both shared CTs: 60 known
 deformations, end-point error inside the vertebrae; 20 inter-subject pairs, Dice and folding), so that the
 held-out levels stay held out (``benchmarks/planar_refine_study.py``; the network alone: 0.856 mm, Dice 0.804;
-Demons: 0.457 mm, Dice 0.788; the default: 0.456 mm, Dice 0.779, no folding):
+Demons: 0.457 mm, Dice 0.788; the default: 0.442 mm, Dice 0.774, no folding):
+- the L2 term's pull along the mean of the warped moving image's and the fixed image's gradients (Demons'
+  symmetric forces): 0.442 mm against 0.456 with the moving image's alone, lateral projections 0.67 against
+  0.69, AP 0.51 against 0.56. Started from Demons' answer instead of the network's, the loss before this change
+  ended at 0.437 mm, lateral 0.59: its optimum is not what the projections lack, the start is;
 - L2 after matching the moving image's histogram to the fixed one's, as Demons does (the pairs differ in
   exposure): without the matching, 1.515 mm (LNCC, the training's loss, stayed near 0.8 mm while designing it);
 - the folding penalty: without it, 12 % of the inter-subject views' pixels fold (known deformations unchanged);
@@ -44,6 +48,20 @@ class PlanarRefineConfig:
     # A penalty on det J below ``jacobian_floor``: mean of (floor - det J)^2 where det J < floor.
     folding: float = 10.0
     jacobian_floor: float = 0.2
+    # The L2 term's pull on the field along the mean of the warped moving image's and the fixed image's gradients
+    # (Demons' symmetric forces, efficient second-order minimisation) instead of the moving image's alone.
+    symmetric_forces: bool = True
+
+
+def intensity_loss(warped: torch.Tensor, fixed: torch.Tensor, u: torch.Tensor,
+                   fixed_gradient: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """L2 of the intensities, mean of r^2 with r = warped - fixed, whose gradient in the displacement ``u`` is
+    2 r grad(moving)(x + u) / N; with ``fixed_gradient`` (B, 2, H, W: d/drow, d/dcolumn), half of it plus a term
+    whose gradient is r grad(fixed) / N, so that the pull is along the mean of the two images' gradients."""
+    residual = warped - fixed
+    if fixed_gradient is None:
+        return residual.pow(2).mean()
+    return 0.5 * residual.pow(2).mean() + (residual.detach() * (fixed_gradient * u).sum(1, True)).mean()
 
 
 def refine_field(net: PlanarNet, fixed: torch.Tensor, moving: torch.Tensor,
@@ -60,6 +78,7 @@ def refine_field(net: PlanarNet, fixed: torch.Tensor, moving: torch.Tensor,
         matched = match_histogram(*(x[0, 0].detach().cpu().numpy() for x in (moving, fixed)))
         target = torch.from_numpy(matched)[None, None].to(moving)
     height, width = flow.shape[-2:]
+    fixed_gradient = torch.cat(torch.gradient(fixed, dim=(2, 3)), dim=1) if cfg.symmetric_forces else None
     total, done = cfg.steps * len(cfg.coarsen), 0
     for coarsen in cfg.coarsen:
         coarse = (max(2, -(-height // coarsen)), max(2, -(-width // coarsen)))
@@ -73,7 +92,7 @@ def refine_field(net: PlanarNet, fixed: torch.Tensor, moving: torch.Tensor,
             if should_stop is not None and should_stop():
                 raise Cancelled(f"2D refinement cancelled at step {done} of {total}")
             u = net.displacement(corrected())
-            loss = F.mse_loss(warp_planar(target, u), fixed) + \
+            loss = intensity_loss(warp_planar(target, u), fixed, u, fixed_gradient) + \
                 cfg.smoothness * edge_aware_smoothness(u, fixed, cfg.edge_alpha, cfg.smoothness_order)
             if cfg.folding > 0:
                 loss = loss + cfg.folding * folding_penalty(jacobian_determinant_2d(u), cfg.jacobian_floor, power=2)
