@@ -341,6 +341,30 @@ def test_pose_search_recovers_a_known_pose(bone):
     check_pose(result["ct_to_source"], "result")
 
 
+def test_the_search_keeps_the_pose_it_started_from_unless_another_is_preferred():
+    """CMA-ES started at the true pose with one population's budget (every candidate off it) must hand back the
+    start; and the choice weighs the similarity around the target beside the whole images' (a pose the whole
+    images favour slightly but the target's region clearly not loses)."""
+    from types import SimpleNamespace
+    from ACSGRegistrationLib.xray.register import PoseSearch, prepare_xray, preferred, register_pose
+    image, points = bony_phantom()
+    volume = Volume.from_image(image)
+    carm = CArm(1000.0, (1.6, 1.6), (48, 48))
+    truth = look_at([0.0, 0.0, 0.0], 650.0, lao_deg=15.0, cranial_deg=5.0)
+    xray = prepare_xray(render(volume, carm, torch.as_tensor(truth, dtype=torch.float32)).numpy(), carm.size)
+    search = PoseSearch(volume, carm, xray, truth, np.zeros(3), target_points=points)
+    result = register_pose(search, "cmaes", evaluations=1, restarts=1)
+    assert any(h["stage"] == "cma-es" for h in search.history)
+    assert np.allclose(result["parameters"], 0.0), result["parameters"]
+
+    def similarity(parameters, around_target=False):  # whole images: candidate 0; around the target: 1
+        return torch.tensor([0.4, 0.6]) if around_target else torch.tensor([0.5, 0.45])
+    fake = SimpleNamespace(volume=volume, target_points=points, similarity=similarity)
+    assert preferred(fake, [np.zeros(6), np.ones(6)]) == 1
+    fake.target_points = None
+    assert preferred(fake, [np.zeros(6), np.ones(6)]) == 0
+
+
 def test_a_second_view_pins_down_the_depth_one_view_cannot_see():
     """Two X-rays of the phantom 90 deg apart (AP and lateral), the start 16 mm off along the AP view's ray: the
     AP view alone keeps that depth (its prior; one view sees depth only through magnification), both views
