@@ -160,6 +160,28 @@ def test_the_refinements_symmetric_forces_pull_along_both_images_gradients():
     assert torch.allclose(symmetric[inside], expected[inside], atol=2e-3 * float(expected.abs().max()))
 
 
+def test_the_refinements_image_smoothing_blurs_both_images_it_compares(chest_view):
+    """``image_smoothing`` (sigma per grid): on one grid with sigma 0.8 the refinement gives what it gives on
+    both images blurred beforehand with none (plain smoothness, no histogram matching, so that nothing else
+    reads the images); a sigma changes the answer."""
+    from ACSGRegistrationLib.planar.data import gaussian_smooth
+    from ACSGRegistrationLib.planar.refinement import PlanarRefineConfig, refine_field
+    fixed, labels = image_tensor(chest_view.image), image_tensor(chest_view.labels)
+    moving = known_deformation(fixed, labels, np.random.default_rng(3)).moving
+    net = PlanarNet(PlanarConfig(encoder=(4, 4, 4, 4), decoder=(4, 4, 4, 4)))
+    with torch.no_grad():
+        net.head.weight.zero_()
+    plain = dict(coarsen=(2,), steps=15, edge_alpha=0.0, histogram_matching=False)
+    blurred = refine_field(net, fixed, moving, PlanarRefineConfig(image_smoothing=(0.8,), **plain))
+    beforehand = refine_field(net, gaussian_smooth(fixed, 0.8), gaussian_smooth(moving, 0.8),
+                              PlanarRefineConfig(image_smoothing=(0.0,), **plain))
+    unblurred = refine_field(net, fixed, moving, PlanarRefineConfig(image_smoothing=(), **plain))
+    assert torch.allclose(blurred, beforehand, atol=1e-5)
+    assert float((blurred - unblurred).abs().max()) > 0.01
+    constant = torch.full((1, 1, 9, 7), 0.3)
+    assert torch.allclose(gaussian_smooth(constant, 1.2), constant)
+
+
 def test_refinement_recovers_a_known_deformation_of_a_real_slice_and_can_be_cancelled(chest_view):
     """From an untrained network (the identity), refinement alone on the pair (another exposure, noise) brings
     the vertebrae's points back: less than half the identity's error; a registrar's refinement stops when asked."""

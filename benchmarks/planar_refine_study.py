@@ -8,7 +8,8 @@ CTs): Dice of the vertebra and folding (% det J <= 0 over the view), where a wea
         [--setting "smoothness=0.02;coarsen=2" ...]
 
 Each ``--setting`` is a ``;``-separated list of ``planar.refinement.PlanarRefineConfig`` fields (``coarsen``
-as ``4,2``); without any, the list below (the default first). Views of both shared CTs; the shipped 2D model.
+as ``4,2``, ``image_smoothing`` as ``0.5,0``); without any, the list below (the default first). Views of both
+shared CTs; the shipped 2D model.
 """
 
 import argparse
@@ -48,6 +49,8 @@ def parse_setting(text: str) -> PlanarRefineConfig:
             raise SystemExit(f"unknown setting {key!r}: choose from {', '.join(fields)}")
         if key == "coarsen":
             values[key] = tuple(int(v) for v in value.split(","))
+        elif key == "image_smoothing":
+            values[key] = tuple(float(v) for v in value.split(","))
         elif key == "histogram_matching":
             values[key] = value.lower() in ("1", "true", "yes")
         else:

@@ -150,10 +150,10 @@ def image_tensor(image: sitk.Image) -> torch.Tensor:
     return torch.from_numpy(sitk.GetArrayFromImage(image).astype(np.float32))[None, None]
 
 
-def _smooth(field: torch.Tensor, sigma: float) -> torch.Tensor:
+def gaussian_smooth(field: torch.Tensor, sigma: float) -> torch.Tensor:
     """Gaussian blur (separable) of (B, C, H, W), sigma in pixels."""
     radius = max(1, int(3 * sigma))
-    x = torch.arange(-radius, radius + 1, dtype=field.dtype)
+    x = torch.arange(-radius, radius + 1, dtype=field.dtype, device=field.device)
     kernel = torch.exp(-x ** 2 / (2 * sigma ** 2))
     kernel = kernel / kernel.sum()
     channels = field.shape[1]
@@ -191,7 +191,7 @@ def known_deformation(image: torch.Tensor, labels: torch.Tensor, rng: np.random.
         mask = (labels[0, 0] == value).float()
         if mask.sum() < 20:
             continue
-        weight = _smooth(mask[None, None], BLEND_MM / spacing)[0, 0]
+        weight = gaussian_smooth(mask[None, None], BLEND_MM / spacing)[0, 0]
         cy, cx = (float((grid * mask).sum() / mask.sum()) for grid in (yy, xx))
         angle = np.deg2rad(rng.uniform(-rotation_deg, rotation_deg))
         ty, tx = rng.uniform(-translation_mm, translation_mm, size=2) / spacing
