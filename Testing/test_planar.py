@@ -284,6 +284,28 @@ def test_evaluate2d_and_train2d_commands(tmp_path, capsys):
     assert len(rows) == 1 + 5 * 4  # five views of L1, four methods
 
 
+def test_the_2d_study_registers_each_inter_subject_pair_both_ways_for_inverse_consistency(chest_view):
+    """Two 'subjects' (a view and the same view moved 3 px): each ordered pair is registered, and each row gets
+    how far A -> B then B -> A lands from where it started inside A's vertebra: 0 for the identity, small for
+    Demons, whose two maps each move the vertebra by about 3 px."""
+    from ACSGRegistrationLib.planar.evaluation import evaluate_cases, subject_pairs
+
+    def moved(image):
+        out = sitk.GetImageFromArray(np.roll(sitk.GetArrayFromImage(image), 3, axis=1))
+        out.CopyInformation(image)
+        return out
+    other = dataclasses.replace(chest_view, image=moved(chest_view.image), labels=moved(chest_view.labels),
+                                subject="other")
+    rows = evaluate_cases(subject_pairs([dataclasses.replace(chest_view, subject="one"), other]), {},
+                          baselines=("demons",))
+    assert len(rows) == 4 and all("inverse_consistency_mm" in r for r in rows)
+    for row in rows:
+        if row["method"] == "identity":
+            assert row["inverse_consistency_mm"] == 0.0
+        else:
+            assert row["dice_final"] > row["dice_initial"] + 0.1 and row["inverse_consistency_mm"] < 0.5, row
+
+
 def test_balanced_sampling_draws_each_kind_of_view_equally_often_and_the_cosine_rate_decays(chest_view):
     views = [chest_view] * 5 + [dataclasses.replace(chest_view, kind="lateral")]
     counts = {}

@@ -5,7 +5,8 @@ images (the networks given, SimpleITK's Demons and B-spline, the identity).
   percentile, max, mm) of each method's map against the truth, beside the identity's; folding (% of pixels
   with det J <= 0 over the view).
 - **Inter-subject pairs**: views of the same kind and level from two CTs, each centred on its vertebra: Dice
-  and ASSD of that vertebra before (centred) and after; folding.
+  and ASSD of that vertebra before (centred) and after; folding; inverse consistency (each pair is registered
+  both ways: how far the map A -> B followed by B -> A lands from where it started, inside A's vertebra, mm).
 - **Self-registration**: each view registered to itself; the map should stay the identity.
 - Seconds per pair (network: the forward pass on the CPU, and with refinement its optimisation on the pair;
   baselines: their registration).
@@ -28,7 +29,8 @@ from .refinement import PlanarRefineConfig, refine_field
 REFINED = " + refinement"
 
 CASE_COLUMNS = ("case", "kind", "view", "label", "subject", "method", "epe_mean_mm", "epe_p95_mm", "epe_max_mm",
-                "identity_epe_mm", "dice_initial", "dice_final", "assd_final_mm", "folding_percent", "seconds")
+                "identity_epe_mm", "dice_initial", "dice_final", "assd_final_mm", "inverse_consistency_mm",
+                "folding_percent", "seconds")
 
 
 def _method_field(method: str, nets: Dict[str, PlanarNet], fixed: torch.Tensor, moving: torch.Tensor,
@@ -89,7 +91,7 @@ def evaluate_cases(cases: Sequence[Dict], nets: Dict[str, PlanarNet],
                    refine: Optional[PlanarRefineConfig] = None) -> List[Dict]:
     """Rows of every method on every case; with ``refine``, each network refined on each pair as well
     (``<name> + refinement``)."""
-    rows = []
+    rows, both_ways = [], {}
     refined = [name + REFINED for name in nets] if refine is not None and refine.steps > 0 else []
     methods = ["identity"] + list(nets) + refined + list(baselines)
     for k, case in enumerate(cases):
@@ -114,9 +116,14 @@ def evaluate_cases(cases: Sequence[Dict], nets: Dict[str, PlanarNet],
                 row.update(dice_initial=overlap(fixed_mask, initial)["dice"],
                            dice_final=overlap(fixed_mask, warped)["dice"],
                            assd_final_mm=assd(fixed_mask, warped, (1.0, 1.0)) if warped.any() else float("nan"))
+                both_ways[(method, id(view), id(case["other"]))] = (row, field, case["fixed_mask"][0, 0])
             rows.append(row)
         if progress is not None:
             progress(k + 1, len(cases))
+    for (method, fixed_view, moving_view), (row, field, mask) in both_ways.items():
+        reverse = both_ways.get((method, moving_view, fixed_view))
+        if reverse is not None:  # A -> B then B -> A: endpoint_error's composition with the reverse map as truth
+            row["inverse_consistency_mm"] = endpoint_error(field, reverse[1][0], mask)["mean"]
     return rows
 
 
@@ -159,13 +166,14 @@ def summary_markdown(rows: Sequence[Dict]) -> str:
     pairs = [r for r in rows if r["kind"] == "inter-subject"]
     if pairs:
         lines += ["", "Inter-subject pairs (the centred vertebra):", "",
-                  "| method | Dice before | Dice after | ASSD after (mm) | folding % | seconds/pair |",
-                  "|---|---|---|---|---|---|"]
+                  "| method | Dice before | Dice after | ASSD after (mm) | inverse consistency (mm) | folding % | "
+                  "seconds/pair |", "|---|---|---|---|---|---|---|"]
         for method in methods:
             mine = [r for r in pairs if r["method"] == method]
             lines.append(f"| {method} | {_mean(r['dice_initial'] for r in mine):.3f} | "
                          f"{_mean(r['dice_final'] for r in mine):.3f} | "
                          f"{_mean(r['assd_final_mm'] for r in mine):.3f} | "
+                         f"{_mean(r.get('inverse_consistency_mm') for r in mine):.3f} | "
                          f"{_mean(r['folding_percent'] for r in mine):.3f} | {_mean(r['seconds'] for r in mine):.3f} |")
     return "\n".join(lines) + "\n"
 
