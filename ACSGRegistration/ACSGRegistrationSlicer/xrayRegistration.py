@@ -26,8 +26,9 @@ class XrayRegistrationRun(StagedRun):
     (X-ray, geometry, initial pose) of more X-rays of the patient, registered with the first (one CT pose)."""
 
     def __init__(self, ct: InputSide, xray, geometry: Dict, initialPose, method: str = "cmaes+gradient",
-                 device: str = "auto", prostModel: Optional[str] = None, evaluations: int = 600,
-                 detectorPixels: int = 96, name: str = "X-ray registration", otherViews: Sequence[Tuple] = ()):
+                 device: str = "auto", prostModel: Optional[str] = None, evaluations: int = 400,
+                 detectorPixels: int = 96, name: str = "X-ray registration", otherViews: Sequence[Tuple] = (),
+                 depthPriorMm: Optional[float] = None):
         from ACSGRegistrationLib.xray.camera import pose_json
         from .conversion import volumeNodeToImage
         self.ct, self.name, self.views = ct, name, 1 + len(otherViews)
@@ -53,6 +54,8 @@ class XrayRegistrationRun(StagedRun):
                           files["geometry"], "--init", files["init"]]
         if prostModel:
             arguments += ["--prost-model", prostModel]
+        if depthPriorMm is not None:
+            arguments += ["--depth-prior-mm", float(depthPriorMm)]
         self.stage = BackgroundRun(arguments, "X-ray registration")
 
     def cancel(self) -> None:
@@ -77,15 +80,17 @@ class XrayRegistrationRun(StagedRun):
 def startXrayRegistration(ctVolume, xray, geometry: Dict, segmentation=None, label=None, initialPose=None,
                           sourceToTargetMm: float = 750.0, laoDeg: float = 0.0, cranialDeg: float = 0.0,
                           method: str = "cmaes+gradient", device: str = "auto", prostModel: Optional[str] = None,
-                          evaluations: int = 600, detectorPixels: int = 96,
-                          otherViews: Sequence[Dict] = ()) -> XrayRegistrationRun:
+                          evaluations: int = 400, detectorPixels: int = 96,
+                          otherViews: Sequence[Dict] = (), depthPriorMm: Optional[float] = None
+                          ) -> XrayRegistrationRun:
     """``xray``: a file path or a one-slice volume node; ``geometry``: GEOMETRY.json's keys (what DICOM tags do
     not give). The initial pose: ``initialPose`` (4x4 ct_to_source, LPS), or an AP view of the target vertebra
     (its centroid, or the CT's centre) ``sourceToTargetMm`` from the source, turned by the C-arm's LAO and
     cranial angles. ``otherViews``: more X-rays of the patient (a lateral beside the AP), each a dict with
     ``xray``, ``geometry`` (default the first's) and ``initialPose`` or ``laoDeg``/``cranialDeg`` (and
     ``sourceToTargetMm``) as above; the patient is taken to stay still between the shots. Returns the started
-    run; its ``finish()`` gives the first view's nodes, the others' in ``.otherViews``."""
+    run; its ``finish()`` gives the first view's nodes, the others' in ``.otherViews``. ``depthPriorMm``: one
+    view's depth prior width (``xray-register --depth-prior-mm``; default 15 mm)."""
     from ACSGRegistrationLib.xray.camera import look_at
     from ACSGRegistrationLib.xray.images import target_centre
     if ctVolume is None or xray is None:
@@ -107,7 +112,8 @@ def startXrayRegistration(ctVolume, xray, geometry: Dict, segmentation=None, lab
                        pose(view.get("initialPose"), view.get("sourceToTargetMm", sourceToTargetMm),
                             view.get("laoDeg", 0.0), view.get("cranialDeg", 0.0))))
     return XrayRegistrationRun(ct, xray, geometry, pose(initialPose, sourceToTargetMm, laoDeg, cranialDeg), method,
-                               device, prostModel, evaluations, detectorPixels, otherViews=others).start()
+                               device, prostModel, evaluations, detectorPixels, otherViews=others,
+                               depthPriorMm=depthPriorMm).start()
 
 
 def xrayFileOf(p) -> str:

@@ -84,12 +84,16 @@ def _views(xray_path, init_path, geometry_path):
 def register_files(ct_path: str, xray_path: Union[str, Sequence[str]], init_path: Union[str, Sequence[str]],
                    out_dir: str, geometry_path: Union[None, str, Sequence[Optional[str]]] = None,
                    seg_path: Optional[str] = None, label=None, method: str = "cmaes+gradient",
-                   evaluations: int = 600, refine_steps: int = 60, detector_pixels: int = DETECTOR_PIXELS,
+                   evaluations: int = 400, refine_steps: int = 60, detector_pixels: int = DETECTOR_PIXELS,
                    ct_spacing: float = CT_SPACING, device: str = "cpu", seed: int = 0, log=print,
-                   prost_model: Optional[str] = None) -> Dict:
+                   prost_model: Optional[str] = None, depth_prior_mm: Optional[float] = None) -> Dict:
     """Every input is read and checked before any work; returns {"paths", "metrics"}. The ``prost`` methods
     use ``prost_model`` (default: the shipped ProST model), on the first view. Several views: lists of X-rays,
-    initial poses and geometries (or one geometry for all), in the same order."""
+    initial poses and geometries (or one geometry for all), in the same order. ``depth_prior_mm``: the width of
+    the depth prior with one view (default ``register.DEPTH_PRIOR_MM``)."""
+    if depth_prior_mm is not None and not depth_prior_mm > 0:
+        raise InputError(f"depth_prior_mm must be positive, got {depth_prior_mm}")
+    depth_prior_mm = DEPTH_PRIOR_MM if depth_prior_mm is None else float(depth_prior_mm)
     from ..outputs import OutputFolder
     views = _views(xray_path, init_path, geometry_path)
     folder = OutputFolder(out_dir, inputs=(ct_path, seg_path, *[p for view in views for p in view]),
@@ -123,7 +127,8 @@ def register_files(ct_path: str, xray_path: Union[str, Sequence[str]], init_path
     for number, (full, carm) in enumerate(zip(full_carms, carms), 1):
         log(f"X-ray {number}: {full.size[0]} x {full.size[1]} registered on {carm.size[0]} x {carm.size[1]} pixels")
     log(f"CT {ct.GetSize()} resampled to {tuple(volume.shape_ijk)} at {spacing:.1f} mm")
-    search = PoseSearch(volume, carms[0], pixels[0], initials[0], centre, target_points=target_points)
+    search = PoseSearch(volume, carms[0], pixels[0], initials[0], centre, target_points=target_points,
+                        depth_prior_mm=depth_prior_mm)
     searches = [search] + [search.add_view(c, x, i) for c, x, i in zip(carms[1:], pixels[1:], initials[1:])]
     t0 = time.perf_counter()
     learned = None
@@ -133,7 +138,7 @@ def register_files(ct_path: str, xray_path: Union[str, Sequence[str]], init_path
     result = register_pose(search, method, evaluations, refine_steps, seed, learned=learned)
     region = "(the refinement's around the target vertebra)" if target_points is not None else "(whole image)"
     if len(views) == 1:
-        similarity = f"gradient NCC {region} less the depth prior ({DEPTH_PRIOR_WEIGHT} at {DEPTH_PRIOR_MM:g} mm " \
+        similarity = f"gradient NCC {region} less the depth prior ({DEPTH_PRIOR_WEIGHT} at {depth_prior_mm:g} mm " \
                      f"along the ray)"
     else:
         similarity = f"gradient NCC {region}, the mean over the {len(views)} views (no depth prior: each view " \
