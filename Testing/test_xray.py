@@ -410,8 +410,8 @@ def test_with_prost_cmaes_starts_from_the_learned_answer_and_from_the_initial_po
 def test_a_second_view_pins_down_the_depth_one_view_cannot_see():
     """Two X-rays of the phantom 90 deg apart (AP and lateral), the start 16 mm off along the AP view's ray: the
     AP view alone leaves much of that depth (one view sees depth only through magnification; its prior holds the
-    initial depth, weakly), both views together find it. A second view's poses are the C-arm's motion applied to the first's, and the search's
-    similarity is the mean of the two views' (no depth prior)."""
+    initial depth, weakly), both views together find it. A second view's poses are the C-arm's motion applied to
+    the first's, and the search's similarity is the mean of the two views' (no depth prior)."""
     from ACSGRegistrationLib.xray.register import PoseSearch, mean_target_error, prepare_xray, register_pose
     image, points = bony_phantom()
     volume = Volume.from_image(image)
