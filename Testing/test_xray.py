@@ -409,9 +409,9 @@ def test_with_prost_cmaes_starts_from_the_learned_answer_and_from_the_initial_po
 
 def test_a_second_view_pins_down_the_depth_one_view_cannot_see():
     """Two X-rays of the phantom 90 deg apart (AP and lateral), the start 16 mm off along the AP view's ray: the
-    AP view alone leaves much of that depth (one view sees depth only through magnification; its prior holds the
-    initial depth, weakly), both views together find it. A second view's poses are the C-arm's motion applied to
-    the first's, and the search's similarity is the mean of the two views' (no depth prior)."""
+    AP view alone keeps that depth (its prior; one view sees depth only through magnification), both views
+    together find it. A second view's poses are the C-arm's motion applied to the first's, and the search's
+    similarity is the mean of the two views' (no depth prior)."""
     from ACSGRegistrationLib.xray.register import PoseSearch, mean_target_error, prepare_xray, register_pose
     image, points = bony_phantom()
     volume = Volume.from_image(image)
@@ -438,7 +438,7 @@ def test_a_second_view_pins_down_the_depth_one_view_cannot_see():
         return register_pose(found, "gradient", refine_steps=60)["ct_to_source"]
     before = mean_target_error(start, truths[0], points)
     one, two = (mean_target_error(search(views), truths[0], points) for views in (1, 2))
-    assert before > 15.0 and one > 5.0 and two < 3.0, (before, one, two)
+    assert before > 15.0 and one > 8.0 and two < 3.0, (before, one, two)
 
 
 def test_xray_register_command_line(tmp_path, capsys):

