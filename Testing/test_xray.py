@@ -390,7 +390,11 @@ def test_with_prost_cmaes_starts_from_the_learned_answer_and_from_the_initial_po
         return np.asarray(start, float) + np.array([0.0, 0.0, 0.0, 0.0, 0.0, 1.0 + seed])
     monkeypatch.setattr(register, "cma_es", recording_cma_es)
     chosen = []
-    monkeypatch.setattr(register, "preferred", lambda search, candidates: chosen.append(candidates) or 1)
+
+    def preference(search, candidates):  # records what is ranked; prefers the second run's answer (depth 2)
+        chosen.append(candidates)
+        return -np.abs(np.array([c[5] for c in candidates]) - 2.0)
+    monkeypatch.setattr(register, "preference", preference)
     for method, learned_model in (("prost+cmaes+gradient", learned), ("cmaes+gradient", None)):
         starts.clear(), chosen.clear()
         search = register.PoseSearch(volume, carm, xray, truth, np.zeros(3), target_points=points)
@@ -401,10 +405,39 @@ def test_with_prost_cmaes_starts_from_the_learned_answer_and_from_the_initial_po
         else:
             assert np.allclose(starts[0], 0.0)
         assert np.allclose(starts[1], 0.0)
-        # the candidates: both runs' answers, then the poses they started from (the initial pose once)
-        assert len(chosen[0]) == 2 + (2 if learned_model is not None else 1)
-        assert np.allclose(chosen[0][1], starts[1] + [0, 0, 0, 0, 0, 2.0])
+        # ranked: both runs' answers, then the poses they started from (the initial pose once)
+        assert len(chosen[0]) == 2 and np.allclose(chosen[0][1], starts[1] + [0, 0, 0, 0, 0, 2.0])
+        assert len(chosen[1]) == (2 if learned_model is not None else 1)
         assert abs(result["parameters"][5] - 2.0) < 0.5  # refined (one step) from the second run's answer
+
+
+def test_the_search_compares_its_best_answer_and_best_start_after_refining_both(monkeypatch):
+    """A CMA-ES answer on a wrong peak can outscore, unrefined, the start it would lose to once each has climbed:
+    the preferred answer and the preferred start are both refined and the better refined one kept (not the
+    refined favourite, nor the two ranked first: both runs here end on wrong peaks that outrank the start)."""
+    import ACSGRegistrationLib.xray.register as register
+    image, points = bony_phantom()
+    volume = Volume.from_image(image)
+    carm = CArm(1000.0, (1.6, 1.6), (32, 32))
+    truth = look_at([0.0, 0.0, 0.0], 650.0, lao_deg=15.0, cranial_deg=5.0)
+    xray = register.prepare_xray(render(volume, carm, torch.as_tensor(truth, dtype=torch.float32)).numpy(),
+                                 carm.size)
+    decoy, elsewhere, summit = np.full(6, 0.5), np.full(6, -3.0), np.full(6, 0.05)
+    answers = iter([elsewhere, decoy])
+    monkeypatch.setattr(register, "cma_es", lambda search, start, evaluations, **options: next(answers))
+    scores = {tuple(decoy): 1.2, tuple(elsewhere): 1.1, tuple(np.zeros(6)): 1.0, tuple(summit): 1.5}
+    monkeypatch.setattr(register, "preference",
+                        lambda search, candidates: np.array([scores[tuple(np.round(c, 6))] for c in candidates]))
+    refined = []
+
+    def climb(search, start, steps, **options):  # the start climbs to the summit; the decoy is on its peak
+        refined.append(np.asarray(start, float))
+        return summit.copy() if np.allclose(start, 0.0) else np.asarray(start, float)
+    monkeypatch.setattr(register, "gradient_ascent", climb)
+    search = register.PoseSearch(volume, carm, xray, truth, np.zeros(3), target_points=points)
+    result = register.register_pose(search, "cmaes+gradient", evaluations=5, refine_steps=3)
+    assert len(refined) == 2 and np.allclose(refined[0], decoy) and np.allclose(refined[1], 0.0)
+    assert np.allclose(result["parameters"], summit)
 
 
 def test_a_second_view_pins_down_the_depth_one_view_cannot_see():
