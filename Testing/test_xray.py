@@ -341,17 +341,25 @@ def test_pose_search_recovers_a_known_pose(bone):
     check_pose(result["ct_to_source"], "result")
 
 
+def phantom_seen_at_a_known_pose(pixels: int = 32):
+    """The bony phantom's volume, a C-arm of ``pixels`` a side, the true pose, its noise-free X-ray on the
+    registration's grid and the phantom's points."""
+    from ACSGRegistrationLib.xray.register import prepare_xray
+    image, points = bony_phantom()
+    volume = Volume.from_image(image)
+    carm = CArm(1000.0, (1.6, 1.6), (pixels, pixels))
+    truth = look_at([0.0, 0.0, 0.0], 650.0, lao_deg=15.0, cranial_deg=5.0)
+    xray = prepare_xray(render(volume, carm, torch.as_tensor(truth, dtype=torch.float32)).numpy(), carm.size)
+    return volume, carm, truth, xray, points
+
+
 def test_the_search_keeps_the_pose_it_started_from_unless_another_is_preferred():
     """CMA-ES started at the true pose with one population's budget (every candidate off it) must hand back the
     start; and the choice weighs the similarity around the target beside the whole images' (a pose the whole
     images favour slightly but the target's region clearly not loses)."""
     from types import SimpleNamespace
-    from ACSGRegistrationLib.xray.register import PoseSearch, prepare_xray, preferred, register_pose
-    image, points = bony_phantom()
-    volume = Volume.from_image(image)
-    carm = CArm(1000.0, (1.6, 1.6), (48, 48))
-    truth = look_at([0.0, 0.0, 0.0], 650.0, lao_deg=15.0, cranial_deg=5.0)
-    xray = prepare_xray(render(volume, carm, torch.as_tensor(truth, dtype=torch.float32)).numpy(), carm.size)
+    from ACSGRegistrationLib.xray.register import PoseSearch, preferred, register_pose
+    volume, carm, truth, xray, points = phantom_seen_at_a_known_pose(48)
     search = PoseSearch(volume, carm, xray, truth, np.zeros(3), target_points=points)
     result = register_pose(search, "cmaes", evaluations=1, restarts=1)
     assert any(h["stage"] == "cma-es" for h in search.history)
@@ -369,15 +377,10 @@ def test_with_prost_cmaes_starts_from_the_learned_answer_and_from_the_initial_po
     """With a ProST model, CMA-ES's first run starts from the learned descent's answer and the second from the
     initial pose (each run can settle at a neighbouring vertebra; from a single view 10 deg / 20 mm off the learned
     answer alone led it there in 3 of 16 simulated cases); without one, both from the initial pose. The
-    refinement goes on from the preferred of the runs' answers and their starts."""
+    refinement goes on from the preferred of the runs' answers and of their starts, each refined."""
     from types import SimpleNamespace
     import ACSGRegistrationLib.xray.register as register
-    image, points = bony_phantom()
-    volume = Volume.from_image(image)
-    carm = CArm(1000.0, (1.6, 1.6), (32, 32))
-    truth = look_at([0.0, 0.0, 0.0], 650.0, lao_deg=15.0, cranial_deg=5.0)
-    xray = register.prepare_xray(render(volume, carm, torch.as_tensor(truth, dtype=torch.float32)).numpy(),
-                                 carm.size)
+    volume, carm, truth, xray, points = phantom_seen_at_a_known_pose()
     decoy = torch.tensor([8.0, -5.0, 0.0])  # where the fake learned distance leads (source frame)
 
     def distance(poses):  # the pose's translation pulled 8 mm across, 5 mm up: the descent's answer
@@ -416,12 +419,7 @@ def test_the_search_compares_its_best_answer_and_best_start_after_refining_both(
     the preferred answer and the preferred start are both refined and the better refined one kept (not the
     refined favourite, nor the two ranked first: both runs here end on wrong peaks that outrank the start)."""
     import ACSGRegistrationLib.xray.register as register
-    image, points = bony_phantom()
-    volume = Volume.from_image(image)
-    carm = CArm(1000.0, (1.6, 1.6), (32, 32))
-    truth = look_at([0.0, 0.0, 0.0], 650.0, lao_deg=15.0, cranial_deg=5.0)
-    xray = register.prepare_xray(render(volume, carm, torch.as_tensor(truth, dtype=torch.float32)).numpy(),
-                                 carm.size)
+    volume, carm, truth, xray, points = phantom_seen_at_a_known_pose()
     decoy, elsewhere, summit = np.full(6, 0.5), np.full(6, -3.0), np.full(6, 0.05)
     answers = iter([elsewhere, decoy])
     monkeypatch.setattr(register, "cma_es", lambda search, start, evaluations, **options: next(answers))
