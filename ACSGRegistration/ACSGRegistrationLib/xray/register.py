@@ -316,9 +316,9 @@ def register_pose(search: PoseSearch, method: str = "cmaes+gradient", evaluation
                   progress=None, learned=None, learned_steps: int = 60) -> Dict:
     """Search the pose; returns {"ct_to_source" (4x4 numpy), "parameters", "similarity", "initial_similarity",
     "evaluations", "seconds", "polarity"}. CMA-ES runs ``restarts`` times (other seeds, ``evaluations`` each): one
-    run often settles in the basin of a neighbouring vertebra. With the refinement, the preferred of its answers and the preferred
-    of the poses it started from are each refined and the preferred of those kept (``refined_best``); without,
-    the preferred of all of them. Without ProST every run starts from the initial
+    run often settles in the basin of a neighbouring vertebra. With the refinement, the preferred of its answers
+    and the preferred of the poses it started from are each refined and the preferred of those kept
+    (``refined_best``); without, the preferred of all of them. Without ProST every run starts from the initial
     pose; with ProST (``learned``: a ``prost.LearnedSimilarity``), its descent comes first and the first run
     starts from its answer, the others from the initial pose. The learned answer alone was the start of the only
     run before, chosen against the initial pose: on simulated single views 10 deg / 20 mm off, a learned answer
@@ -347,7 +347,8 @@ def register_pose(search: PoseSearch, method: str = "cmaes+gradient", evaluation
             parameters = refined_best(search, answers, origins, refine_steps, should_stop=should_stop,
                                       progress=progress)
         else:
-            parameters = (answers + origins)[preferred(search, answers + origins)]
+            candidates = answers + origins
+            parameters = candidates[preferred(search, candidates)]
     elif "gradient" in method:
         parameters = gradient_ascent(search, parameters, refine_steps, should_stop=should_stop, progress=progress)
     final = torch.as_tensor(parameters, dtype=dtype)
