@@ -5,9 +5,9 @@ is CMA-ES (the ``cmaes`` package) over the six pose parameters, then gradient as
 renderer. The pose's parameters are those of ``camera.pose_from_parameters``: a rotation about the target
 vertebra's centre and a translation, on the left of the initial pose.
 
-The X-ray's polarity (bone bright, as radiographs are displayed, or dark, as raw intensities are) is read once
-at the initial pose: where the similarity there is negative, raw intensities are turned into line integrals
-(-log, Beer-Lambert) and an inverted display is flipped.
+The X-ray's polarity (bone bright, as radiographs are displayed, or dark, as raw intensities are) is read at
+the initial pose (and at ProST's answer), from the sign of the images' intensity correlation: where it is
+negative, raw intensities are turned into line integrals (-log, Beer-Lambert) and an inverted display is flipped.
 """
 
 import time
@@ -151,14 +151,19 @@ class PoseSearch:
         return view
 
     def detect_polarity(self, parameters: torch.Tensor) -> None:
-        """Bone bright or dark, read from the sign of gradient NCC at the pose (of those given, (k, 6) or (6,))
-        where its magnitude is largest: the initial one, or also the learned similarity's answer (a pose far
-        off correlates weakly, with either sign). Bone-dark raw intensities, I0·exp(-line integral)
-        (Beer-Lambert), are linearised by the log where they are all positive; an inverted display is flipped."""
+        """Bone bright or dark, read from the sign of the intensity NCC between the DRRs at the poses given ((k,
+        6) or (6,): the initial one, or also the learned similarity's answer) and the X-ray, where its magnitude is
+        largest. Intensities, not their gradients: the body's bulk and the spine's column overlap from far off,
+        edges need not (``benchmarks/xray_polarity_cues.py``: xray-evaluate's two-view cases, both CTs, seeds
+        2-9, at the starting pose: gradient NCC's sign wrong in 6 of the 128 views 20-60 mm off, which sent the
+        search 15-70 mm astray on seed 3; the intensity NCC's in none of all 256, the smallest value +0.18). It can
+        still err where the CT ends inside the X-ray's field (1 of 48 other far starts, ``Testing``). Bone-dark
+        raw intensities, I0·exp(-line integral) (Beer-Lambert), are linearised by the log where they are all
+        positive; an inverted display is flipped."""
         self.xray = self.given
         candidates = torch.as_tensor(parameters, dtype=self.given.dtype).reshape(-1, 6)
         with torch.no_grad():
-            values = self.image_similarity(candidates, self.given)
+            values = ncc(self.render(candidates), self.given)
         value = values[int(values.abs().argmax())]
         self.polarity = -1.0 if value < 0 else 1.0
         if self.polarity < 0:
@@ -336,7 +341,8 @@ def register_pose(search: PoseSearch, method: str = "cmaes+gradient", evaluation
     origins = [np.zeros(6)]
     if method.startswith("prost"):
         found = learned_descent(search, learned, learned_steps, should_stop=should_stop, progress=progress)
-        search.detect_polarity(torch.as_tensor(np.stack([np.zeros(6), found]), dtype=dtype))
+        for view in [search] + search.others:  # each view's polarity read again, there as well
+            view.detect_polarity(torch.as_tensor(np.stack([np.zeros(6), found]), dtype=dtype))
         origins = [found] + origins
     starts = (origins + [np.zeros(6)] * restarts)[:max(1, restarts)]
     parameters = origins[0]
