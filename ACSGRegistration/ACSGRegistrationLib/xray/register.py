@@ -155,11 +155,11 @@ class PoseSearch:
         6) or (6,): the initial one, or also the learned similarity's answer) and the X-ray, where its magnitude is
         largest. Intensities, not their gradients: the body's bulk and the spine's column overlap from far off,
         edges need not (``benchmarks/xray_polarity_cues.py``: xray-evaluate's two-view cases, both CTs, seeds
-        2-9, at the starting pose: gradient NCC's sign wrong in 6 of the 128 views 20-60 mm off, which sent the
-        search 15-70 mm astray on seed 3; the intensity NCC's in none of all 256, the smallest value +0.18). It can
-        still err where the CT ends inside the X-ray's field (1 of 48 other far starts, ``Testing``). Bone-dark
-        raw intensities, I0·exp(-line integral) (Beer-Lambert), are linearised by the log where they are all
-        positive; an inverted display is flipped."""
+        2-9, at the starting pose: gradient NCC's sign wrong in 6 of the 128 views 20-60 mm off, the intensity
+        NCC's in none of all 256, its smallest value +0.18; the two such cases of seed 3 fail read right as read
+        wrong, for other reasons). It can still err where the CT ends inside the X-ray's field (1 of 48 other far
+        starts, ``Testing``). Bone-dark raw intensities, I0·exp(-line integral) (Beer-Lambert), are linearised
+        by the log where they are all positive; an inverted display is flipped."""
         self.xray = self.given
         candidates = torch.as_tensor(parameters, dtype=self.given.dtype).reshape(-1, 6)
         with torch.no_grad():
