@@ -341,8 +341,9 @@ def register_pose(search: PoseSearch, method: str = "cmaes+gradient", evaluation
     origins = [np.zeros(6)]
     if method.startswith("prost"):
         found = learned_descent(search, learned, learned_steps, should_stop=should_stop, progress=progress)
+        initial_and_found = torch.as_tensor(np.stack([np.zeros(6), found]), dtype=dtype)
         for view in [search] + search.others:  # each view's polarity read again, there as well
-            view.detect_polarity(torch.as_tensor(np.stack([np.zeros(6), found]), dtype=dtype))
+            view.detect_polarity(initial_and_found)
         origins = [found] + origins
     starts = (origins + [np.zeros(6)] * restarts)[:max(1, restarts)]
     parameters = origins[0]
