@@ -357,7 +357,6 @@ def test_the_search_keeps_the_pose_it_started_from_unless_another_is_preferred()
     """CMA-ES started at the true pose with one population's budget (every candidate off it) must hand back the
     start; and the choice weighs the similarity around the target beside the whole images' (a pose the whole
     images favour slightly but the target's region clearly not loses)."""
-    from types import SimpleNamespace
     from ACSGRegistrationLib.xray.register import PoseSearch, preferred, register_pose
     volume, carm, truth, xray, points = phantom_seen_at_a_known_pose(48)
     search = PoseSearch(volume, carm, xray, truth, np.zeros(3), target_points=points)
@@ -365,12 +364,27 @@ def test_the_search_keeps_the_pose_it_started_from_unless_another_is_preferred()
     assert any(h["stage"] == "cma-es" for h in search.history)
     assert np.allclose(result["parameters"], 0.0), result["parameters"]
 
-    def similarity(parameters, around_target=False):  # whole images: candidate 0; around the target: 1
-        return torch.tensor([0.4, 0.6]) if around_target else torch.tensor([0.5, 0.45])
-    fake = SimpleNamespace(volume=volume, target_points=points, similarity=similarity)
-    assert preferred(fake, [np.zeros(6), np.ones(6)]) == 1
-    fake.target_points = None
-    assert preferred(fake, [np.zeros(6), np.ones(6)]) == 0
+    def image_similarities(parameters, xray):  # whole images: candidate 0; around the target: 1
+        return torch.tensor([0.5, 0.45]), None if search.target_points is None else torch.tensor([0.4, 0.6])
+    search.image_similarities = image_similarities
+    assert preferred(search, [np.zeros(6), np.zeros(6)]) == 1
+    search.target_points = None
+    assert preferred(search, [np.zeros(6), np.zeros(6)]) == 0
+
+
+def test_the_gradient_ascent_stops_once_it_stalls_and_climbs_while_it_gains():
+    """On a flat similarity the refinement ends ``STALL_STEPS`` steps after its first; on a slope it climbs every step asked
+    for; either way it hands back the best pose it saw."""
+    from types import SimpleNamespace
+    from ACSGRegistrationLib.xray.register import STALL_STEPS, gradient_ascent
+    summit = torch.tensor([0.0, 0.0, 0.0, 40.0, 0.0, 0.0])
+    for slope, expected_steps in ((0.0, 1 + STALL_STEPS), (1.0, 30)):  # the first step, then STALL_STEPS idle
+        fake = SimpleNamespace(volume=SimpleNamespace(mu=torch.zeros(1)), history=[], evaluations=0,
+                               similarity=lambda p, around_target=False: -slope * (p - summit).norm(dim=1) / 100)
+        best = gradient_ascent(fake, np.zeros(6), steps=30)
+        assert len(fake.history) == expected_steps
+        if slope:
+            assert 0.0 < best[3] < 40.0 and fake.history[-1]["similarity"] > fake.history[0]["similarity"]
 
 
 def test_with_prost_cmaes_starts_from_the_learned_answer_and_from_the_initial_pose(monkeypatch):
@@ -641,3 +655,9 @@ def test_the_per_vertebra_similarity_compares_the_images_over_the_targets_projec
         whole = search.image_similarity(torch.zeros(1, 6), search.xray)
     assert torch.allclose(value, gradient_ncc(drr[None][:, cut[0], cut[1]], search.xray[cut]), atol=1e-5)
     assert torch.allclose(whole, gradient_ncc(drr[None], search.xray), atol=1e-6)
+    # what CMA-ES scores and the candidates are ranked by: both, each less the depth prior, from one rendering
+    parameters = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 0.0], [0.02, -0.01, 0.0, 3.0, -2.0, 12.0]])
+    with torch.no_grad():
+        both = search.preference(parameters)
+        apart = search.similarity(parameters) + search.similarity(parameters, around_target=True)
+    assert torch.allclose(both, apart, atol=1e-6) and both[1] < both[0]
