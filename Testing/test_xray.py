@@ -373,8 +373,8 @@ def test_the_search_keeps_the_pose_it_started_from_unless_another_is_preferred()
 
 
 def test_the_gradient_ascent_stops_once_it_stalls_and_climbs_while_it_gains():
-    """On a flat similarity the refinement ends ``STALL_STEPS`` steps after its first; on a slope it climbs every step asked
-    for; either way it hands back the best pose it saw."""
+    """On a flat similarity the refinement ends ``STALL_STEPS`` steps after its first; on a slope it climbs every
+    step asked for; either way it hands back the best pose it saw."""
     from types import SimpleNamespace
     from ACSGRegistrationLib.xray.register import STALL_STEPS, gradient_ascent
     summit = torch.tensor([0.0, 0.0, 0.0, 40.0, 0.0, 0.0])
