@@ -372,21 +372,6 @@ def test_the_search_keeps_the_pose_it_started_from_unless_another_is_preferred()
     assert preferred(search, [np.zeros(6), np.zeros(6)]) == 0
 
 
-def test_the_gradient_ascent_stops_once_it_stalls_and_climbs_while_it_gains():
-    """On a flat similarity the refinement ends ``STALL_STEPS`` steps after its first; on a slope it climbs every
-    step asked for; either way it hands back the best pose it saw."""
-    from types import SimpleNamespace
-    from ACSGRegistrationLib.xray.register import STALL_STEPS, gradient_ascent
-    summit = torch.tensor([0.0, 0.0, 0.0, 40.0, 0.0, 0.0])
-    for slope, expected_steps in ((0.0, 1 + STALL_STEPS), (1.0, 30)):  # the first step, then STALL_STEPS idle
-        fake = SimpleNamespace(volume=SimpleNamespace(mu=torch.zeros(1)), history=[], evaluations=0,
-                               similarity=lambda p, around_target=False: -slope * (p - summit).norm(dim=1) / 100)
-        best = gradient_ascent(fake, np.zeros(6), steps=30)
-        assert len(fake.history) == expected_steps
-        if slope:
-            assert 0.0 < best[3] < 40.0 and fake.history[-1]["similarity"] > fake.history[0]["similarity"]
-
-
 def test_with_prost_cmaes_starts_from_the_learned_answer_and_from_the_initial_pose(monkeypatch):
     """With a ProST model, CMA-ES's first run starts from the learned descent's answer and the second from the
     initial pose (each run can settle at a neighbouring vertebra; from a single view 10 deg / 20 mm off the learned

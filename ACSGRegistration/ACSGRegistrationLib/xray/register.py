@@ -42,11 +42,6 @@ PARAMETER_SCALE = np.array([0.1, 0.1, 0.1, 10.0, 10.0, 30.0])  # depth (z) is th
 # distance is uncertain, ``PoseSearch.depth_prior_mm`` (``xray-register --depth-prior-mm``) widens it.
 DEPTH_PRIOR_MM = 15.0
 DEPTH_PRIOR_WEIGHT = 0.02
-# The gradient ascent stops once STALL_STEPS steps in a row have not raised its best similarity by STALL_GAIN: on a
-# peak Adam's fixed step circles the summit (simulated two-view cases: a refinement from CMA-ES's answer gained
-# under 1e-4 after its 5th of 40 steps).
-STALL_STEPS = 8
-STALL_GAIN = 1e-4
 # With the target vertebra known (the per-vertebra mode), the final gradient ascent compares the images only over
 # the bounding box of its projection at each pose, widened by this margin (mm on the detector). The global search
 # (CMA-ES) scores the sum of both (``PoseSearch.preference``). Over the whole image the neighbouring vertebrae tell
@@ -259,32 +254,30 @@ def cma_es(search: PoseSearch, start: np.ndarray, evaluations: int = 600, sigma:
 
 
 def gradient_ascent(search: PoseSearch, start: np.ndarray, steps: int = 60, learning_rate: float = 0.02,
-                    patience: int = STALL_STEPS, should_stop: Optional[Callable[[], bool]] = None,
+                    should_stop: Optional[Callable[[], bool]] = None,
                     progress: Optional[Callable[[int, int, float], None]] = None) -> np.ndarray:
     """Adam on the scaled parameters through the differentiable renderer (refinement near the answer), on the
     similarity around the target vertebra where the search has its points (the per-vertebra mode); the best pose
-    seen. Stops early once ``patience`` steps in a row have not raised the best by ``STALL_GAIN``."""
+    seen. Every step is taken: Adam's fixed step can cross a stretch of ten or more steps without a gain and climb
+    again after it (simulated two-view case 2.3 mm off: stopped after 8 idle steps it ended 1.16 mm off, after all
+    100 at 0.30 mm)."""
     dtype = search.volume.mu.dtype
     scale = torch.as_tensor(PARAMETER_SCALE, dtype=dtype)
     scaled = (torch.as_tensor(start, dtype=dtype) / scale).clone().requires_grad_(True)
     optimizer = Adam([scaled], lr=learning_rate)
-    best, best_value, last_gain = np.asarray(start, float), -np.inf, 0
+    best, best_value = np.asarray(start, float), -np.inf
     for step in range(1, steps + 1):
         if should_stop is not None and should_stop():
             raise Cancelled("X-ray registration cancelled")
         value = search.similarity((scaled * scale)[None], around_target=True)[0]
         if value.item() > best_value:
-            if value.item() > best_value + STALL_GAIN:
-                last_gain = step
             best_value, best = value.item(), (scaled * scale).detach().cpu().numpy().astype(np.float64)
-        search.history.append({"stage": "gradient", "evaluations": search.evaluations, "similarity": best_value})
-        if progress is not None:
-            progress(step, steps, best_value)
-        if step - last_gain >= patience:
-            break
         optimizer.zero_grad()
         (-value).backward()
         optimizer.step()
+        search.history.append({"stage": "gradient", "evaluations": search.evaluations, "similarity": best_value})
+        if progress is not None:
+            progress(step, steps, best_value)
     return best
 
 
