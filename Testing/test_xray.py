@@ -372,6 +372,22 @@ def test_the_search_keeps_the_pose_it_started_from_unless_another_is_preferred()
     assert preferred(search, [np.zeros(6), np.zeros(6)]) == 0
 
 
+def test_cmaes_climbs_the_preference_not_the_whole_images_similarity_alone():
+    """CMA-ES scores ``PoseSearch.preference`` (whole images plus the target): where the whole images' similarity
+    alone peaks elsewhere (as the lateral view's does 15-20 mm along the AP ray of the TotalSegmentator CT), CMA-ES
+    goes where the preference peaks."""
+    from types import SimpleNamespace
+    from ACSGRegistrationLib.xray.register import cma_es
+    target, decoy = np.array([0.0, 0.0, 0.0, 1.0, -1.0, 2.0]), np.array([0.0, 0.0, 0.0, 0.0, 0.0, 15.0])
+
+    def peaked_at(where):
+        return lambda p, around_target=False: -((p - torch.as_tensor(where, dtype=p.dtype)) ** 2).sum(1)
+    fake = SimpleNamespace(volume=SimpleNamespace(mu=torch.zeros(1)), history=[], evaluations=0,
+                           similarity=peaked_at(decoy), preference=peaked_at(target))
+    found = cma_es(fake, np.zeros(6), evaluations=300, seed=0)
+    assert np.linalg.norm(found - target) < 1.0 < np.linalg.norm(found - decoy), found
+
+
 def test_with_prost_cmaes_starts_from_the_learned_answer_and_from_the_initial_pose(monkeypatch):
     """With a ProST model, CMA-ES's first run starts from the learned descent's answer and the second from the
     initial pose (each run can settle at a neighbouring vertebra; from a single view 10 deg / 20 mm off the learned
