@@ -186,45 +186,54 @@ class PoseSearch:
         """Gradient NCC of the DRRs at a batch of parameter vectors (B, 6) with ``xray``; ``around_target`` (where
         ``target_points`` are given): over the target's region at each pose (it follows the pose, not
         differentiated)."""
-        whole, target = self.image_similarities(parameters, xray)
-        return target if around_target and target is not None else whole
+        poses = self.pose(parameters)
+        region = self.target_region_at(poses) if around_target else None
+        return gradient_ncc(render(self.volume, self.carm, poses, self.samples), xray, region)
 
     def image_similarities(self, parameters: torch.Tensor, xray: torch.Tensor):
         """Gradient NCC over the whole images and around the target (None without ``target_points``) of the DRRs
         at a batch of parameter vectors (B, 6) with ``xray``, from one rendering."""
         poses = self.pose(parameters)
         drrs = render(self.volume, self.carm, poses, self.samples)
+        region = self.target_region_at(poses)
+        return gradient_ncc(drrs, xray), None if region is None else gradient_ncc(drrs, xray, region)
+
+    def target_region_at(self, poses: torch.Tensor) -> Optional[torch.Tensor]:
+        """The target's region on the detector at each pose (``target_region``), None without target points."""
         if self.target_points is None:
-            return gradient_ncc(drrs, xray), None
+            return None
         with torch.no_grad():
-            region = target_region(self.carm, poses.detach(), self.target_points, TARGET_MARGIN_MM)
-        return gradient_ncc(drrs, xray), gradient_ncc(drrs, xray, region)
+            return target_region(self.carm, poses.detach(), self.target_points, TARGET_MARGIN_MM)
+
+    def depth_prior(self, parameters: torch.Tensor) -> torch.Tensor:
+        """What one view's similarity loses for the change of depth (see ``DEPTH_PRIOR_MM``)."""
+        return DEPTH_PRIOR_WEIGHT * (parameters[:, 5] / self.depth_prior_mm) ** 2
+
+    def mean_over_views(self, parameters: torch.Tensor, score: Callable[["PoseSearch"], torch.Tensor]
+                        ) -> torch.Tensor:
+        """``score(view)`` averaged over this search's views, the evaluations counted."""
+        views = [self] + self.others
+        self.evaluations += parameters.shape[0] * len(views)
+        return sum(score(view) for view in views) / len(views)
 
     def preference(self, parameters: torch.Tensor) -> torch.Tensor:
         """What the search prefers at a batch of parameter vectors (B, 6): the sum of the similarity over the
         whole images and around the target vertebra (where the search has its points), each less the depth prior
         (one view), each the mean of the views' (more views); one rendering per view. See ``preference``."""
-        views = [self] + self.others
-        self.evaluations += parameters.shape[0] * len(views)
-        total = 0.0
-        for view in views:
+        def both(view):
             whole, target = view.image_similarities(parameters, view.xray)
-            total = total + whole + (0.0 if target is None else target)
+            return whole if target is None else whole + target
+        value = self.mean_over_views(parameters, both)
         if self.others:
-            return total / len(views)
-        terms = 1 if self.target_points is None else 2
-        return total - terms * DEPTH_PRIOR_WEIGHT * (parameters[:, 5] / self.depth_prior_mm) ** 2
+            return value
+        return value - (1 if self.target_points is None else 2) * self.depth_prior(parameters)
 
     def similarity(self, parameters: torch.Tensor, around_target: bool = False) -> torch.Tensor:
         """The image similarity at a batch of parameter vectors (B, 6), less the depth prior (one view); with
         more views, the mean of their similarities."""
-        if self.others:
-            views = [self] + self.others
-            self.evaluations += parameters.shape[0] * len(views)
-            return sum(v.image_similarity(parameters, v.xray, around_target) for v in views) / len(views)
-        self.evaluations += parameters.shape[0]
-        prior = DEPTH_PRIOR_WEIGHT * (parameters[:, 5] / self.depth_prior_mm) ** 2
-        return self.image_similarity(parameters, self.xray, around_target) - prior
+        value = self.mean_over_views(parameters, lambda view: view.image_similarity(parameters, view.xray,
+                                                                                    around_target))
+        return value if self.others else value - self.depth_prior(parameters)
 
 
 def cma_es(search: PoseSearch, start: np.ndarray, evaluations: int = 600, sigma: float = 0.5, seed: int = 0,
