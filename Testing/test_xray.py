@@ -1,6 +1,7 @@
 """CT to X-ray geometry and differentiable DRRs (ACSGRegistrationLib.xray): rays against analytic chord lengths of
-a phantom, projections against the camera's formula, pose gradients against finite differences, and the second
-derivative ProST's training needs."""
+a phantom, projections against the camera's formula, pose gradients against finite differences (both
+projectors: marching along the rays and Joseph's method across the planes), and the second derivative ProST's
+training needs."""
 
 import json
 
@@ -12,7 +13,7 @@ import torch
 from ACSGRegistrationLib.errors import InputError
 from ACSGRegistrationLib.geometry import ijk_to_physical_matrix
 from ACSGRegistrationLib.xray.camera import CArm, check_pose, look_at, pose_from_parameters, read_pose
-from ACSGRegistrationLib.xray.drr import Volume, render
+from ACSGRegistrationLib.xray.drr import Volume, render, render_by_planes
 
 
 def ball_phantom(radius=30.0, spacing=1.0, size=80, centre=(4.0, -3.0, 2.0), supersample=4):
@@ -38,12 +39,17 @@ def ball_phantom(radius=30.0, spacing=1.0, size=80, centre=(4.0, -3.0, 2.0), sup
 CARM = CArm(1000.0, (1.0, 1.0), (64, 48), (30.0, 25.0))
 
 
-def test_line_integrals_are_the_chord_lengths_of_a_ball():
+PROJECTORS = {"rays": lambda volume, carm, pose: render(volume, carm, pose, samples=600),
+              "planes": render_by_planes}
+
+
+@pytest.mark.parametrize("projector", PROJECTORS)
+def test_line_integrals_are_the_chord_lengths_of_a_ball(projector):
     image, centre, radius = ball_phantom()
     volume = Volume.from_image(image, hounsfield=False, dtype=torch.float64)
     pose = look_at(centre + [6.0, 0.0, -4.0], 700.0, lao_deg=25.0, cranial_deg=-10.0)
     carm = CArm(1000.0, (2.0, 2.0), (64, 48), (30.0, 25.0))  # the whole ball and air around it in view
-    drr = render(volume, carm, torch.as_tensor(pose), samples=600).numpy()
+    drr = PROJECTORS[projector](volume, carm, torch.as_tensor(pose)).numpy()
     # Analytic: the distance b from the ball's centre to each pixel's ray, chord 2 sqrt(r^2 - b^2).
     source = -pose[:3, :3].T @ pose[:3, 3]
     pixels = carm.detector_points(dtype=torch.float64).numpy()
@@ -89,7 +95,8 @@ def test_sampling_only_where_the_rays_meet_the_volume_changes_no_pixel(monkeypat
     assert taken[-1].stop - taken[-1].start < 0.85 * samples
 
 
-def test_a_point_projects_where_the_camera_formula_says():
+@pytest.mark.parametrize("projector", PROJECTORS)
+def test_a_point_projects_where_the_camera_formula_says(projector):
     image = sitk.Image(60, 60, 60, sitk.sitkFloat32)
     image.SetOrigin((-30.0, -30.0, -30.0))
     values = np.zeros((60, 60, 60), np.float32)
@@ -100,8 +107,8 @@ def test_a_point_projects_where_the_camera_formula_says():
     point = np.asarray(blob.TransformIndexToPhysicalPoint((35, 22, 40)))
     pose = look_at([0.0, 0.0, 0.0], 600.0, lao_deg=30.0, cranial_deg=15.0)
     carm = CArm(1100.0, (0.8, 0.8), (96, 96))
-    drr = render(Volume.from_image(blob, hounsfield=False, dtype=torch.float64), carm, torch.as_tensor(pose),
-                 samples=300).numpy()
+    drr = PROJECTORS[projector](Volume.from_image(blob, hounsfield=False, dtype=torch.float64), carm,
+                                torch.as_tensor(pose)).numpy()
     rows, columns = np.indices(drr.shape)
     weights = drr / drr.sum()
     peak = np.array([(weights * columns).sum(), (weights * rows).sum()])
@@ -112,9 +119,10 @@ def test_a_point_projects_where_the_camera_formula_says():
     assert np.allclose(carm.project(target[None])[0], carm.principal_point_px)
 
 
-@pytest.mark.parametrize("second_order", [False, True])
-def test_pose_gradient_matches_finite_differences(second_order):
-    """Both samplers: PyTorch's grid_sample (first derivatives) and the gathers (differentiable twice)."""
+@pytest.mark.parametrize("projector", ["rays", "rays twice differentiable", "planes"])
+def test_pose_gradient_matches_finite_differences(projector):
+    """Every sampler: marching along the rays with PyTorch's grid_sample (first derivatives) and with the gathers
+    (differentiable twice), and Joseph's method across the planes (2D grid_sample)."""
     image, centre, _ = ball_phantom(radius=20.0, size=56, supersample=2)
     # An off-centre, uneven object so that every pose parameter changes the image.
     values = sitk.GetArrayFromImage(image)
@@ -132,7 +140,9 @@ def test_pose_gradient_matches_finite_differences(second_order):
 
     def loss(p):
         pose = pose_from_parameters(p, reference, pivot)
-        return (render(volume, carm, pose, samples=200, second_order=second_order) * weights).sum()
+        if projector == "planes":
+            return (render_by_planes(volume, carm, pose) * weights).sum()
+        return (render(volume, carm, pose, samples=200, second_order="twice" in projector) * weights).sum()
 
     p0 = torch.tensor([0.03, -0.02, 0.05, 2.0, -1.5, 3.0], dtype=torch.float64, requires_grad=True)
     grad = torch.autograd.grad(loss(p0), p0)[0].numpy()
@@ -193,10 +203,33 @@ def test_geometry_and_pose_files(tmp_path):
         read_pose(str(path))
 
 
-def test_drr_matches_diffdrr_at_the_same_geometry():
-    """DiffDRR (an independent renderer: Siddon's exact voxel traversal) and this renderer, on the same real CT,
-    the same attenuation and the same rays: DiffDRR's own detector gives each pixel's ray, from which the C-arm
-    and pose of this package are built, exactly."""
+def test_both_projectors_give_the_same_drrs_of_a_ct_from_every_side():
+    """Joseph's method across the planes and marching along the rays, on a real CT at the registration's 3 mm:
+    AP views, laterals (rays along another grid axis), a view 40 degrees oblique, batched as a search batches
+    them; each pose's DRR the same in the batch as alone (one plane axis serves the whole batch)."""
+    from conftest import data_path
+    from ACSGRegistrationLib.xray.camera import turned_about_long_axis
+    volume = Volume.from_image(sitk.ReadImage(data_path("ct", "totalsegmentator-example", "ct.nii.gz")), spacing=3.0)
+    centre = volume.bounding_sphere()[0].numpy().astype(np.float64)
+    ap = [look_at(centre + [5.0, 0.0, -10.0], 700.0, lao_deg=lao, cranial_deg=cranial)
+          for lao, cranial in ((0.0, 0.0), (8.0, -6.0), (40.0, 0.0))]
+    carm = CArm(1020.0, (3.2, 3.2), (64, 64))
+    for poses in (ap, [turned_about_long_axis(pose, centre) for pose in ap]):
+        poses = torch.as_tensor(np.stack(poses), dtype=torch.float32)
+        planes, rays = render_by_planes(volume, carm, poses), render(volume, carm, poses)
+        for a, b in zip(planes, rays):
+            a, b = a - a.mean(), b - b.mean()
+            assert float((a * b).sum() / (a.norm() * b.norm())) > 0.999
+        assert float((planes - rays).abs().max() / rays.abs().max()) < 0.03
+        assert float((planes.mean() - rays.mean()).abs() / rays.mean()) < 0.002
+        assert torch.allclose(render_by_planes(volume, carm, poses[0]), planes[0], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("projector", PROJECTORS)
+def test_drr_matches_diffdrr_at_the_same_geometry(projector):
+    """DiffDRR (an independent renderer: Siddon's exact voxel traversal) and each of this package's projectors, on
+    the same real CT, the same attenuation and the same rays: DiffDRR's own detector gives each pixel's ray, from
+    which the C-arm and pose of this package are built, exactly."""
     pytest.importorskip("diffdrr", reason="pip install --no-deps -r requirements-xray-test.txt")
     from diffdrr.data import read
     from diffdrr.drr import DRR
@@ -236,7 +269,7 @@ def test_drr_matches_diffdrr_at_the_same_geometry():
     assert np.abs(ours_rays - t).max() < 0.05  # the same pixels, to a twentieth of a mm
     density = subject.density.data[0].permute(2, 1, 0).to(torch.float64).contiguous()  # (i, j, k) -> (k, j, i)
     volume = Volume(density, torch.as_tensor(index_to_lps))
-    ours = render(volume, carm, torch.as_tensor(ct_to_source)).numpy()
+    ours = PROJECTORS[projector](volume, carm, torch.as_tensor(ct_to_source)).numpy()
     a, b = (ours - ours.mean()) / ours.std(), (theirs - theirs.mean()) / theirs.std()
     assert (a * b).mean() > 0.99
     assert ours.mean() == pytest.approx(theirs.mean(), rel=0.01)  # the same line integrals, not only alike
@@ -646,7 +679,7 @@ def test_the_per_vertebra_similarity_compares_the_images_over_the_targets_projec
     a, b = torch.rand(2, 40, 48, dtype=torch.float64)
     assert torch.allclose(ncc(a, b, torch.ones(40, 48)), ncc(a, b))  # over every pixel: plain NCC
     xray = render(volume, carm, torch.as_tensor(look_at([2.0, -1.0, 0.0], 660.0), dtype=torch.float32))
-    drr = render(volume, carm, torch.as_tensor(truth, dtype=torch.float32))
+    drr = render_by_planes(volume, carm, torch.as_tensor(truth, dtype=torch.float32))  # as the search renders
     cut = (slice(low[1] - 1, high[1] + 2), slice(low[0] - 1, high[0] + 2))
     within = gradient_ncc(drr[None], xray, region[None].float())
     assert torch.allclose(within, gradient_ncc(drr[None][:, cut[0], cut[1]], xray[cut]), atol=1e-5)

@@ -23,7 +23,7 @@ from ..errors import Cancelled
 from ..optimiser import Adam
 from . import POSE_SEARCH_METHODS
 from .camera import placed, pose_from_parameters
-from .drr import Volume, render
+from .drr import Volume, render_by_planes
 
 # Scale of the six parameters in the search (rad, rad, rad, mm, mm, mm): CMA-ES's unit step.
 PARAMETER_SCALE = np.array([0.1, 0.1, 0.1, 10.0, 10.0, 30.0])  # depth (z) is the least determined
@@ -120,7 +120,6 @@ class PoseSearch:
     xray: torch.Tensor
     initial: torch.Tensor  # 4x4 ct_to_source
     centre: torch.Tensor  # (3,)
-    samples: Optional[int] = None
     # Points of the target vertebra (N, 3, LPS mm): the refinement's similarity then compares the DRR and the
     # X-ray only around the target's projection (see ``TARGET_MARGIN_MM``); None: the whole image throughout.
     target_points: Optional[torch.Tensor] = None
@@ -149,7 +148,7 @@ class PoseSearch:
         the C-arm's angles, or from both views' initial poses found as for one); the search keeps that motion
         fixed and moves the CT."""
         initial = torch.as_tensor(initial, dtype=self.initial.dtype)
-        view = PoseSearch(self.volume, carm, xray, self.initial, self.centre, self.samples, self.target_points,
+        view = PoseSearch(self.volume, carm, xray, self.initial, self.centre, self.target_points,
                           frame=initial @ torch.linalg.inv(self.initial))
         self.others.append(view)
         return view
@@ -179,7 +178,7 @@ class PoseSearch:
         return pose if self.frame is None else self.frame @ pose
 
     def render(self, parameters: torch.Tensor) -> torch.Tensor:
-        return render(self.volume, self.carm, self.pose(parameters), self.samples)
+        return render_by_planes(self.volume, self.carm, self.pose(parameters))
 
     def image_similarity(self, parameters: torch.Tensor, xray: torch.Tensor, around_target: bool = False
                          ) -> torch.Tensor:
@@ -188,13 +187,13 @@ class PoseSearch:
         differentiated)."""
         poses = self.pose(parameters)
         region = self.target_region_at(poses) if around_target else None
-        return gradient_ncc(render(self.volume, self.carm, poses, self.samples), xray, region)
+        return gradient_ncc(render_by_planes(self.volume, self.carm, poses), xray, region)
 
     def image_similarities(self, parameters: torch.Tensor, xray: torch.Tensor):
         """Gradient NCC over the whole images and around the target (None without ``target_points``) of the DRRs
         at a batch of parameter vectors (B, 6) with ``xray``, from one rendering."""
         poses = self.pose(parameters)
-        drrs = render(self.volume, self.carm, poses, self.samples)
+        drrs = render_by_planes(self.volume, self.carm, poses)
         region = self.target_region_at(poses)
         return gradient_ncc(drrs, xray), None if region is None else gradient_ncc(drrs, xray, region)
 
