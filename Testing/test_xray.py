@@ -225,6 +225,19 @@ def test_both_projectors_give_the_same_drrs_of_a_ct_from_every_side():
         assert torch.allclose(render_by_planes(volume, carm, poses[0]), planes[0], rtol=0, atol=1e-4)
 
 
+def test_nothing_behind_the_source_counts_when_it_stands_between_the_planes():
+    """A source inside the volume's grid, between two blocks, looking at one: the DRR across the planes is the
+    block ahead's thickness (10 mm), not both blocks'."""
+    values = np.zeros((120, 40, 40), np.float32)  # (k, j, i), 1 mm voxels
+    values[100:110, 15:25, 15:25] = 1.0  # ahead (+k)
+    values[10:20, 15:25, 15:25] = 1.0  # behind
+    volume = Volume.from_image(sitk.GetImageFromArray(values), hounsfield=False, dtype=torch.float64)
+    pose = np.eye(4)
+    pose[:3, 3] = -np.array([19.5, 19.5, 60.0])  # the source at index (19.5, 19.5, 60), looking along +k
+    drr = render_by_planes(volume, CArm(1000.0, (1.0, 1.0), (16, 16)), torch.as_tensor(pose))
+    assert torch.allclose(drr, torch.full_like(drr, 10.0), atol=0.05), (float(drr.min()), float(drr.max()))
+
+
 @pytest.mark.parametrize("projector", PROJECTORS)
 def test_drr_matches_diffdrr_at_the_same_geometry(projector):
     """DiffDRR (an independent renderer: Siddon's exact voxel traversal) and each of this package's projectors, on

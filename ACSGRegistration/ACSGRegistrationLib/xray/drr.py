@@ -168,9 +168,10 @@ def render_by_planes(volume: Volume, carm, ct_to_source: torch.Tensor) -> torch.
     """Line integrals of attenuation on the detector, as ``render``'s ((rows, columns), or (B, rows, columns)
     for a batch of poses), by Joseph's method: each ray sampled where it crosses each plane of voxel centres
     across the grid axis that the batch's rays run most nearly along, bilinearly within the plane (zero outside
-    the volume), each sample weighted by the ray's length between two planes. Differentiable once in the pose.
-    One axis serves the whole batch (one gather per plane): a batch viewing the grid near 45 degrees to two axes
-    is sampled up to 1.4 voxels apart across the planes for some of its poses, where ``render`` stays at one."""
+    the volume), each sample weighted by the ray's length between two planes; nothing behind the source counts.
+    Differentiable once in the pose. A ray's samples lie 1 / cos(its angle to the axis) voxels apart (up to 1.4
+    at 45 degrees, as in Joseph's method). One axis serves the whole batch (one gather per plane): in a batch
+    whose poses straddle 45 degrees between two axes, some are sampled more than a voxel apart within the planes."""
     batched = ct_to_source.dim() == 3
     _, source, direction = rays_in_index(volume, carm, ct_to_source)
     dtype, device = volume.mu.dtype, volume.mu.device
@@ -188,9 +189,9 @@ def render_by_planes(volume: Volume, carm, ct_to_source: torch.Tensor) -> torch.
     grid = torch.addcmul(at_zero.reshape(1, -1, 2), plane[:, None, None], (slope * scale).reshape(1, -1, 2))
     values = torch.nn.functional.grid_sample(planes, grid[:, :, None, :], mode="bilinear", padding_mode="zeros",
                                              align_corners=True).reshape((count,) + along.shape)
-    level = source[:, axis]
-    if bool(((level > -1) & (level < count)).any()):  # a source between the planes: none behind it counts
-        ahead = (plane[:, None, None, None] - level[None, :, None, None]) / along[None] > 0
+    level = source[:, axis, None, None]  # the source's place across the planes
+    if bool(((along > 0) & (level >= 0) | (along < 0) & (level <= count - 1)).any()):  # planes behind a source
+        ahead = (plane[:, None, None, None] - level[None]) / along[None] > 0
         values = torch.where(ahead, values, torch.zeros_like(values))
     image = values.sum(0) / along.abs()
     return image if batched else image[0]
