@@ -28,14 +28,10 @@ from ACSGRegistrationLib.geometry import write_image  # noqa: E402
 from ACSGRegistrationLib.io import read_image  # noqa: E402
 from ACSGRegistrationLib.xray.camera import CArm, pose_from_parameters, turned_about_long_axis  # noqa: E402
 from ACSGRegistrationLib.xray.register import mean_target_error  # noqa: E402
-from ACSGRegistrationLib.xray.simulation import Realism, XraySimulator, label_points, random_view  # noqa: E402
+from ACSGRegistrationLib.xray.simulation import (  # noqa: E402
+    Realism, XraySimulator, fixed_size_offset, label_points, random_view)
 
 DATA = os.path.join(ROOT, "..", "shared", "data", "ct")
-
-
-def unit(rng: np.random.Generator) -> np.ndarray:
-    vector = rng.normal(size=3)
-    return vector / np.linalg.norm(vector)
 
 
 def main(argv=None):
@@ -61,7 +57,7 @@ def main(argv=None):
         for case in range(args.cases):
             rng = np.random.default_rng(100 + case)
             truth = random_view(rng, simulator.centre)
-            offset = np.concatenate([np.deg2rad(10.0) * unit(rng), 20.0 * unit(rng)])
+            offset = fixed_size_offset(rng, 10.0, 20.0)
             start = pose_from_parameters(torch.as_tensor(offset), torch.as_tensor(truth),
                                          torch.as_tensor(simulator.centre)).numpy()
             motion = turned_about_long_axis(truth, simulator.centre) @ np.linalg.inv(truth)

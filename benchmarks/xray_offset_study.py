@@ -34,14 +34,10 @@ from ACSGRegistrationLib.xray.drr import Volume  # noqa: E402
 from ACSGRegistrationLib.xray.evaluation import lateral_beside, register_case, simulation_detectors  # noqa: E402
 from ACSGRegistrationLib.xray.prost import load_prost  # noqa: E402
 from ACSGRegistrationLib.xray.register import mean_target_error, prepare_xray  # noqa: E402
-from ACSGRegistrationLib.xray.simulation import Realism, XraySimulator, label_points, random_view  # noqa: E402
+from ACSGRegistrationLib.xray.simulation import (  # noqa: E402
+    Realism, XraySimulator, fixed_size_offset, label_points, random_view)
 
 DATA = os.path.join(ROOT, "..", "shared", "data", "ct")
-
-
-def unit(rng: np.random.Generator) -> np.ndarray:
-    vector = rng.normal(size=3)
-    return vector / np.linalg.norm(vector)
 
 
 def main(argv=None):
@@ -76,8 +72,7 @@ def main(argv=None):
     for case in range(args.cases):
         truth = random_view(rng, centre)
         xray = simulator.xray(detector, truth, rng, Realism())
-        direction = unit(rng)
-        offset = np.concatenate([np.deg2rad(args.rotation) * unit(rng), args.translation * direction])
+        offset = fixed_size_offset(rng, args.rotation, args.translation)
         start = pose_from_parameters(torch.as_tensor(offset), torch.as_tensor(truth), torch.as_tensor(centre)).numpy()
         others = []
         if args.views == 2:  # its own noise stream: the AP cases stay those of the one-view runs
@@ -89,7 +84,7 @@ def main(argv=None):
         final, seconds = errors["final_mtre_mm"], errors["seconds"]
         finals.append(final)
         print(f"case {case}: start mTRE {mean_target_error(start, truth, points):5.1f} mm (of it along the ray "
-              f"{abs(args.translation * direction[2]):4.1f}) -> {final:6.2f} mm; depth {errors['depth_mm']:.1f}, "
+              f"{abs(offset[5]):4.1f}) -> {final:6.2f} mm; depth {errors['depth_mm']:.1f}, "
               f"projection {errors['projection_mm']:.1f} mm; {seconds:.0f} s", flush=True)
     finals = np.asarray(finals)
     print(f"success (mTRE < 10 mm): {int((finals < 10).sum())} of {len(finals)}; < 5 mm: {int((finals < 5).sum())}; "

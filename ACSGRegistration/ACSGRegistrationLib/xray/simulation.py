@@ -66,6 +66,13 @@ def random_parameters(rng: np.random.Generator, rotation_deg: float, translation
     return np.concatenate([rotation, translation])
 
 
+def fixed_size_offset(rng: np.random.Generator, rotation_deg: float, translation_mm: float) -> np.ndarray:
+    """A pose offset of a fixed size (``camera.pose_from_parameters``'s parameters): ``rotation_deg`` about a
+    random axis and ``translation_mm`` in a random direction (the direction drawn first)."""
+    direction, axis = (vector / np.linalg.norm(vector) for vector in (rng.normal(size=3), rng.normal(size=3)))
+    return np.concatenate([np.deg2rad(rotation_deg) * axis, translation_mm * direction])
+
+
 class XraySimulator:
     """One CT, its label map and target vertebra, ready to render realistic X-rays at any pose."""
 
