@@ -22,11 +22,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "ACSGRegistration"))
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from ACSGRegistrationLib.geometry import write_image  # noqa: E402
 from ACSGRegistrationLib.io import read_image  # noqa: E402
-from ACSGRegistrationLib.xray.camera import CArm, pose_from_parameters, turned_about_long_axis  # noqa: E402
+from ACSGRegistrationLib.xray.camera import CArm, moved_pose, turned_about_long_axis  # noqa: E402
 from ACSGRegistrationLib.xray.register import mean_target_error  # noqa: E402
 from ACSGRegistrationLib.xray.simulation import (  # noqa: E402
     Realism, XraySimulator, fixed_size_offset, label_points, random_view)
@@ -58,8 +57,7 @@ def main(argv=None):
             rng = np.random.default_rng(100 + case)
             truth = random_view(rng, simulator.centre)
             offset = fixed_size_offset(rng, 10.0, 20.0)
-            start = pose_from_parameters(torch.as_tensor(offset), torch.as_tensor(truth),
-                                         torch.as_tensor(simulator.centre)).numpy()
+            start = moved_pose(truth, offset, simulator.centre)
             motion = turned_about_long_axis(truth, simulator.centre) @ np.linalg.inv(truth)
             views = []
             for name, pose, initial in (("ap", truth, start), ("lateral", motion @ truth, motion @ start)):

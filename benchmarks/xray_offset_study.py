@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from ACSGRegistrationLib.io import read_image  # noqa: E402
 from ACSGRegistrationLib.resources import PROST_MODEL, shipped_model_path  # noqa: E402
 from ACSGRegistrationLib.xray import POSE_SEARCH_METHODS, register  # noqa: E402
-from ACSGRegistrationLib.xray.camera import pose_from_parameters  # noqa: E402
+from ACSGRegistrationLib.xray.camera import moved_pose  # noqa: E402
 from ACSGRegistrationLib.xray.drr import Volume  # noqa: E402
 from ACSGRegistrationLib.xray.evaluation import lateral_beside, register_case, simulation_detectors  # noqa: E402
 from ACSGRegistrationLib.xray.prost import load_prost  # noqa: E402
@@ -73,7 +73,7 @@ def main(argv=None):
         truth = random_view(rng, centre)
         xray = simulator.xray(detector, truth, rng, Realism())
         offset = fixed_size_offset(rng, args.rotation, args.translation)
-        start = pose_from_parameters(torch.as_tensor(offset), torch.as_tensor(truth), torch.as_tensor(centre)).numpy()
+        start = moved_pose(truth, offset, centre)
         others = []
         if args.views == 2:  # its own noise stream: the AP cases stay those of the one-view runs
             others.append(lateral_beside(simulator, detector, carm, truth, start,

@@ -131,6 +131,15 @@ def pose_from_parameters(parameters: torch.Tensor, reference: torch.Tensor, cent
     return delta @ reference
 
 
+def moved_pose(reference: np.ndarray, parameters: np.ndarray, centre) -> np.ndarray:
+    """``pose_from_parameters`` on numpy arrays (float64): ``reference`` (4x4) moved by ``parameters`` (6,) about
+    ``centre`` (LPS mm) — a start pose drawn off a true one."""
+    import torch
+    return pose_from_parameters(torch.as_tensor(np.asarray(parameters, dtype=np.float64)),
+                                torch.as_tensor(np.asarray(reference, dtype=np.float64)),
+                                torch.as_tensor(np.asarray(centre, dtype=np.float64))).numpy()
+
+
 def read_pose(path: str) -> np.ndarray:
     """POSE.json's ``ct_to_source`` (4×4); errors name the file."""
     try:

@@ -19,7 +19,7 @@ import SimpleITK as sitk
 import torch
 
 from ..geometry import write_csv, write_text
-from .camera import CArm, placed, pose_from_parameters, turned_about_long_axis
+from .camera import CArm, moved_pose, placed, turned_about_long_axis
 from .drr import Volume
 from .register import DEPTH_PRIOR_MM, PoseSearch, mean_target_error, prepare_xray, register_pose
 from .simulation import Realism, XraySimulator, label_points, random_parameters, random_view
@@ -49,8 +49,7 @@ def starting_offset(rng: np.random.Generator, truth: np.ndarray, centre: np.ndar
     for _ in range(1000):
         scale = target / 35.0 * rng.uniform(0.5, 1.5)
         offset = random_parameters(rng, 10.0 * scale, 15.0 * scale, 30.0 * scale)
-        start = pose_from_parameters(torch.as_tensor(offset), torch.as_tensor(truth),
-                                     torch.as_tensor(centre)).numpy()
+        start = moved_pose(truth, offset, centre)
         error = mean_target_error(start, truth, points)
         if low <= error < high:
             return start, error

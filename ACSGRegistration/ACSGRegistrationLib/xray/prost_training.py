@@ -25,7 +25,7 @@ import torch
 
 from ..errors import Cancelled, InputError, ResultError
 from ..geometry import write_csv
-from .camera import pose_from_parameters
+from .camera import moved_pose, pose_from_parameters
 from .prost import ProSTConfig, ProSTNet, load_prost, network_volume, save_prost
 from .register import PARAMETER_SCALE, prepare_xray
 from .simulation import Realism, XraySimulator, random_parameters, random_view
@@ -71,11 +71,10 @@ def draw_cases(subject: Subject, carm, rng: np.random.Generator, count: int, con
                realism: Realism):
     """``count`` (truth, start, X-ray) of one subject: X-rays on the network's detector."""
     truths, starts, xrays = [], [], []
-    centre = torch.as_tensor(subject.centre, dtype=torch.float64)
     for _ in range(count):
         truth = random_view(rng, subject.centre, config.view_deg)
         offset = random_parameters(rng, config.rotation_deg, config.translation_mm, config.depth_mm)
-        start = pose_from_parameters(torch.as_tensor(offset), torch.as_tensor(truth), centre).numpy()
+        start = moved_pose(truth, offset, subject.centre)
         xrays.append(prepare_xray(subject.simulator.xray(carm, truth, rng, realism), carm.size))
         truths.append(truth)
         starts.append(start)
