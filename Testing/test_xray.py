@@ -343,6 +343,70 @@ def test_dicom_geometry_tags_fill_in_what_geometry_json_omits(tmp_path):
         read_xray(str(tmp_path / "missing.dcm"))
 
 
+def test_shutters_from_dicom_or_geometry_json_leave_their_shadow_out(tmp_path):
+    """Where the shutters blocked the beam: the DICOM Display Shutter module (rectangular and circular, 1-based
+    pixels, edges inclusive), else the X-Ray Collimator module, else GEOMETRY.json's ``exposed_field_px``
+    (0-based, inclusive; it wins); refused where it lies off the image or leaves nothing exposed."""
+    from ACSGRegistrationLib.xray.images import exposed_field, read_xray
+    rows, columns = np.mgrid[1:41, 1:51]
+    path = tmp_path / "shuttered.dcm"
+    synthetic_dicom_xray(path, ShutterShape=["RECTANGULAR", "CIRCULAR"], ShutterLeftVerticalEdge="6",
+                         ShutterRightVerticalEdge="45", ShutterUpperHorizontalEdge="3", ShutterLowerHorizontalEdge="38",
+                         CenterOfCircularShutter=["20", "26"], RadiusOfCircularShutter="17")
+    expected = (columns >= 6) & (columns <= 45) & (rows >= 3) & (rows <= 38) & ((rows - 20) ** 2 + (columns - 26) ** 2
+                                                                                 <= 17 ** 2)
+    xray = read_xray(str(path))
+    assert np.array_equal(xray.exposed, expected) and 0 < expected.sum() < expected.size
+    assert np.array_equal(exposed_field(xray), expected)
+    collimated = tmp_path / "collimated.dcm"
+    synthetic_dicom_xray(collimated, CollimatorShape="RECTANGULAR", CollimatorLeftVerticalEdge="1",
+                         CollimatorRightVerticalEdge="40", CollimatorUpperHorizontalEdge="1",
+                         CollimatorLowerHorizontalEdge="40")
+    assert np.array_equal(read_xray(str(collimated)).exposed, columns <= 40)
+    box = exposed_field(xray, {"exposed_field_px": [2, 3, 10, 30]})
+    assert box.sum() == 9 * 28 and box[3, 2] and box[30, 10] and not box[2, 2] and not box[3, 11]
+    plain = tmp_path / "plain.dcm"
+    synthetic_dicom_xray(plain)
+    assert read_xray(str(plain)).exposed is None and exposed_field(read_xray(str(plain))) is None
+    with pytest.raises(InputError, match="g.json: exposed_field_px .* does not lie within .* 50 x 40"):
+        exposed_field(xray, {"exposed_field_px": [0, 0, 50, 10]}, where="g.json")
+    with pytest.raises(InputError, match="exposed_field_px must be"):
+        exposed_field(xray, {"exposed_field_px": [0, 0, 5]})
+    closed = tmp_path / "closed.dcm"
+    synthetic_dicom_xray(closed, ShutterShape="RECTANGULAR", ShutterLeftVerticalEdge="30",
+                         ShutterRightVerticalEdge="20", ShutterUpperHorizontalEdge="1", ShutterLowerHorizontalEdge="40")
+    with pytest.raises(InputError, match="closed.dcm: its shutters .* leave no pixel exposed"):
+        read_xray(str(closed))
+
+
+def test_simulated_shutters_are_known_and_their_shadow_is_not_compared():
+    """``XraySimulator.exposure`` draws as ``xray`` does and says where it shuttered the beam (scatter only
+    there); ``prepare_field`` keeps a grid pixel only where all it averages was exposed; the search compares
+    neither the shadow nor the pixels next to it."""
+    from ACSGRegistrationLib.xray.register import PoseSearch, compared_pixels, prepare_field, prepare_xray
+    from ACSGRegistrationLib.xray.simulation import Realism, XraySimulator
+    image, _ = bony_phantom()
+    labels = sitk.Cast(image > 500, sitk.sitkUInt8) * 7
+    simulator = XraySimulator(image, labels, 7)
+    carm = CArm(1000.0, (0.8, 0.8), (96, 96))
+    truth = look_at([0.0, 0.0, 0.0], 650.0)
+    realism = Realism(collimation=1.0, bone_bright=1.0)
+    shown, exposed = simulator.exposure(carm, truth, np.random.default_rng(3), realism)
+    assert np.array_equal(shown, simulator.xray(carm, truth, np.random.default_rng(3), realism))
+    assert 0 < (~exposed).sum() < 0.6 * exposed.size and exposed.shape == shown.shape
+    assert shown[~exposed].std() < 0.5 * shown[exposed].std()  # scatter and noise only
+    field = prepare_field(exposed, (48, 48))
+    pooled = exposed.reshape(48, 2, 48, 2).all(axis=(1, 3))
+    assert np.array_equal(field.numpy() == 1, pooled)
+    on_grid = prepare_xray(shown, (48, 48))
+    compared = compared_pixels(on_grid, field).numpy()
+    shadow_and_next = ~np.asarray(torch.nn.functional.max_pool2d(torch.as_tensor(~pooled, dtype=torch.float32)[None],
+                                                                 3, 1, 1)[0], dtype=bool)
+    assert not (compared * ~shadow_and_next).any() and compared.sum() > 0
+    search = PoseSearch(Volume.from_image(image), carm.scaled(2), on_grid, truth, np.zeros(3), field=field)
+    assert torch.equal(search.informative, compared_pixels(on_grid, field))
+
+
 def bony_phantom():
     """A small 'vertebra' (a body, a ring and two bars of different density) in soft tissue, 2 mm voxels."""
     shape = (40, 40, 40)
@@ -501,9 +565,10 @@ def test_the_search_compares_its_best_answer_and_best_start_after_refining_both(
 
 def test_a_second_view_pins_down_the_depth_one_view_cannot_see():
     """Two X-rays of the phantom 90 deg apart (AP and lateral), the start 16 mm off along the AP view's ray: the
-    AP view alone keeps that depth (its prior; one view sees depth only through magnification), both views
-    together find it. A second view's poses are the C-arm's motion applied to the first's, and the search's
-    similarity is the mean of the two views' (no depth prior)."""
+    AP view alone, its depth prior narrowed to 15 mm (as where the C-arm's distance is known), keeps that depth
+    (one view sees depth only through magnification), both views together find it. A second view's poses are the
+    C-arm's motion applied to the first's, and the search's similarity is the mean of the two views' (no depth
+    prior)."""
     from ACSGRegistrationLib.xray.register import PoseSearch, mean_target_error, prepare_xray, register_pose
     image, points = bony_phantom()
     volume = Volume.from_image(image)
@@ -516,7 +581,8 @@ def test_a_second_view_pins_down_the_depth_one_view_cannot_see():
                                  torch.as_tensor(truths[0]), torch.zeros(3, dtype=torch.float64)).numpy()
 
     def search(views):
-        found = PoseSearch(volume, carm, xrays[0], start, np.zeros(3), target_points=points)
+        found = PoseSearch(volume, carm, xrays[0], start, np.zeros(3), target_points=points,
+                           depth_prior_mm=15.0)
         if views == 2:
             lateral = found.add_view(carm, xrays[1], motion @ start)
             p = torch.tensor([0.03, 0.0, -0.02, 1.0, 2.0, -3.0])
@@ -547,7 +613,9 @@ def test_xray_register_command_line(tmp_path, capsys):
     xray = tmp_path / "xray.nii.gz"
     sitk.WriteImage(sitk.GetImageFromArray(line.astype(np.float32)), str(xray))
     geometry = tmp_path / "geometry.json"
-    geometry.write_text(json.dumps({"source_to_detector_mm": 1000.0, "pixel_spacing_mm": [1.6, 1.6]}))
+    # The last two columns shuttered: left out of the comparison.
+    geometry.write_text(json.dumps({"source_to_detector_mm": 1000.0, "pixel_spacing_mm": [1.6, 1.6],
+                                    "exposed_field_px": [0, 0, 45, 47]}))
     start = pose_from_parameters(torch.tensor([0.04, -0.03, 0.02, 5.0, -5.0, 2.0], dtype=torch.float64),
                                  torch.as_tensor(truth), torch.zeros(3, dtype=torch.float64)).numpy()
     init = tmp_path / "init.json"
@@ -563,6 +631,7 @@ def test_xray_register_command_line(tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["final_similarity"] > metrics["initial_similarity"] and metrics["polarity"] == "bone bright"
     assert "depth prior (0.02 at 40 mm" in metrics["similarity"]
+    assert metrics["shutters"] == ["known: their shadow left out"]
     assert sitk.ReadImage(str(out / "drr.nii.gz")).GetSize() == (48, 48, 1)
     placed = json.loads((out / "projections.json").read_text())
     assert list(placed["centroids"]) == ["7"] and len(placed["detector_corners_lps"]) == 4
@@ -669,10 +738,67 @@ def test_the_depth_prior_is_what_the_search_subtracts():
         register_files("ct.nii.gz", "xray.png", "init.json", "out", depth_prior_mm=0.0)
 
 
+@pytest.mark.parametrize("window", [(0.3, 0.9), (0.5, 0.95)])
+def test_the_similarity_leaves_out_the_clipped_pixels_of_a_windowed_xray(window):
+    """A radiograph as displayed is windowed: clipped where it is darker or brighter than the window. Those pixels
+    have no edges where the DRR has, and the borders of the clipped regions are edges the DRR lacks; compared
+    there, gradient NCC along the ray peaks far from the truth (here at the end of the ±30 mm scan), over the
+    unclipped pixels at the truth."""
+    from ACSGRegistrationLib.xray.register import PoseSearch, compared_pixels, gradient_ncc, prepare_xray
+    image, _ = bony_phantom()
+    carm = CArm(1000.0, (1.6, 1.6), (64, 64))
+    truth = look_at([0.0, 0.0, 0.0], 650.0)
+    volume = Volume.from_image(image)
+    line = render(volume, carm.scaled(0.5), torch.as_tensor(truth, dtype=torch.float32)).numpy()
+    low, high = np.quantile(line[line > 0.2 * line.max()], window)
+    shown = np.clip((line - low) / (high - low), 0, 1)
+    search = PoseSearch(volume, carm, prepare_xray(shown, carm.size), truth, np.zeros(3))
+    mask = compared_pixels(search.given).numpy()
+    clipped = (search.given.numpy() <= 0) | (search.given.numpy() >= 1)
+    assert 0.1 < mask.mean() < 0.9 and not (mask * clipped).any()
+    near_clipped = np.zeros_like(clipped)
+    for dr in (-1, 0, 1):
+        for dc in (-1, 0, 1):
+            near_clipped |= np.roll(np.roll(clipped, dr, 0), dc, 1)
+    assert np.array_equal(mask[1:-1, 1:-1] == 1, ~near_clipped[1:-1, 1:-1])
+    offsets = torch.arange(-30.0, 30.1, 1.0)
+    parameters = torch.zeros(len(offsets), 6)
+    parameters[:, 5] = offsets
+    with torch.no_grad():
+        unclipped = search.image_similarity(parameters, search.xray)
+        every_pixel = gradient_ncc(search.render(parameters), search.xray)
+    assert abs(offsets[unclipped.argmax()]) <= 1.0
+    assert abs(offsets[every_pixel.argmax()]) >= 10.0
+    # an image that is mostly clipped keeps every pixel
+    assert compared_pixels(torch.as_tensor((shown > 0.5).astype(np.float32))).min() == 1
+
+
+def test_the_similarity_around_the_target_changes_continuously_with_the_pose():
+    """The target's box follows the pose; a column entering it all at once made the similarity around the target
+    jump (131 times its typical change between neighbouring poses 0.02 mm apart, on a noisy X-ray), and the
+    refinement's best pose sat at such cliffs. With soft edges its largest step is a few typical ones."""
+    from ACSGRegistrationLib.xray.register import PoseSearch, prepare_xray
+    image, _ = bony_phantom()
+    carm = CArm(1000.0, (1.6, 1.6), (96, 80))
+    volume = Volume.from_image(image)
+    points = np.random.default_rng(0).uniform(-8, 8, size=(50, 3)) + [3.0, 0.0, 0.0]
+    xray = render(volume, carm, torch.as_tensor(look_at([2.0, -1.0, 0.0], 660.0), dtype=torch.float32))
+    xray = xray + xray.std() * torch.randn(xray.shape, generator=torch.Generator().manual_seed(0))
+    search = PoseSearch(volume, carm, prepare_xray(xray.numpy(), carm.size), look_at([0.0, 0.0, 0.0], 650.0),
+                        np.zeros(3), target_points=points)
+    parameters = torch.zeros(500, 6)
+    parameters[:, 3] = torch.arange(-5.0, 5.0, 0.02)  # the box slides across ~15 columns
+    with torch.no_grad():
+        values = search.image_similarity(parameters, search.xray, around_target=True)
+    steps = (values[1:] - values[:-1]).abs()
+    assert steps.max() < 10 * steps.median()
+
+
 def test_the_per_vertebra_similarity_compares_the_images_over_the_targets_projected_box():
     """``target_region`` is the bounding box of the target's points as ``CArm.project`` places them, widened by the
-    margin; gradient NCC over it equals gradient NCC of the images cut to that box (one pixel more on each side,
-    for the central differences); the search uses it when asked, and only where target points are given."""
+    margin, its edges soft across one pixel; gradient NCC over a box equals gradient NCC of the images cut to that
+    box (one pixel more on each side, for the central differences); the search uses it when asked, and only where
+    target points are given."""
     from ACSGRegistrationLib.xray.camera import placed
     from ACSGRegistrationLib.xray.register import TARGET_MARGIN_MM, PoseSearch, gradient_ncc, ncc, prepare_xray, \
         target_region
@@ -684,13 +810,22 @@ def test_the_per_vertebra_similarity_compares_the_images_over_the_targets_projec
     region = target_region(carm, torch.as_tensor(truth)[None], torch.as_tensor(points), TARGET_MARGIN_MM)[0]
     pixels = carm.project(placed(points, truth))
     margin = TARGET_MARGIN_MM / 1.6
-    low, high = np.ceil(pixels.min(0) - margin).astype(int), np.floor(pixels.max(0) + margin).astype(int)
+    edges_low, edges_high = pixels.min(0) - margin, pixels.max(0) + margin
+    low, high = np.ceil(edges_low + 0.5).astype(int), np.floor(edges_high - 0.5).astype(int)
     assert (low > 1).all() and (high < [94, 78]).all()
-    expected = np.zeros((80, 96))
-    expected[low[1]:high[1] + 1, low[0]:high[0] + 1] = 1
-    assert 0 < expected.sum() < expected.size and np.array_equal(region.numpy(), expected)
+    columns, rows = np.arange(96), np.arange(80)
+    weights = [np.clip(g - lo + 0.5, 0, 1) * np.clip(hi - g + 0.5, 0, 1)
+               for g, lo, hi in ((columns, edges_low[0], edges_high[0]), (rows, edges_low[1], edges_high[1]))]
+    assert np.allclose(region.numpy(), weights[1][:, None] * weights[0][None, :], atol=1e-5)
+    region = region.numpy()
+    assert (region[low[1]:high[1] + 1, low[0]:high[0] + 1] == 1).all() and region.sum() < (region > 0).sum()
+    assert region[:low[1] - 1].sum() == 0 and region[:, high[0] + 2:].sum() == 0  # beyond the soft edge: nothing
+    region = np.zeros((80, 96), np.float32)  # a 0/1 box: the pixels wholly inside
+    region[low[1]:high[1] + 1, low[0]:high[0] + 1] = 1
+    region = torch.as_tensor(region)
     a, b = torch.rand(2, 40, 48, dtype=torch.float64)
     assert torch.allclose(ncc(a, b, torch.ones(40, 48)), ncc(a, b))  # over every pixel: plain NCC
+    assert torch.allclose(ncc(a, b, torch.full((40, 48), 0.5)), ncc(a, b))  # weights, not an amount of signal
     xray = render(volume, carm, torch.as_tensor(look_at([2.0, -1.0, 0.0], 660.0), dtype=torch.float32))
     drr = render_by_planes(volume, carm, torch.as_tensor(truth, dtype=torch.float32))  # as the search renders
     cut = (slice(low[1] - 1, high[1] + 2), slice(low[0] - 1, high[0] + 2))
@@ -700,8 +835,10 @@ def test_the_per_vertebra_similarity_compares_the_images_over_the_targets_projec
     with torch.no_grad():
         value = search.image_similarity(torch.zeros(1, 6), search.xray, around_target=True)
         whole = search.image_similarity(torch.zeros(1, 6), search.xray)
-    assert torch.allclose(value, gradient_ncc(drr[None][:, cut[0], cut[1]], search.xray[cut]), atol=1e-5)
-    assert torch.allclose(whole, gradient_ncc(drr[None], search.xray), atol=1e-6)
+    soft = target_region(carm, torch.as_tensor(truth, dtype=torch.float32)[None], torch.as_tensor(points).float(),
+                         TARGET_MARGIN_MM)
+    assert torch.allclose(value, gradient_ncc(drr[None], search.xray, soft * search.informative), atol=1e-5)
+    assert torch.allclose(whole, gradient_ncc(drr[None], search.xray, search.informative), atol=1e-6)
     # what CMA-ES scores and the candidates are ranked by: both, each less the depth prior, from one rendering
     parameters = torch.tensor([[0.0, 0.0, 0.0, 0.0, 0.0, 0.0], [0.02, -0.01, 0.0, 3.0, -2.0, 12.0]])
     with torch.no_grad():

@@ -1,7 +1,9 @@
 """Where along the ray the intensity similarity peaks, at the true rotation and in-plane position: over the whole
 X-ray, or around the target vertebra's projection (``register.PoseSearch(target_points=...)`` with
-``around_target``: the per-vertebra mode's refinement). One view sees depth only through magnification, so a similarity whose peak is off along the ray moves
-every registration off by as much (a study: prints figures, asserts nothing).
+``around_target``: the per-vertebra mode's refinement); over the whole X-ray also with every pixel compared, as
+before the shutters' shadow and the clipped pixels were left out (``register.compared_pixels``). One view sees depth
+only through magnification, so a similarity whose peak is off along the ray moves every registration off by as
+much (a study: prints figures, asserts nothing).
 
     python benchmarks/xray_depth_study.py [--cases 8] [--label 31] [--factors] [--out FILE.md]
 
@@ -25,7 +27,7 @@ import torch  # noqa: E402
 from ACSGRegistrationLib.io import read_image  # noqa: E402
 from ACSGRegistrationLib.xray.evaluation import simulation_detectors  # noqa: E402
 from ACSGRegistrationLib.xray.drr import Volume  # noqa: E402
-from ACSGRegistrationLib.xray.register import PoseSearch, prepare_xray  # noqa: E402
+from ACSGRegistrationLib.xray.register import PoseSearch, gradient_ncc, prepare_field, prepare_xray  # noqa: E402
 from ACSGRegistrationLib.xray.simulation import Realism, XraySimulator, label_points, random_view  # noqa: E402
 
 DATA = os.path.join(ROOT, "..", "shared", "data", "ct")
@@ -66,15 +68,20 @@ def main(argv=None):
         parameters = torch.zeros(len(OFFSETS_MM), 6, dtype=volume.mu.dtype)
         parameters[:, 5] = torch.as_tensor(OFFSETS_MM, dtype=volume.mu.dtype)
         for realism_name, realism in xrays:
-            peaks = {"whole image": [], "target vertebra": []}
+            peaks = {"whole image, every pixel": [], "whole image": [], "target vertebra": []}
             for case in range(args.cases):
                 rng = np.random.default_rng(case)
                 truth = random_view(rng, simulator.centre)
-                xray = prepare_xray(simulator.xray(detector, truth, rng, realism), carm.size)
+                shown, exposed = simulator.exposure(detector, truth, rng, realism)
+                xray, field = prepare_xray(shown, carm.size), prepare_field(exposed, carm.size)
                 for region, target in (("whole image", None), ("target vertebra", points)):
-                    search = PoseSearch(volume, carm, xray, truth, simulator.centre, target_points=target)
+                    search = PoseSearch(volume, carm, xray, truth, simulator.centre, target_points=target,
+                                        field=field)
                     with torch.no_grad():
                         values = search.image_similarity(parameters, search.xray, around_target=True).numpy()
+                        if target is None:  # as before the shutters and clipped pixels were left out
+                            every = gradient_ncc(search.render(parameters), search.xray).numpy()
+                            peaks["whole image, every pixel"].append(float(OFFSETS_MM[int(every.argmax())]))
                     peaks[region].append(float(OFFSETS_MM[int(values.argmax())]))
             for region, found in peaks.items():
                 found = np.asarray(found)

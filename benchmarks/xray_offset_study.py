@@ -8,7 +8,8 @@ simulated X-rays (``simulation``: the evaluation's detector and realism). A stud
 
 ``--views 2``: a lateral X-ray beside each AP one (the C-arm turned 90 deg about the patient's head-foot axis, the
 motion known, the patient still; its own noise), both registered together (``PoseSearch.add_view``); the AP
-cases are those of the one-view run with the same seed.
+cases are those of the one-view run with the same seed. The shutters are known (as a C-arm's DICOM header gives
+them, and ``xray-register`` reads them): the similarity leaves out what they covered.
 
 ``--depth-prior-mm``: the width of the search's prior on depth (``PoseSearch.depth_prior_mm``), to compare widths.
 
@@ -33,7 +34,7 @@ from ACSGRegistrationLib.xray.camera import moved_pose  # noqa: E402
 from ACSGRegistrationLib.xray.drr import Volume  # noqa: E402
 from ACSGRegistrationLib.xray.evaluation import lateral_beside, register_case, simulation_detectors  # noqa: E402
 from ACSGRegistrationLib.xray.prost import load_prost  # noqa: E402
-from ACSGRegistrationLib.xray.register import mean_target_error, prepare_xray  # noqa: E402
+from ACSGRegistrationLib.xray.register import mean_target_error, prepare_field, prepare_xray  # noqa: E402
 from ACSGRegistrationLib.xray.simulation import (  # noqa: E402
     Realism, XraySimulator, fixed_size_offset, label_points, random_view)
 
@@ -71,7 +72,7 @@ def main(argv=None):
     finals = []
     for case in range(args.cases):
         truth = random_view(rng, centre)
-        xray = simulator.xray(detector, truth, rng, Realism())
+        xray, exposed = simulator.exposure(detector, truth, rng, Realism())
         offset = fixed_size_offset(rng, args.rotation, args.translation)
         start = moved_pose(truth, offset, centre)
         others = []
@@ -80,7 +81,8 @@ def main(argv=None):
                                          np.random.default_rng([args.seed, case]), Realism()))
         spec = {"method": args.method, "learned": net, "depth_prior_mm": args.depth_prior_mm}
         _, errors = register_case(spec, volume, carm, detector, ct, xray, prepare_xray(xray, carm.size), start,
-                                  truth, centre, points, seed=case, other_views=others)
+                                  truth, centre, points, seed=case, other_views=others,
+                                  field=prepare_field(exposed, carm.size))
         final, seconds = errors["final_mtre_mm"], errors["seconds"]
         finals.append(final)
         print(f"case {case}: start mTRE {mean_target_error(start, truth, points):5.1f} mm (of it along the ray "

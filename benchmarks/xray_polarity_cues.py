@@ -63,7 +63,7 @@ def main():
                     truth = random_view(rng, simulator.centre)
                     ap = prepare_xray(simulator.xray(detector, truth, rng, Realism()), carm.size)
                     start, _ = starting_offset(rng, truth, simulator.centre, points, low, high)
-                    lateral, lateral_start = lateral_beside(simulator, detector, carm, truth, start,
+                    lateral, lateral_start, _ = lateral_beside(simulator, detector, carm, truth, start,
                                                             np.random.default_rng([seed, number, case]), Realism())
                     motion = lateral_start @ np.linalg.inv(start)
                     for xray, true_pose, start_pose in ((ap, truth, start), (lateral, motion @ truth, lateral_start)):

@@ -418,6 +418,8 @@ def cmd_xray_evaluate(args):
                 name = f"{method} [{model_name}]" if len(models) > 1 and model_name else method
                 name += " (whole image)" if region == "image" else ""
                 specs[name] = {"method": method, "learned": net, "region": region, **budgets[method]}
+                if args.depth_prior_mm is not None:
+                    specs[name]["depth_prior_mm"] = args.depth_prior_mm
     bins = BINS[:args.bins]
     rows = []
     for ct_path, seg_path, label in zip(args.ct, args.ct_seg, args.label):
@@ -702,8 +704,8 @@ def build_parser():
     p.add_argument("--refine-steps", type=STEPS, default=60, help="gradient-ascent steps (default 60)")
     p.add_argument("--depth-prior-mm", type=POSITIVE, default=None,
                    help="one view: how far (mm) the search may move the CT along the ray from the initial pose "
-                        "before its prior weighs (default 15: the initial pose holds the C-arm's distance; 60 where "
-                        "that is uncertain by a few cm)")
+                        "before its prior weighs (default 60: the C-arm's source-to-patient distance known within "
+                        "a few cm; narrower where it is known better)")
     p.add_argument("--detector-pixels", type=COUNT, default=96,
                    help="longest side of the registration's detector grid (default 96)")
     p.add_argument("--ct-spacing", type=_number(float, above=0.0, maximum=8.0), default=2.0,
@@ -755,6 +757,8 @@ def build_parser():
     p.add_argument("--views", type=int, choices=(1, 2), default=1,
                    help="2: a lateral X-ray beside each AP one, registered together (the patient unmoved, the "
                         "C-arm turned 90 deg); errors of the AP view")
+    p.add_argument("--depth-prior-mm", type=POSITIVE, default=None,
+                   help="one view: the width of the prior on depth along the ray (xray-register's option)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_xray_evaluate)
 

@@ -90,7 +90,7 @@ def startXrayRegistration(ctVolume, xray, geometry: Dict, segmentation=None, lab
     ``xray``, ``geometry`` (default the first's) and ``initialPose`` or ``laoDeg``/``cranialDeg`` (and
     ``sourceToTargetMm``) as above; the patient is taken to stay still between the shots. Returns the started
     run; its ``finish()`` gives the first view's nodes, the others' in ``.otherViews``. ``depthPriorMm``: one
-    view's depth prior width (``xray-register --depth-prior-mm``; default 15 mm)."""
+    view's depth prior width (``xray-register --depth-prior-mm``; default 60 mm)."""
     from ACSGRegistrationLib.xray.camera import look_at
     from ACSGRegistrationLib.xray.images import target_centre
     if ctVolume is None or xray is None:

@@ -21,7 +21,7 @@ import torch
 from ..geometry import write_csv, write_text
 from .camera import CArm, moved_pose, placed, turned_about_long_axis
 from .drr import Volume
-from .register import DEPTH_PRIOR_MM, PoseSearch, mean_target_error, prepare_xray, register_pose
+from .register import DEPTH_PRIOR_MM, PoseSearch, mean_target_error, prepare_field, prepare_xray, register_pose
 from .simulation import Realism, XraySimulator, label_points, random_parameters, random_view
 
 BINS = ((0.0, 10.0), (10.0, 20.0), (20.0, 40.0), (40.0, 60.0))
@@ -64,31 +64,34 @@ def simulation_detectors(detector_pixels: int = 64) -> Tuple[CArm, CArm]:
 
 
 def lateral_beside(simulator: XraySimulator, detector: CArm, carm: CArm, truth: np.ndarray, start: np.ndarray,
-                   rng: np.random.Generator, realism: Realism) -> Tuple[torch.Tensor, np.ndarray]:
+                   rng: np.random.Generator, realism: Realism) -> Tuple[torch.Tensor, np.ndarray, torch.Tensor]:
     """A lateral X-ray beside an AP case (the C-arm turned 90 degrees about the patient's head-foot axis through
     the target, the patient unmoved): the X-ray, rendered with ``rng``'s noise and on the registration's grid,
-    and its initial pose, ``start`` moved by the C-arm's (known) motion between the shots; ``register_case``'s
-    ``other_views`` entry."""
+    its initial pose, ``start`` moved by the C-arm's (known) motion between the shots, and its exposed field on
+    the grid; ``register_case``'s ``other_views`` entry."""
     motion = turned_about_long_axis(truth, simulator.centre) @ np.linalg.inv(truth)
-    lateral = simulator.xray(detector, motion @ truth, rng, realism)
-    return prepare_xray(lateral, carm.size), motion @ start
+    lateral, exposed = simulator.exposure(detector, motion @ truth, rng, realism)
+    return prepare_xray(lateral, carm.size), motion @ start, prepare_field(exposed, carm.size)
 
 
 def register_case(spec: Dict, volume: Volume, carm: CArm, detector: CArm, ct: sitk.Image, xray: np.ndarray,
                   on_grid: torch.Tensor, start: np.ndarray, truth: np.ndarray, centre: np.ndarray, points: np.ndarray,
                   seed: int = 0, should_stop: Optional[Callable[[], bool]] = None,
-                  other_views: Sequence[Tuple[torch.Tensor, np.ndarray]] = ()) -> Tuple[Dict, Dict[str, float]]:
+                  other_views: Sequence[Tuple[torch.Tensor, np.ndarray, torch.Tensor]] = (),
+                  field: Optional[torch.Tensor] = None) -> Tuple[Dict, Dict[str, float]]:
     """One method (``spec``: as ``evaluate_subject``'s ``methods`` values) on one simulated case (the X-ray at
     the detector's resolution and on the registration's grid): ``register_pose``'s result, and the final mTRE,
     ``pose_errors`` (in the first view) and seconds (the learned similarity's set-up counted). ``other_views``:
-    (X-ray on the registration's grid, initial pose) of more views on the same C-arm (``PoseSearch.add_view``)."""
+    (X-ray on the registration's grid, initial pose, exposed field) of more views on the same C-arm
+    (``PoseSearch.add_view``); ``field``: the first X-ray's exposed field on the grid (the shutters known, as a
+    C-arm knows them)."""
     from .prost import LearnedSimilarity
     options = {k: v for k, v in spec.items() if k not in ("method", "learned", "region", "depth_prior_mm")}
     whole = spec.get("region", "vertebra") == "image"
     search = PoseSearch(volume, carm, on_grid, start, centre, target_points=None if whole else points,
-                        depth_prior_mm=spec.get("depth_prior_mm", DEPTH_PRIOR_MM))
-    for other, other_start in other_views:
-        search.add_view(carm, other, other_start)
+                        depth_prior_mm=spec.get("depth_prior_mm", DEPTH_PRIOR_MM), field=field)
+    for other, other_start, other_field in other_views:
+        search.add_view(carm, other, other_start, other_field)
     t0 = time.perf_counter()
     learned = None
     if spec.get("learned") is not None:
@@ -122,8 +125,8 @@ def evaluate_subject(name: str, ct: sitk.Image, labels: sitk.Image, label: int, 
     for number, (low, high) in enumerate(bins):
         for case in range(cases_per_bin):
             truth = random_view(rng, centre)
-            xray = simulator.xray(detector, truth, rng, realism)
-            on_grid = prepare_xray(xray, carm.size)
+            xray, exposed = simulator.exposure(detector, truth, rng, realism)
+            on_grid, field = prepare_xray(xray, carm.size), prepare_field(exposed, carm.size)
             start, start_error = starting_offset(rng, truth, centre, points, low, high)
             others = []
             if views == 2:  # its own noise stream: the AP cases stay those of a one-view run
@@ -132,7 +135,7 @@ def evaluate_subject(name: str, ct: sitk.Image, labels: sitk.Image, label: int, 
             for row_name, spec in methods.items():
                 result, errors = register_case(spec, volume, carm, detector, ct, xray, on_grid, start, truth,
                                                centre, points, seed=case, should_stop=should_stop,
-                                               other_views=others)
+                                               other_views=others, field=field)
                 final, seconds = errors.pop("final_mtre_mm"), errors.pop("seconds")
                 row = {"ct": name, "method": row_name, "views": views, "bin": f"{low:g}-{high:g}", "case": case,
                        "start_mtre_mm": round(start_error, 2), "final_mtre_mm": round(final, 2)}

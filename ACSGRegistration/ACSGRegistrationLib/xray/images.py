@@ -5,7 +5,12 @@ value: a calibration the user made is better than the nominal one in the header)
 
 DICOM tags used: (0018,1110) Distance Source to Detector; (0018,1111) Distance Source to Patient;
 (0018,1164) Imager Pixel Spacing (at the detector; else (0028,0030) Pixel Spacing), both "row\\column" spacing;
-(0018,1510)/(0018,1511) Positioner Primary (LAO +, RAO −) and Secondary (cranial +, caudal −) angles.
+(0018,1510)/(0018,1511) Positioner Primary (LAO +, RAO −) and Secondary (cranial +, caudal −) angles;
+the shutters: (0018,1600) Shutter Shape, RECTANGULAR with (0018,1602)/(0018,1604) left/right vertical edges
+(columns) and (0018,1606)/(0018,1608) upper/lower horizontal edges (rows), CIRCULAR with (0018,1610) centre
+(row\\column) and (0018,1612) radius, 1-based pixels, the field exposed between them; else the X-Ray Collimator
+module's (0018,1700)-(0018,1712), alike. GEOMETRY.json's ``exposed_field_px`` ([first column, first row, last
+column, last row], 0-based, inclusive) gives a rectangle instead.
 Pixels come as displayed (GDCM turns MONOCHROME1, where high values are dark, into MONOCHROME2); which way bone
 goes (bright or dark) is left to the registration, which handles both.
 """
@@ -24,6 +29,9 @@ from .camera import CArm
 TAGS = {"source_to_detector_mm": "0018|1110", "source_to_patient_mm": "0018|1111",
         "imager_pixel_spacing": "0018|1164", "pixel_spacing": "0028|0030", "primary_angle_deg": "0018|1510",
         "secondary_angle_deg": "0018|1511"}
+# Shape, left, right, upper, lower, circle's centre, radius: the Display Shutter module's, then the Collimator's.
+SHUTTER_TAGS = (("0018|1600", "0018|1602", "0018|1604", "0018|1606", "0018|1608", "0018|1610", "0018|1612"),
+                ("0018|1700", "0018|1702", "0018|1704", "0018|1706", "0018|1708", "0018|1710", "0018|1712"))
 
 
 @dataclass
@@ -36,6 +44,7 @@ class XRay:
     source_to_patient_mm: Optional[float] = None
     primary_angle_deg: Optional[float] = None
     secondary_angle_deg: Optional[float] = None
+    exposed: Optional[np.ndarray] = None  # (rows, columns) bool: where the shutters let the beam through
 
     @property
     def size(self):
@@ -79,7 +88,51 @@ def read_xray(path: str) -> XRay:
     def number(key):
         return _numbers(meta[key])[0] if meta.get(key) else None
     return XRay(pixels, path, geometry, number("source_to_patient_mm"), number("primary_angle_deg"),
-                number("secondary_angle_deg"))
+                number("secondary_angle_deg"), _shutters(reader, pixels.shape, path))
+
+
+def _shutters(reader: sitk.ImageFileReader, shape, path: str) -> Optional[np.ndarray]:
+    """The exposed field the DICOM header's shutters (or collimator) leave, None where it names none."""
+    for shape_tag, left, right, upper, lower, centre, radius in SHUTTER_TAGS:
+        if not reader.HasMetaDataKey(shape_tag):
+            continue
+        shapes = reader.GetMetaData(shape_tag).upper().replace("\\", " ").split()
+        values = {tag: _numbers(reader.GetMetaData(tag)) for tag in (left, right, upper, lower, centre, radius)
+                  if reader.HasMetaDataKey(tag) and reader.GetMetaData(tag).strip()}
+        exposed = np.ones(shape, dtype=bool)
+        rows, columns = np.mgrid[1:shape[0] + 1, 1:shape[1] + 1]  # DICOM counts pixels from 1
+        if "RECTANGULAR" in shapes and all(tag in values for tag in (left, right, upper, lower)):
+            exposed &= (columns >= values[left][0]) & (columns <= values[right][0])
+            exposed &= (rows >= values[upper][0]) & (rows <= values[lower][0])
+        if "CIRCULAR" in shapes and centre in values and radius in values and len(values[centre]) >= 2:
+            (row, column), r = values[centre][:2], values[radius][0]
+            exposed &= (rows - row) ** 2 + (columns - column) ** 2 <= r ** 2
+        if not exposed.any():
+            raise InputError(f"{path}: its shutters ({', '.join(shapes)}) leave no pixel exposed")
+        return None if exposed.all() else exposed
+    return None
+
+
+def exposed_field(xray: XRay, geometry: Optional[Dict] = None, where: str = "GEOMETRY.json"
+                  ) -> Optional[np.ndarray]:
+    """Where the beam reached this X-ray's detector (rows, columns, bool): GEOMETRY.json's ``exposed_field_px``
+    ([first column, first row, last column, last row], 0-based, inclusive), else the file's shutter tags; None:
+    all of it."""
+    box = (geometry or {}).get("exposed_field_px")
+    if box is None:
+        return xray.exposed
+    columns, rows = xray.size
+    try:
+        c0, r0, c1, r1 = (int(v) for v in box)
+    except (TypeError, ValueError):
+        raise InputError(f"{where}: exposed_field_px must be [first column, first row, last column, last row], "
+                         f"got {box!r}") from None
+    if not (0 <= c0 <= c1 < columns and 0 <= r0 <= r1 < rows):
+        raise InputError(f"{where}: exposed_field_px {box} does not lie within {xray.path}'s {columns} x {rows} "
+                         "pixels")
+    exposed = np.zeros((rows, columns), dtype=bool)
+    exposed[r0:r1 + 1, c0:c1 + 1] = True
+    return exposed
 
 
 def read_geometry(path: Optional[str]) -> Dict:

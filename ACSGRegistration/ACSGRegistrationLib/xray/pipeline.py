@@ -23,8 +23,8 @@ from . import view_outputs
 from .camera import CArm, detector_corners, detector_image, placed, pose_json, project_to_detector, read_pose, \
     source_position
 from .drr import Volume
-from .images import carm_of, read_geometry, read_xray, target_centre, target_label
-from .register import DEPTH_PRIOR_MM, DEPTH_PRIOR_WEIGHT, PoseSearch, prepare_xray, register_pose
+from .images import carm_of, exposed_field, read_geometry, read_xray, target_centre, target_label
+from .register import DEPTH_PRIOR_MM, DEPTH_PRIOR_WEIGHT, PoseSearch, prepare_field, prepare_xray, register_pose
 
 # The registration's detector: its longest side in pixels (the X-ray is area-averaged onto it).
 DETECTOR_PIXELS = 96
@@ -108,10 +108,12 @@ def register_files(ct_path: str, xray_path: Union[str, Sequence[str]], init_path
         from .simulation import label_points
         target, centre = target_label(labels, label, seg_path)
         target_points = label_points(labels, target, count=500, seed=seed)
-    xrays, full_carms, initials = [], [], []
+    xrays, full_carms, initials, exposed = [], [], [], []
     for xray_file, init_file, geometry_file in views:
         xrays.append(read_xray(xray_file))
-        full_carms.append(carm_of(xrays[-1], read_geometry(geometry_file), where=geometry_file or "--geometry"))
+        geometry, where = read_geometry(geometry_file), geometry_file or "--geometry"
+        full_carms.append(carm_of(xrays[-1], geometry, where=where))
+        exposed.append(exposed_field(xrays[-1], geometry, where=where))
         initials.append(read_pose(init_file))
     net = None
     if method.startswith("prost"):
@@ -124,12 +126,15 @@ def register_files(ct_path: str, xray_path: Union[str, Sequence[str]], init_path
     spacing = ct_spacing if resample else min(ct.GetSpacing())
     volume = Volume.from_image(ct, spacing=ct_spacing if resample else None, device=device)
     pixels = [prepare_xray(x.pixels, c.size, device=device) for x, c in zip(xrays, carms)]
+    # The shutters' shadow is left out of the comparison (register.compared_pixels).
+    fields = [None if e is None else prepare_field(e, c.size, device=device) for e, c in zip(exposed, carms)]
     for number, (full, carm) in enumerate(zip(full_carms, carms), 1):
         log(f"X-ray {number}: {full.size[0]} x {full.size[1]} registered on {carm.size[0]} x {carm.size[1]} pixels")
     log(f"CT {ct.GetSize()} resampled to {tuple(volume.shape_ijk)} at {spacing:.1f} mm")
     search = PoseSearch(volume, carms[0], pixels[0], initials[0], centre, target_points=target_points,
-                        depth_prior_mm=depth_prior_mm)
-    searches = [search] + [search.add_view(c, x, i) for c, x, i in zip(carms[1:], pixels[1:], initials[1:])]
+                        depth_prior_mm=depth_prior_mm, field=fields[0])
+    searches = [search] + [search.add_view(c, x, i, f)
+                           for c, x, i, f in zip(carms[1:], pixels[1:], initials[1:], fields[1:])]
     t0 = time.perf_counter()
     learned = None
     if net is not None:
@@ -147,7 +152,8 @@ def register_files(ct_path: str, xray_path: Union[str, Sequence[str]], init_path
                "initial_similarity": result["initial_similarity"], "final_similarity": result["similarity"],
                "evaluations": result["evaluations"], "seconds": round(time.perf_counter() - t0, 2),
                "polarity": result["polarity"], "detector": carms[0].to_dict(), "target_centre_lps": centre.tolist(),
-               "ct_spacing_mm": spacing}
+               "ct_spacing_mm": spacing,
+               "shutters": ["known: their shadow left out" if e is not None else "none given" for e in exposed]}
     final = torch.as_tensor(result["parameters"], dtype=volume.mu.dtype, device=volume.mu.device)
     with folder:
         paths = {}

@@ -28,19 +28,18 @@ from .drr import Volume, render_by_planes
 # Scale of the six parameters in the search (rad, rad, rad, mm, mm, mm): CMA-ES's unit step.
 PARAMETER_SCALE = np.array([0.1, 0.1, 0.1, 10.0, 10.0, 30.0])  # depth (z) is the least determined
 # A prior on the change of depth (along the principal ray) from the initial pose: the similarity loses
-# DEPTH_PRIOR_WEIGHT · (Δz / DEPTH_PRIOR_MM)². One view sees depth only through magnification (10 mm at 750 mm
-# is 1.3 %). Over the whole image gradient NCC peaks 10-30 mm along the ray from the true pose, even on noise-free
-# simulated X-rays (the CT's other anatomy and its field of view's edges change with magnification); around the
-# target vertebra within 3-6 mm at the true rotation, moved there mostly by photon noise (``benchmarks/
-# xray_depth_study.py --factors``; a finer detector or CT did not help). So the width trades two kinds of start.
-# Narrow, it holds the initial depth: right where the start's depth was, but a start 20 mm off in a random
-# direction (``benchmarks/xray_offset_study.py``, chest CT, 16 cases) failed in 4, each ending 10-15 mm along the
-# ray, about as far as it had started. Wide (60 mm), those 16 all succeed, but the refinement follows the noisy
-# peak: in the binned study from starts < 10 mm a case 0.85 mm off ended 12-13 mm along the ray for every method,
-# and from < 10 mm only 3 (ProST + refinement, gradient) and 2 (CMA-ES + gradient) of 4 succeeded, against 4 of 4
-# with 15 mm. 15 mm is the default (the initial pose holds the C-arm's source-to-patient distance); where that
-# distance is uncertain, ``PoseSearch.depth_prior_mm`` (``xray-register --depth-prior-mm``) widens it.
-DEPTH_PRIOR_MM = 15.0
+# DEPTH_PRIOR_WEIGHT · (Δz / DEPTH_PRIOR_MM)² (one view; more views see each other's depth). One view sees depth
+# only through magnification (10 mm at 750 mm is 1.3 %). Compared over every pixel, gradient NCC over the whole image
+# peaked 10-30 mm along the ray from the truth even on noise-free simulated X-rays, and a prior of 15 mm held the
+# initial depth against that: right where the start's depth was, wrong from far starts (one view, seeds 6-7 of
+# ``xray-evaluate``: from 20-60 mm 1 of 16 for ProST + refinement). The peak was the display window's clipped
+# pixels and the shutters' shadow, now left out (``compared_pixels``; ``benchmarks/xray_depth_study.py``). Without
+# them the similarity finds depth, and the prior need only stop drift where the rest of the pose is still wrong:
+# on the same cases, from 20-60 mm ProST + refinement succeeded in 1 / 7 / 11 of 16 with 15 / 30 / 60 mm (CMA-ES
+# alone 0 / 5 / 6), from < 10 mm every method in 8 of 8 but CMA-ES alone with 60 mm (7 of 8, a case ending 12.6 mm
+# along the ray). 60 mm, the few centimetres by which a C-arm's source-to-patient distance is known, is the default;
+# ``PoseSearch.depth_prior_mm`` (``xray-register --depth-prior-mm``) narrows it where that distance is known better.
+DEPTH_PRIOR_MM = 60.0
 DEPTH_PRIOR_WEIGHT = 0.02
 # With the target vertebra known (the per-vertebra mode), the final gradient ascent compares the images only over
 # the bounding box of its projection at each pose, widened by this margin (mm on the detector). The global search
@@ -49,6 +48,9 @@ DEPTH_PRIOR_WEIGHT = 0.02
 # 2.6 and 4.0 mm off CMA-ES alone ended 17 and 15 mm along the AP ray; on the sum, 1.1 and 1.9 mm off); over the box
 # alone CMA-ES ended further from the truth (2.1 mm off at the start: 4.2 mm, against 1.3 over the whole image).
 TARGET_MARGIN_MM = 20.0
+# An extreme value held by this fraction of the X-ray's pixels marks where its display window clipped
+# (``compared_pixels``).
+CLIPPED_FRACTION = 0.001
 
 
 def image_gradients(images: torch.Tensor):
@@ -59,25 +61,22 @@ def image_gradients(images: torch.Tensor):
 
 
 def ncc(a: torch.Tensor, b: torch.Tensor, region: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Normalised cross-correlation over the last two dimensions, batched; over ``region`` (0/1 weights
-    broadcastable to ``a``) where given, else over every pixel."""
+    """Normalised cross-correlation over the last two dimensions, batched; weighted by ``region`` (weights in
+    [0, 1] broadcastable to ``a``: weighted means, covariance and variances) where given, else over every pixel."""
     dims = (-2, -1)
     if region is None:
-        a = a - a.mean(dim=dims, keepdim=True)
-        b = b - b.mean(dim=dims, keepdim=True)
-        denominator = torch.sqrt((a * a).sum(dim=dims) * (b * b).sum(dim=dims) + 1e-12)
-        return (a * b).sum(dim=dims) / denominator
+        region = torch.ones((), dtype=a.dtype, device=a.device)
     region = region.to(a.dtype)
-    count = region.sum(dim=dims, keepdim=True).clamp(min=1.0)
-    a = (a - (region * a).sum(dim=dims, keepdim=True) / count) * region
-    b = (b - (region * b).sum(dim=dims, keepdim=True) / count) * region
-    denominator = torch.sqrt((a * a).sum(dim=dims) * (b * b).sum(dim=dims) + 1e-12)
-    return (a * b).sum(dim=dims) / denominator
+    total = (region * torch.ones_like(a)).sum(dim=dims, keepdim=True).clamp(min=1e-12)
+    a = a - (region * a).sum(dim=dims, keepdim=True) / total
+    b = b - (region * b).sum(dim=dims, keepdim=True) / total
+    denominator = torch.sqrt((region * a * a).sum(dim=dims) * (region * b * b).sum(dim=dims) + 1e-12)
+    return (region * a * b).sum(dim=dims) / denominator
 
 
 def gradient_ncc(drr: torch.Tensor, xray: torch.Tensor, region: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Gradient NCC between DRRs (B, rows, columns) and one X-ray (rows, columns): in [-1, 1], 1 is best.
-    ``region``: (B, rows, columns) 0/1, the pixels compared (default all)."""
+    ``region``: (B, rows, columns) weights of the pixels compared (default all equally)."""
     dx, dy = image_gradients(drr)
     xx, xy = image_gradients(xray)
     inner = None if region is None else region[..., 1:-1, 1:-1]
@@ -85,8 +84,12 @@ def gradient_ncc(drr: torch.Tensor, xray: torch.Tensor, region: Optional[torch.T
 
 
 def target_region(carm, poses: torch.Tensor, points: torch.Tensor, margin_mm: float) -> torch.Tensor:
-    """(B, rows, columns) 0/1: the bounding box of ``points`` (N, 3, LPS mm) projected at each pose (B, 4, 4)
-    onto the detector, widened by ``margin_mm`` on the detector."""
+    """(B, rows, columns) weights in [0, 1]: the bounding box of ``points`` (N, 3, LPS mm) projected at each pose
+    (B, 4, 4) onto the detector, widened by ``margin_mm`` on the detector; 1 a pixel or more inside its edges, 0
+    beyond them, linear across the pixel on an edge, so that the similarity over it changes continuously with the
+    pose. (A 0/1 box made it jump as a column entered the box: one holding a strong edge of the X-ray changed
+    gradient NCC around the target by up to 0.06 where 10 mm along the ray changed it by 0.01, and the refinement's
+    best pose sat at such a cliff.)"""
     (cx, cy), (sx, sy) = carm.principal_point_px, carm.pixel_spacing_mm
     columns, rows = carm.size
     placed_points = poses[:, None, :3, :3] @ points[None, :, :, None]
@@ -97,15 +100,50 @@ def target_region(carm, poses: torch.Tensor, points: torch.Tensor, margin_mm: fl
     mu, mv = margin_mm / sx, margin_mm / sy
     grid_u = torch.arange(columns, dtype=poses.dtype, device=poses.device)
     grid_v = torch.arange(rows, dtype=poses.dtype, device=poses.device)
-    inside_u = (grid_u >= u.min(1).values[:, None] - mu) & (grid_u <= u.max(1).values[:, None] + mu)  # (B, cols)
-    inside_v = (grid_v >= v.min(1).values[:, None] - mv) & (grid_v <= v.max(1).values[:, None] + mv)  # (B, rows)
-    return (inside_v[:, :, None] & inside_u[:, None, :]).to(poses.dtype)
+
+    def inside(grid, low, high):  # (B, n): 1 inside [low, high] by half a pixel or more, 0 outside by as much
+        return ((grid - low[:, None] + 0.5).clamp(0, 1) * (high[:, None] - grid + 0.5).clamp(0, 1))
+
+    inside_u = inside(grid_u, u.min(1).values - mu, u.max(1).values + mu)  # (B, columns)
+    inside_v = inside(grid_v, v.min(1).values - mv, v.max(1).values + mv)  # (B, rows)
+    return inside_v[:, :, None] * inside_u[:, None, :]
 
 
 def prepare_xray(pixels: np.ndarray, size, device=None, dtype=torch.float32) -> torch.Tensor:
     """The X-ray on the registration's detector grid: area-averaged to ``size`` = (columns, rows)."""
     image = torch.as_tensor(np.asarray(pixels, dtype=np.float64), dtype=dtype, device=device)[None, None]
     return F.adaptive_avg_pool2d(image, (size[1], size[0]))[0, 0]
+
+
+def prepare_field(field: np.ndarray, size, device=None, dtype=torch.float32) -> torch.Tensor:
+    """The X-ray's exposed field (rows, columns: true where the shutters let the beam through) on the registration's
+    detector grid (``size`` = (columns, rows)): 1 where every pixel of the X-ray that the grid's pixel averages is
+    exposed, else 0."""
+    exposed = torch.as_tensor(np.asarray(field, dtype=np.float32), dtype=dtype, device=device)[None, None]
+    return -F.adaptive_max_pool2d(-exposed, (size[1], size[0]))[0, 0]
+
+
+def compared_pixels(xray: torch.Tensor, field: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(rows, columns) 1 where the X-ray's pixel and its eight neighbours are all exposed (``field``, 1/0 on the
+    same grid; all where None) and unclipped, else 0: the pixels the similarity compares.
+
+    Shutters: where they block the beam the X-ray shows scatter and noise while the DRR shows anatomy, and their
+    borders are edges the DRR lacks. Clipping: a displayed radiograph is windowed, and where it is clipped (air,
+    the densest bone) it holds no edges while the DRR does; the clipped regions' borders are edges of the window,
+    not of the anatomy. Compared there too, gradient NCC over the whole image at the true rotation and in-plane
+    place peaked 8-10 mm along the ray from the truth on average on noise-free simulated X-rays (up to 17.5 mm; 8
+    poses per shared CT), 18 mm with all the simulation's realism; without those pixels at the truth in all 16
+    noise-free, 3.4 and 5.9 mm from it on the two CTs with the realism (``benchmarks/xray_depth_study.py``).
+    Clipped: the image's smallest or largest value where at least ``CLIPPED_FRACTION`` of the pixels (and 4) hold
+    it; a lone extreme pixel is anatomy. All ones where fewer than a tenth of the pixels would remain (an image
+    mostly clipped or shuttered, or binary)."""
+    enough = max(4.0, CLIPPED_FRACTION * xray.numel())
+    compared = torch.ones_like(xray) if field is None else field.to(xray.dtype).clone()
+    for extreme in (xray.min(), xray.max()):
+        if (xray == extreme).sum() >= enough:
+            compared[xray == extreme] = 0
+    compared = -F.max_pool2d(-compared[None, None], 3, stride=1, padding=1)[0, 0]  # the neighbours too
+    return compared if compared.mean() >= 0.1 else torch.ones_like(xray)
 
 
 @dataclass
@@ -129,12 +167,18 @@ class PoseSearch:
     frame: Optional[torch.Tensor] = None
     others: List["PoseSearch"] = field(default_factory=list)
     depth_prior_mm: float = DEPTH_PRIOR_MM  # the depth prior's width (one view)
+    # The X-ray's exposed field on the registration's grid (``prepare_field``; None: all of it): the similarity
+    # compares the images only where the shutters let the beam through (``compared_pixels``).
+    field: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         dtype = self.volume.mu.dtype
         self.initial = torch.as_tensor(self.initial, dtype=dtype)
         self.centre = torch.as_tensor(self.centre, dtype=dtype)
         self.given = self.xray.to(dtype)
+        if self.field is not None:
+            self.field = torch.as_tensor(self.field, dtype=dtype, device=self.given.device)
+        self.informative = compared_pixels(self.given, self.field)  # the pixels compared
         if self.target_points is not None:
             self.target_points = torch.as_tensor(np.asarray(self.target_points), dtype=dtype,
                                                  device=self.volume.mu.device).reshape(-1, 3)
@@ -142,14 +186,14 @@ class PoseSearch:
             self.frame = torch.as_tensor(self.frame, dtype=dtype, device=self.volume.mu.device)
         self.detect_polarity(torch.zeros(6, dtype=dtype))
 
-    def add_view(self, carm, xray: torch.Tensor, initial) -> "PoseSearch":
+    def add_view(self, carm, xray: torch.Tensor, initial, field: Optional[torch.Tensor] = None) -> "PoseSearch":
         """Another X-ray of the patient, taken without the patient moving: ``initial`` is its own initial pose
         (4x4 ct_to_source), which with the first view's gives the C-arm's motion between the two shots (from
         the C-arm's angles, or from both views' initial poses found as for one); the search keeps that motion
-        fixed and moves the CT."""
+        fixed and moves the CT. ``field``: its exposed field (as ``PoseSearch.field``)."""
         initial = torch.as_tensor(initial, dtype=self.initial.dtype)
         view = PoseSearch(self.volume, carm, xray, self.initial, self.centre, self.target_points,
-                          frame=initial @ torch.linalg.inv(self.initial))
+                          frame=initial @ torch.linalg.inv(self.initial), field=field)
         self.others.append(view)
         return view
 
@@ -182,20 +226,23 @@ class PoseSearch:
 
     def image_similarity(self, parameters: torch.Tensor, xray: torch.Tensor, around_target: bool = False
                          ) -> torch.Tensor:
-        """Gradient NCC of the DRRs at a batch of parameter vectors (B, 6) with ``xray``; ``around_target`` (where
-        ``target_points`` are given): over the target's region at each pose (it follows the pose, not
-        differentiated)."""
+        """Gradient NCC of the DRRs at a batch of parameter vectors (B, 6) with ``xray`` over its unclipped pixels
+        (``compared_pixels``); ``around_target`` (where ``target_points`` are given): over those of the target's
+        region at each pose (it follows the pose, not differentiated)."""
         poses = self.pose(parameters)
         region = self.target_region_at(poses) if around_target else None
+        region = self.informative if region is None else region * self.informative
         return gradient_ncc(render_by_planes(self.volume, self.carm, poses), xray, region)
 
     def image_similarities(self, parameters: torch.Tensor, xray: torch.Tensor):
         """Gradient NCC over the whole images and around the target (None without ``target_points``) of the DRRs
-        at a batch of parameter vectors (B, 6) with ``xray``, from one rendering."""
+        at a batch of parameter vectors (B, 6) with ``xray``, from one rendering; each over the X-ray's unclipped
+        pixels."""
         poses = self.pose(parameters)
         drrs = render_by_planes(self.volume, self.carm, poses)
         region = self.target_region_at(poses)
-        return gradient_ncc(drrs, xray), None if region is None else gradient_ncc(drrs, xray, region)
+        whole = gradient_ncc(drrs, xray, self.informative)
+        return whole, None if region is None else gradient_ncc(drrs, xray, region * self.informative)
 
     def target_region_at(self, poses: torch.Tensor) -> Optional[torch.Tensor]:
         """The target's region on the detector at each pose (``target_region``), None without target points."""

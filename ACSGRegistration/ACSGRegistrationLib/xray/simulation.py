@@ -121,6 +121,11 @@ class XraySimulator:
 
     def xray(self, carm, ct_to_source: np.ndarray, rng: np.random.Generator, realism: Realism) -> np.ndarray:
         """A realistic X-ray (rows, columns), float32 in [0, 1] as displayed."""
+        return self.exposure(carm, ct_to_source, rng, realism)[0]
+
+    def exposure(self, carm, ct_to_source: np.ndarray, rng: np.random.Generator, realism: Realism):
+        """A realistic X-ray (as ``xray``; the same draws) and its exposed field (rows, columns, bool: false where
+        a shutter blocked the beam), as a C-arm knows where its shutters stand."""
         return detector_response(self.line_integrals(carm, ct_to_source, rng, realism), rng, realism)
 
 
@@ -135,16 +140,18 @@ def _bounding_box_volume(values: torch.Tensor, inside: torch.Tensor, index_to_lp
     return Volume(values[k0:k1, j0:j1, i0:i1].contiguous(), index_to_lps @ shift)
 
 
-def detector_response(line_integrals: torch.Tensor, rng: np.random.Generator, realism: Realism) -> np.ndarray:
-    """Beer-Lambert with Poisson noise, detector blur, collimation, then the display (polarity and gamma)."""
+def detector_response(line_integrals: torch.Tensor, rng: np.random.Generator, realism: Realism):
+    """Beer-Lambert with Poisson noise, detector blur, collimation, then the display (polarity and gamma): the
+    image as displayed (float32 in [0, 1]) and its exposed field (bool, false behind the shutters)."""
     lo, hi = realism.photons
     photons = float(rng.uniform(lo, hi)) if hi > 0 else 0.0
     intensity = torch.exp(-line_integrals.double())  # fraction of photons that reach each pixel
     sigma = float(rng.uniform(*realism.blur_px))
     if sigma > 0.05:
         intensity = gaussian_blur(intensity, sigma)
+    exposed = np.ones(tuple(intensity.shape), dtype=bool)
     if rng.uniform() < realism.collimation:
-        intensity = collimate(intensity, rng)
+        intensity, exposed = collimate(intensity, rng)
     if photons > 0:
         counts = rng.poisson(np.clip(intensity.cpu().numpy() * photons, 0, None))
         intensity = torch.as_tensor(np.maximum(counts, 0.5) / photons)
@@ -156,7 +163,7 @@ def detector_response(line_integrals: torch.Tensor, rng: np.random.Generator, re
     shown = ((shown - low) / (high - low).clamp(min=1e-12)).clamp(0.0, 1.0) ** float(rng.uniform(*realism.gamma))
     if rng.uniform() >= realism.bone_bright:
         shown = 1.0 - shown  # bone dark, as fluoroscopy is often shown
-    return shown.float().cpu().numpy()
+    return shown.float().cpu().numpy(), exposed
 
 
 def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -169,21 +176,25 @@ def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(out, kernel.reshape(1, 1, -1, 1))[0, 0]
 
 
-def collimate(intensity: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """One to four borders of the field shuttered (5-20 % each): only scatter (2 %) reaches them."""
+def collimate(intensity: torch.Tensor, rng: np.random.Generator):
+    """One to four borders of the field shuttered (5-20 % each): only scatter (2 %) reaches them. The intensity
+    and the exposed field (bool, false behind the shutters)."""
     rows, columns = intensity.shape
     out = intensity.clone()
+    exposed = np.ones((rows, columns), dtype=bool)
     for side in rng.permutation(4)[:int(rng.integers(1, 5))]:
         depth = rng.uniform(0.05, 0.2)
         if side == 0:
-            out[:int(depth * rows)] = 0.02
+            shut = np.s_[:int(depth * rows)]
         elif side == 1:
-            out[rows - int(depth * rows):] = 0.02
+            shut = np.s_[rows - int(depth * rows):]
         elif side == 2:
-            out[:, :int(depth * columns)] = 0.02
+            shut = np.s_[:, :int(depth * columns)]
         else:
-            out[:, columns - int(depth * columns):] = 0.02
-    return out
+            shut = np.s_[:, columns - int(depth * columns):]
+        out[shut] = 0.02
+        exposed[shut] = False
+    return out, exposed
 
 
 def random_view(rng: np.random.Generator, centre_lps, view_deg: float = 10.0, distance_mm=(650.0, 850.0)) -> np.ndarray:
