@@ -6,7 +6,7 @@ benchmark: prints figures, asserts nothing).
 Per case a simulated AP X-ray of the shared CT (``xray.simulation``: every effect of realism, on a 256² detector
 of 0.8 mm at 1,020 mm) and the lateral beside it, written as NIfTI with ``GEOMETRY.json`` (the shutters in
 ``exposed_field_px``, as a DICOM header gives them) and initial poses 10° / 20 mm off the truth; then the
-command as a user runs it (a fresh process; the shipped ProST model; with the label map), once with the AP X-ray
+command as a user runs it (a fresh process; its default method; with the label map), once with the AP X-ray
 and once with both. Prints the registration's own seconds (``metrics.json``), the
 command's, and the final mTRE over the target.
 """
