@@ -28,17 +28,18 @@ from .drr import Volume, render_by_planes
 # Scale of the six parameters in the search (rad, rad, rad, mm, mm, mm): CMA-ES's unit step.
 PARAMETER_SCALE = np.array([0.1, 0.1, 0.1, 10.0, 10.0, 30.0])  # depth (z) is the least determined
 # A prior on the change of depth (along the principal ray) from the initial pose: the similarity loses
-# DEPTH_PRIOR_WEIGHT · (Δz / DEPTH_PRIOR_MM)² (one view; more views see each other's depth). One view sees depth
-# only through magnification (10 mm at 750 mm is 1.3 %). Compared over every pixel, gradient NCC over the whole image
-# peaked 10-30 mm along the ray from the truth even on noise-free simulated X-rays, and a prior of 15 mm held the
-# initial depth against that: right where the start's depth was, wrong from far starts (one view, seeds 6-7 of
-# ``xray-evaluate``: from 20-60 mm 1 of 16 for ProST + refinement). The peak was the display window's clipped
-# pixels and the shutters' shadow, now left out (``compared_pixels``; ``benchmarks/xray_depth_study.py``). Without
-# them the similarity finds depth, and the prior need only stop drift where the rest of the pose is still wrong:
-# on the same cases, from 20-60 mm ProST + refinement succeeded in 1 / 7 / 11 of 16 with 15 / 30 / 60 mm (CMA-ES
-# alone 0 / 5 / 6), from < 10 mm every method in 8 of 8 but CMA-ES alone with 60 mm (7 of 8, a case ending 12.6 mm
-# along the ray). 60 mm, the few centimetres by which a C-arm's source-to-patient distance is known, is the default;
-# ``PoseSearch.depth_prior_mm`` (``xray-register --depth-prior-mm``) narrows it where that distance is known better.
+# DEPTH_PRIOR_WEIGHT · (Δz / DEPTH_PRIOR_MM)² (one view; more views see each other's depth). One view sees depth only
+# through magnification (10 mm at 750 mm is 1.3 %). Compared over every pixel, gradient NCC over the whole image
+# peaked up to 17.5 mm along the ray from the truth even on noise-free simulated X-rays (up to 30 mm on realistic
+# ones), and a prior of 15 mm held the initial depth against that: right where the start's depth was, wrong from far
+# starts (one view, seeds 6-7 of ``xray-evaluate``: from 20-60 mm 1 of 16 for ProST + refinement). The peak was the
+# display window's clipped pixels and the shutters' shadow, now left out (``compared_pixels``;
+# ``benchmarks/xray_depth_study.py``). Without them the similarity finds depth, and the prior need only stop drift
+# where the rest of the pose is still wrong: on the same cases, from 20-60 mm ProST + refinement succeeded in 1 / 7 /
+# 11 of 16 with 15 / 30 / 60 mm (CMA-ES alone 0 / 5 / 6), from < 10 mm every method in 8 of 8 but CMA-ES alone with 60
+# mm (7 of 8, a case ending 12.6 mm along the ray). 60 mm, the few centimetres by which a C-arm's source-to-patient
+# distance is known, is the default; ``PoseSearch.depth_prior_mm`` (``xray-register --depth-prior-mm``) narrows it
+# where that distance is known better.
 DEPTH_PRIOR_MM = 60.0
 DEPTH_PRIOR_WEIGHT = 0.02
 # With the target vertebra known (the per-vertebra mode), the final gradient ascent compares the images only over
