@@ -68,7 +68,7 @@ def ncc(a: torch.Tensor, b: torch.Tensor, region: Optional[torch.Tensor] = None)
     if region is None:
         region = torch.ones((), dtype=a.dtype, device=a.device)
     region = region.to(a.dtype)
-    total = (region * torch.ones_like(a)).sum(dim=dims, keepdim=True).clamp(min=1e-12)
+    total = region.expand_as(a).sum(dim=dims, keepdim=True).clamp(min=1e-12)
     a = a - (region * a).sum(dim=dims, keepdim=True) / total
     b = b - (region * b).sum(dim=dims, keepdim=True) / total
     denominator = torch.sqrt((region * a * a).sum(dim=dims) * (region * b * b).sum(dim=dims) + 1e-12)
@@ -232,8 +232,8 @@ class PoseSearch:
         region at each pose (it follows the pose, not differentiated)."""
         poses = self.pose(parameters)
         region = self.target_region_at(poses) if around_target else None
-        region = self.informative if region is None else region * self.informative
-        return gradient_ncc(render_by_planes(self.volume, self.carm, poses), xray, region)
+        return gradient_ncc(render_by_planes(self.volume, self.carm, poses), xray,
+                            self.informative if region is None else region)
 
     def image_similarities(self, parameters: torch.Tensor, xray: torch.Tensor):
         """Gradient NCC over the whole images and around the target (None without ``target_points``) of the DRRs
@@ -242,15 +242,15 @@ class PoseSearch:
         poses = self.pose(parameters)
         drrs = render_by_planes(self.volume, self.carm, poses)
         region = self.target_region_at(poses)
-        whole = gradient_ncc(drrs, xray, self.informative)
-        return whole, None if region is None else gradient_ncc(drrs, xray, region * self.informative)
+        return gradient_ncc(drrs, xray, self.informative), None if region is None else gradient_ncc(drrs, xray, region)
 
     def target_region_at(self, poses: torch.Tensor) -> Optional[torch.Tensor]:
-        """The target's region on the detector at each pose (``target_region``), None without target points."""
+        """The pixels compared around the target at each pose: its region on the detector (``target_region``)
+        within the X-ray's compared pixels (``compared_pixels``); None without target points."""
         if self.target_points is None:
             return None
         with torch.no_grad():
-            return target_region(self.carm, poses.detach(), self.target_points, TARGET_MARGIN_MM)
+            return target_region(self.carm, poses.detach(), self.target_points, TARGET_MARGIN_MM) * self.informative
 
     def depth_prior(self, parameters: torch.Tensor) -> torch.Tensor:
         """What one view's similarity loses for the change of depth (see ``DEPTH_PRIOR_MM``)."""
