@@ -16,15 +16,15 @@ This file only orchestrates; the work is done elsewhere:
 (``Resources/UI/ACSGRegistration.ui``); ``ACSGRegistrationTest`` registers synthetic vertebrae made by the test.
 """
 
+import contextlib
 import logging
 import os
 import pathlib
 import sys
-import tempfile
 import time
+import unittest
 from typing import Annotated, Callable, Dict, List, Optional, Sequence, Union
 
-import numpy as np
 import vtk
 
 import slicer
@@ -47,19 +47,20 @@ from slicer import (
 )
 
 # Neither the backend's errors nor the helpers import PyTorch: safe before the dependencies are checked.
-from ACSGRegistrationLib.errors import Cancelled, InputError
+from ACSGRegistrationLib.errors import ACSGError, Cancelled, InputError
 from ACSGRegistrationLib.preprocessing import CROP_SIZE
 from ACSGRegistrationLib.xray import POSE_SEARCH_METHODS
-from ACSGRegistrationSlicer import batch, dependencies, labels, models, outputNodes, settings, training, xrayNodes, \
-    xrayRegistration
-from ACSGRegistrationSlicer.conversion import ijkToRasOfNode, loadVolumeFile
-from ACSGRegistrationSlicer import planarNodes, testScene
+from ACSGRegistrationSlicer import batch, dependencies, labels, models, outputNodes, readiness, sampleData, selfTest, \
+    settings, training, xrayNodes, xrayRegistration
+from ACSGRegistrationSlicer.conversion import loadVolumeFile
+from ACSGRegistrationSlicer import planarNodes
 from ACSGRegistrationSlicer.inputs import PreparedInput, checkInputs, exportInput, pairArguments
 from ACSGRegistrationSlicer.outputNodes import FOREGROUND_CHOICES, RegistrationOutput
 from ACSGRegistrationSlicer.runs import FineTuneRun, RegistrationRun
 from ACSGRegistrationSlicer.xrayRegistration import XrayRegistrationRun
 
 DEFAULT_MODEL, DEFAULT_MODEL_PATH = models.DEFAULT_MODEL, models.DEFAULT_MODEL_PATH
+DOCUMENTATION_URL = "https://github.com/acsgregistration/SlicerACSGRegistration#readme"
 # Remembered between sessions (QSettings "ACSGRegistration/<name>"): the model and how to run it.
 REMEMBERED = ("checkpointPath", "device", "refineSteps", "trainingIterations", "learningRate", "batchSize",
               "trainingOutputFolder")
@@ -71,11 +72,14 @@ LOCKED_WHILE_RUNNING = ("fixedVolumeSelector", "fixedSegmentationSelector", "fix
                         "batchSizeSpinBox", "trainingOutputPathLineEdit", "resumeCheckBox", "startTrainingButton",
                         "xrayCtSelector", "xraySegmentationSelector", "xrayTargetLineEdit", "xrayFilePathLineEdit",
                         "xrayRegisterButton")
-# Per kind of background run: its progress bar, status label and cancel button.
+# Per kind of background run: its progress bar, status label and cancel button, and its name in messages.
 RUN_WIDGETS = {"registration": ("progressBar", "statusLabel", "cancelButton"),
                "training": ("trainingProgressBar", "trainingStatusLabel", "stopTrainingButton"),
                "xray": ("xrayProgressBar", "xrayStatusLabel", "xrayCancelButton")}
+RUN_TITLES = {"registration": "Registration", "training": "Fine-tuning", "xray": "X-ray registration"}
 POLL_MS = 100
+# The panel reads a run's results once its process has ended; reading them never takes this long.
+FINISH_TIMEOUT_S = 60
 
 
 _isUnset = models.isUnset
@@ -96,18 +100,22 @@ class ACSGRegistration(ScriptedLoadableModule):
         self.parent.dependencies = []  # PyTorch comes from the PyTorch extension (EXTENSION_DEPENDS), used lazily
         self.parent.contributors = ["ACSGRegistration developers (ACSGRegistration project)"]
         self.parent.helpText = _("""
-One-shot deep-learning registration of lumbar vertebrae in CT (ACSGRegNet: affine network, then a
-diffeomorphic network with self- and cross-attention). Choose the fixed and moving CT and, for whole scans,
-their segmentations and the vertebra (segment name, level such as L1, or label value); the vertebra is
-cropped as in the paper (128 x 128 x 64 mm). Outputs: the warped volume, a transform node (the affine and the
-deformable displacement composed: the full map around the vertebra, the affine on the rest of the scan;
-apply, harden, invert or save it like any Slicer transform), the Jacobian determinant map (blue: compression,
-red: expansion, green: folding) and the warped segmentation; Dice and surface distances when both
-segmentations are given. The Fine-tune section continues training the model on your own pairs. The CT to X-ray
-section finds the CT's pose in front of an X-ray (ProST's learned similarity, then intensity-based refinement).
-Registration and fine-tuning run in a separate process: Slicer stays responsive and Cancel stops them. The same logic runs from the Python console:
-see the README of the extension.
-""")
+Deep-learning registration of lumbar vertebrae in CT (ACSGRegNet: an affine network, then a diffeomorphic
+network with self- and cross-attention; with both segmentations the affine is then fitted to the two vertebra
+masks on the pair). Choose the fixed and moving CT and, for whole scans, their segmentations and the vertebra
+(segment name, level such as L1, or label value); the vertebra is cropped as in the paper (128 x 128 x 64 mm).
+Outputs: the warped volume, a transform node (the affine and the deformable displacement composed: the full map
+around the vertebra, the affine on the rest of the scan; apply, harden, invert or save it like any Slicer
+transform), the Jacobian determinant map (blue: compression, red: expansion, green: folding) and the warped
+segmentation; Dice and surface distances when both segmentations are given. Two single-slice volumes (2D images)
+are registered by the 2D network. The Fine-tune section continues training the model on your own pairs. The CT
+to X-ray section finds the CT's pose in front of one or two X-rays: by default CMA-ES, then gradient ascent, on
+the gradient correlation between the X-ray and DRRs of the CT (Method: also ProST's learned similarity first).
+Registration, fine-tuning and X-ray registration run in a separate process: Slicer stays responsive, the Log
+section shows their output and Cancel stops them. The shipped registration model's weights are CC BY-NC-SA 4.0
+(non-commercial); you are asked once before their first use.
+""") + _('<p>Documentation, console examples and limits: <a href="{url}">{url}</a></p>').format(url=DOCUMENTATION_URL)
+        sampleData.registerWhenStarted()  # the TotalSegmentator example CT and its labels in Sample Data
         self.parent.acknowledgementText = _("""
 Method: Gao and Zheng, ACSGRegNet: a deep learning-based framework for unsupervised joint affine and
 diffeomorphic registration of lumbar spine CT via cross- and self-attention fusion (2022).
@@ -189,8 +197,13 @@ class ACSGRegistrationParameterNode:
 
 
 class ACSGRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The module panel: Register, Outputs, Display and Fine-tune sections. Runs go to the background and are
-    polled by a timer, so Slicer stays responsive; the inputs are locked while one is in flight."""
+    """The module panel: Register, Outputs, Display, CT to X-ray, Fine-tune and Log sections. Runs go to the
+    background and are polled by a timer, so Slicer stays responsive; the inputs are locked while one is in flight.
+
+    No slot here is connected to a signal of a widget bound to the parameter node: Qt calls slots in connection
+    order, and a slot that wrote any parameter before the wrapper's own slot had stored the user's pick would make
+    the wrapper rewrite every widget from the node, which still holds the old value: the pick would snap back. The
+    panel follows the parameter node's changes instead (``_onParameterNodeModified``)."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -198,14 +211,15 @@ class ACSGRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self.run = None  # the registration or fine-tuning in flight
+        self.run = None  # the registration, fine-tuning or X-ray registration in flight
         self._runKind = "registration"
         self.lastXrayOutput = None
         self.lastOutput = None
         self.lastFineTune = None
         self._shownDisplay = None
+        self._shownModel = None
         self.scenePairs = []  # training pairs taken from the scene (dicts of nodes and labels)
-        self._labelChoicesOf = {}  # side -> node ID whose vertebra list is shown
+        self._labelChoicesOf = {}  # side -> (segmentation node ID, its choices) shown in the vertebra box
 
     # -- setup ----------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -223,28 +237,24 @@ class ACSGRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
-        self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
-        self.ui.stopTrainingButton.connect("clicked(bool)", self.onCancel)
-        for side in ("fixed", "moving"):
-            getattr(self.ui, f"{side}SegmentationSelector").connect(
-                "currentNodeChanged(vtkMRMLNode*)", lambda node, side=side: self._fillLabelChoices(side))
+        for name in ("cancelButton", "stopTrainingButton", "xrayCancelButton"):
+            getattr(self.ui, name).connect("clicked(bool)", self.onCancel)
+        for side in ("fixed", "moving"):  # not bound to the parameter node: this slot is the only writer
             getattr(self.ui, f"{side}LabelComboBox").connect(
                 "currentTextChanged(QString)", lambda text, side=side: self._onLabelTextChanged(side, text))
-        self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self._updateModelStatus)
         self.ui.useDefaultModelButton.connect("clicked(bool)", self.onUseDefaultModel)
         self.ui.addScenePairButton.connect("clicked(bool)", self.onAddScenePair)
         self.ui.clearScenePairsButton.connect("clicked(bool)", self.onClearScenePairs)
         self.ui.startTrainingButton.connect("clicked(bool)", self.onStartTraining)
         self.ui.xrayRegisterButton.connect("clicked(bool)", self.onXrayRegister)
-        self.ui.xrayCancelButton.connect("clicked(bool)", self.onCancel)
-        self.ui.xrayProgressBar.visible = False
-        self.ui.progressBar.visible = False
-        self.ui.trainingProgressBar.visible = False
+        self.ui.clearLogButton.connect("clicked(bool)", self.ui.logTextEdit.clear)
+        for name in ("progressBar", "xrayProgressBar", "trainingProgressBar"):
+            getattr(self.ui, name).visible = False
         self.initializeParameterNode()
-        self._updateModelStatus()
 
     def cleanup(self) -> None:
         self.onCancel()
+        self.timer.stop()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -265,9 +275,8 @@ class ACSGRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event) -> None:
         self.onCancel()
         self.setParameterNode(None)
-        self.lastOutput = None
-        self.scenePairs = []
-        self.ui.scenePairsListWidget.clear()
+        self.lastOutput = self.lastXrayOutput = None
+        self.onClearScenePairs()
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -287,21 +296,23 @@ class ACSGRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+            if self.hasObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified):
+                self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._parameterNode = inputParameterNode
-        self._labelChoicesOf = {}
+        self._labelChoicesOf, self._shownModel = {}, None
         if self._parameterNode:
             # Widgets carrying the "SlicerParameterName" property in the .ui are connected to the parameters.
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
-            self._fillLabelChoices("fixed")
-            self._fillLabelChoices("moving")
             self._onParameterNodeModified()
 
     def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        """Everything that follows the parameters: the vertebra lists, the model's description, the display,
+        whether each run button can run (and why not), the remembered settings."""
         p = self._parameterNode
         if p is None:
             return
+        self._syncLabelChoices()
         for side in ("fixed", "moving"):
             combo = getattr(self.ui, f"{side}LabelComboBox")
             value = getattr(p, f"{side}Label")
@@ -309,6 +320,9 @@ class ACSGRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 wasBlocked = combo.blockSignals(True)
                 combo.setEditText(value)
                 combo.blockSignals(wasBlocked)
+        if self._shownModel != str(p.checkpointPath):
+            self._shownModel = str(p.checkpointPath)
+            self.ui.modelStatusLabel.text = self.logic.describeModel(p.checkpointPath)
         self._updateDisplay()
         if self.lastXrayOutput is not None:
             xrayNodes.setXrayFade(self.lastXrayOutput, p.xrayFade)
@@ -316,60 +330,67 @@ class ACSGRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         settings.save(p, REMEMBERED)
 
     def _checkCanApply(self) -> None:
-        p = self._parameterNode
-        reason = ""
-        if self.run is not None:
-            reason = _("Running...")
-        elif not p or not p.fixedVolume or not p.movingVolume:
-            reason = _("Select the fixed and the moving volume")
-        elif not os.path.isfile(self.logic.resolveCheckpoint(p.checkpointPath, check=False)):
-            reason = _("No model: choose a checkpoint file (.pt) under Model")
-        self.ui.applyButton.enabled = not reason
-        self.ui.applyButton.toolTip = reason or _("Register the moving vertebra to the fixed one")
-        xrayReason = ""
-        if self.run is not None:
-            xrayReason = _("Running...")
-        elif not p or not p.xrayCt or _isUnset(p.xrayFile):
-            xrayReason = _("Select the CT and the X-ray file")
-        self.ui.xrayRegisterButton.enabled = not xrayReason
-        self.ui.xrayRegisterButton.toolTip = xrayReason or _("Register the CT to the X-ray (the pose)")
-
-    def _updateModelStatus(self, *_) -> None:
-        self.ui.modelStatusLabel.text = self.logic.describeModel(self.ui.modelPathLineEdit.currentPath)
-        self._checkCanApply()
+        """Each run button enabled only when its inputs make a valid run; its tooltip says what is missing."""
+        p, running = self._parameterNode, self.run is not None
+        for button, reason, ready in (
+                (self.ui.applyButton, readiness.registrationBlocker(p, running),
+                 _("Register the moving vertebra to the fixed one")),
+                (self.ui.xrayRegisterButton, readiness.xrayBlocker(p, running),
+                 _("Register the CT to the X-ray (the pose)")),
+                (self.ui.startTrainingButton, readiness.fineTuneBlocker(p, running, self.scenePairs),
+                 _("Fine-tune the model on the training data and the pairs from the scene"))):
+            button.enabled = not reason
+            button.toolTip = reason or ready
+        for side in ("fixed", "moving"):  # a vertebra to choose only where there is a segmentation
+            getattr(self.ui, f"{side}LabelComboBox").enabled = \
+                not running and p is not None and getattr(p, f"{side}Segmentation") is not None
 
     def onUseDefaultModel(self) -> None:
         self._parameterNode.checkpointPath = pathlib.Path(DEFAULT_MODEL)
 
-    # -- vertebra label choice (computed once per node, not at every event) ----------------------------
-    def _fillLabelChoices(self, side: str) -> None:
-        if self._parameterNode is None:
-            return
-        combo = getattr(self.ui, f"{side}LabelComboBox")
-        node = getattr(self.ui, f"{side}SegmentationSelector").currentNode()
-        if self._labelChoicesOf.get(side, "") == (node.GetID() if node else None):
-            return
-        self._labelChoicesOf[side] = node.GetID() if node else None
-        current = getattr(self._parameterNode, f"{side}Label")
-        choices = self.logic.labelChoices(node) if node else []
-        wasBlocked = combo.blockSignals(True)
-        combo.clear()
-        for choice in choices:
-            combo.addItem(choice)
-        combo.blockSignals(wasBlocked)
-        combo.enabled = node is not None
+    # -- vertebra label choice (the lists follow the segmentations; computed once per change of a node) ---
+    def _syncLabelChoices(self) -> None:
+        """A side's list is filled again when its segmentation (or what it holds) changed; an empty side takes the
+        other side's level when that changes (L1 typed on one side picks vertebrae_L1 on the other)."""
+        p = self._parameterNode
+        for side in ("fixed", "moving"):
+            node = getattr(p, f"{side}Segmentation")
+            other = getattr(p, ("moving" if side == "fixed" else "fixed") + "Label")
+            choices = self.logic.labelChoices(node) if node is not None else []
+            shown = (node.GetID() if node is not None else None, tuple(choices), other)
+            previous = self._labelChoicesOf.get(side)
+            if previous == shown:
+                continue
+            self._labelChoicesOf[side] = shown
+            current = getattr(p, f"{side}Label")
+            if previous is not None and previous[:2] == shown[:2]:  # only the other side's vertebra changed
+                value = (labels.sameLevelChoice(other, choices) or "") if not current else current
+            else:
+                value = self._labelFor(side, node, current, choices)
+                combo = getattr(self.ui, f"{side}LabelComboBox")
+                wasBlocked = combo.blockSignals(True)
+                combo.clear()
+                for choice in choices:
+                    combo.addItem(choice)
+                combo.setEditText(value)
+                combo.blockSignals(wasBlocked)
+            if value != current:
+                setattr(p, f"{side}Label", value)
+
+    def _labelFor(self, side: str, node, current: str, choices: List[str]) -> str:
+        """The vertebra to show for a newly chosen segmentation: the current one where it is there, the only one,
+        the other side's level (L1 -> vertebrae_L1), the typed text where it resolves, else none."""
         if node is None:
-            value = ""
-        elif current and current in choices:
-            value = current
-        elif len(choices) == 1:
-            value = choices[0]
-        else:
-            # Same level as the other side when it has one (e.g. L1 -> vertebrae_L1).
-            other = getattr(self._parameterNode, ("moving" if side == "fixed" else "fixed") + "Label")
-            value = labels.sameLevelChoice(other, choices) or current
-        combo.setEditText(value)
-        setattr(self._parameterNode, f"{side}Label", value)
+            return ""
+        if current in choices:
+            return current
+        if len(choices) == 1:
+            return choices[0]
+        other = getattr(self._parameterNode, ("moving" if side == "fixed" else "fixed") + "Label")
+        same = labels.sameLevelChoice(other, choices) or labels.sameLevelChoice(current, choices)
+        if same:
+            return same
+        return current if current and not readiness._vertebra(node, current, side) else ""
 
     def _onLabelTextChanged(self, side: str, text: str) -> None:
         if self._parameterNode is not None and getattr(self._parameterNode, f"{side}Label") != text:
@@ -378,16 +399,34 @@ class ACSGRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # -- runs in the background -------------------------------------------------------------------------
     def _runWidgets(self, kind: str):
         """(progress bar, status label, cancel button) of a kind of run."""
-        names = RUN_WIDGETS[kind]
-        return tuple(getattr(self.ui, name) for name in names)
+        return tuple(getattr(self.ui, name) for name in RUN_WIDGETS[kind])
+
+    def _log(self, line: str) -> None:
+        """A line of a run's output: in the Log section and in Slicer's log."""
+        self.ui.logTextEdit.append(line)
+        logging.info(f"ACSGRegistration: {line}")
+
+    @contextlib.contextmanager
+    def _reported(self, failed: str, label):
+        """Errors shown in a message box (Slicer's tryWithErrorDisplay) and on the status line. The backend's own
+        errors (bad input, a missing package, a cancel) end there; anything else is a bug and goes on to the
+        Python console."""
+        try:
+            with slicer.util.tryWithErrorDisplay(failed, waitCursor=True):
+                yield
+        except ACSGError as exc:
+            label.text = f"{failed} {exc}"
+            self._log(f"{failed} {exc}")
 
     def _startRun(self, run, kind: str) -> None:
         self.run, self._runKind = run, kind
         for name in LOCKED_WHILE_RUNNING:
             getattr(self.ui, name).enabled = False
-        bar, _label, cancel = self._runWidgets(kind)
+        bar, label, cancel = self._runWidgets(kind)
         cancel.enabled = True
-        bar.value, bar.maximum, bar.visible = 0, 100, True
+        bar.maximum, bar.value, bar.visible = 100, 0, True
+        label.text = _("Starting...")
+        self._log(f"--- {RUN_TITLES[kind]}: started ---")
         run.start()
         self.timer.start()
         self._checkCanApply()
@@ -397,7 +436,8 @@ class ACSGRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if run is None:
             self.timer.stop()
             return
-        run.poll()
+        for line in run.poll():
+            self._log(line)
         bar, label, _cancel = self._runWidgets(self._runKind)
         label.text = run.message
         bar.value = int(100 * run.fraction)
@@ -410,18 +450,18 @@ class ACSGRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for name in LOCKED_WHILE_RUNNING:
             getattr(self.ui, name).enabled = True
         for kind in RUN_WIDGETS:
-            self._runWidgets(kind)[2].enabled = False
-        self.ui.progressBar.visible = self.ui.xrayProgressBar.visible = False
+            bar, _label, cancel = self._runWidgets(kind)
+            cancel.enabled, bar.visible = False, False
         _bar, label, _cancel = self._runWidgets(self._runKind)
-        failed, done = {"registration": (_("Registration failed."), self._registrationDone),
-                        "training": (_("Fine-tuning failed."), self._fineTuneDone),
-                        "xray": (_("X-ray registration failed."), self._xrayDone)}[self._runKind]
+        done = {"registration": self._registrationDone, "training": self._fineTuneDone, "xray": self._xrayDone}
         try:
-            with slicer.util.tryWithErrorDisplay(failed, waitCursor=True):
+            with self._reported(_("{title} failed:").format(title=RUN_TITLES[self._runKind]), label):
                 try:
-                    done(run.finish())
+                    # The process has ended (or was cancelled): nothing is left to wait for but its files.
+                    done[self._runKind](run.finish(timeout=FINISH_TIMEOUT_S))
                 except Cancelled as exc:
                     label.text = str(exc)
+                    self._log(str(exc))
         finally:
             self._checkCanApply()
 
@@ -432,18 +472,32 @@ class ACSGRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onApplyButton(self) -> None:
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay(_("Registration failed."), waitCursor=True):
-            if not self.logic.ensureDependencies(askConfirmation=True):
-                self.ui.statusLabel.text = _("Missing packages were not installed: nothing done.")
+        label = self.ui.statusLabel
+        with self._reported(_("Registration failed:"), label):
+            planar = readiness.isPlanarPair(p)
+            if not self.logic.ensureDependencies(askConfirmation=True, section="planar" if planar else "registration"):
+                label.text = _("Missing packages were not installed: nothing done.")
                 return
-            if planarNodes.isSingleSlice(p.fixedVolume) and planarNodes.isSingleSlice(p.movingVolume):
-                out = self.logic.registerPlanar(p.fixedVolume, p.movingVolume, p.fixedSegmentation,
-                                                p.movingSegmentation, p.fixedLabel or None)
-                slicer.util.setSliceViewerLayers(background=p.fixedVolume, foreground=out.warpedVolume,
-                                                 foregroundOpacity=0.5)
-                self.ui.statusLabel.text = planarNodes.summaryText(out)
+            if planar:
+                self._registerPlanar(p)
+                return
+            if not models.ensureWeightsLicenceAccepted(p.checkpointPath):
+                label.text = _("The shipped model's licence was not accepted: nothing done. Choose another model "
+                               "under Model to register without it.")
                 return
             self._startRun(self.logic.startRegistrationOf(p), "registration")
+
+    def _registerPlanar(self, p) -> None:
+        """The 2D mode, in Slicer's process (under a second; Slicer keeps painting meanwhile)."""
+        self.ui.statusLabel.text = _("Registering in 2D...")
+        self._log(f"--- 2D registration of '{p.movingVolume.GetName()}' to '{p.fixedVolume.GetName()}' ---")
+        out = self.logic.registerPlanar(p.fixedVolume, p.movingVolume, p.fixedSegmentation, p.movingSegmentation,
+                                        p.fixedLabel or None, movingLabel=p.movingLabel or None)
+        slicer.util.setSliceViewerLayers(background=p.fixedVolume, foreground=out.warpedVolume,
+                                         foregroundOpacity=0.5)
+        self.ui.statusLabel.text = planarNodes.summaryText(out)
+        for line in out.notes + [self.ui.statusLabel.text]:
+            self._log(line)
 
     def _registrationDone(self, output: RegistrationOutput) -> None:
         self.logic.storeOutputs(self._parameterNode, output)
@@ -453,7 +507,7 @@ class ACSGRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.metricsTableView.setMRMLTableNode(output.metricsTable)
         self.ui.metricsTableView.visible = output.metricsTable is not None
         self.ui.statusLabel.text = outputNodes.summaryText(output)
-        logging.info(self.ui.statusLabel.text)
+        self._log(self.ui.statusLabel.text)
 
     def _updateDisplay(self, centre: bool = False) -> None:
         """Apply the Display section's settings to the last registration's nodes: after a registration all of
@@ -464,10 +518,10 @@ class ACSGRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if any(node is None or node.GetScene() is None for node in (out.fixedVolume, out.warpedVolume)):
             self.lastOutput = None  # deleted by the user
             return
-        settings = outputNodes.DisplaySettings(p.foreground, p.foregroundOpacity, p.showGrid,
-                                               p.showWarpedSegmentation, p.showColorLegend)
-        outputNodes.applyDisplay(out, settings, self._shownDisplay, centre)
-        self._shownDisplay = settings
+        shown = outputNodes.DisplaySettings(p.foreground, p.foregroundOpacity, p.showGrid,
+                                            p.showWarpedSegmentation, p.showColorLegend)
+        outputNodes.applyDisplay(out, shown, self._shownDisplay, centre)
+        self._shownDisplay = shown
 
     # -- fine-tune -------------------------------------------------------------------------------------
     def onAddScenePair(self) -> None:
@@ -481,15 +535,22 @@ class ACSGRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.scenePairs.append(pair)
         label = f"{p.movingVolume.GetName()} {p.movingLabel} -> {p.fixedVolume.GetName()} {p.fixedLabel}".strip()
         self.ui.scenePairsListWidget.addItem(label)
+        self._checkCanApply()
 
     def onClearScenePairs(self) -> None:
         self.scenePairs = []
         self.ui.scenePairsListWidget.clear()
+        self._checkCanApply()
 
     def onStartTraining(self) -> None:
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay(_("Fine-tuning failed."), waitCursor=True):
-            if not self.logic.ensureDependencies(askConfirmation=True):
+        label = self.ui.trainingStatusLabel
+        with self._reported(_("Fine-tuning failed:"), label):
+            if not self.logic.ensureDependencies(askConfirmation=True, section="finetune"):
+                label.text = _("Missing packages were not installed: nothing done.")
+                return
+            if not models.ensureWeightsLicenceAccepted(p.checkpointPath):
+                label.text = _("The shipped model's licence was not accepted: nothing done.")
                 return
             run = self.logic.startFineTune(
                 str(p.trainingOutputFolder), trainingFolder=None if _isUnset(p.trainingFolder) else p.trainingFolder,
@@ -500,8 +561,10 @@ class ACSGRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onXrayRegister(self) -> None:
         p = self._parameterNode
-        with slicer.util.tryWithErrorDisplay(_("X-ray registration failed."), waitCursor=True):
-            if not self.logic.ensureDependencies(askConfirmation=True):
+        label = self.ui.xrayStatusLabel
+        with self._reported(_("X-ray registration failed:"), label):
+            if not self.logic.ensureDependencies(askConfirmation=True, section="xray"):
+                label.text = _("Missing packages were not installed: nothing done.")
                 return
             self._startRun(self.logic.startXrayRegistrationOf(p), "xray")
 
@@ -513,6 +576,7 @@ class ACSGRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                          "{after:.2f} ({method}, {polarity})").format(
             seconds=m["seconds"], views=m["views"], before=m["initial_similarity"],
             after=m["final_similarity"], method=m["method"], polarity=m["polarity"])
+        self._log(self.ui.xrayStatusLabel.text)
 
     def _fineTuneDone(self, summary: Dict) -> None:
         self.lastFineTune = summary
@@ -522,6 +586,7 @@ class ACSGRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.trainingStatusLabel.text = _("{status} at step {steps}; model {path} is selected for "
                                              "registration").format(status=summary["status"],
                                                                     steps=summary["steps"], path=summary["checkpoint"])
+        self._log(self.ui.trainingStatusLabel.text)
 
     def _showChart(self, chartNode) -> None:
         try:
@@ -658,10 +723,13 @@ class ACSGRegistrationLogic(ScriptedLoadableModuleLogic):
         return RegistrationRun(fixed, moving, self.resolveCheckpoint(checkpoint), device, refineSteps, given,
                                name).start()
 
-    def registerPlanar(self, fixedVolume, movingVolume, fixedLabels=None, movingLabels=None, label=None,
-                       model=None, name=None, refineSteps=None) -> "planarNodes.PlanarOutput":
-        """The 2D mode (``planarNodes``): two single-slice volumes registered by the 2D network, in this process."""
-        return planarNodes.registerPlanarNodes(fixedVolume, movingVolume, fixedLabels, movingLabels, label, model, name,
+    def registerPlanar(self, fixedVolume, movingVolume, fixedSegmentation=None, movingSegmentation=None, label=None,
+                       model=None, name=None, refineSteps=None, movingLabel=None) -> "planarNodes.PlanarOutput":
+        """The 2D mode (``planarNodes``): two single-slice volumes registered by the 2D network, in this process.
+        ``label``: the fixed side's structure as the panel lists it (segment name, level, "20: vertebrae_L1" or a
+        value) and the moving side's too unless ``movingLabel`` is given."""
+        return planarNodes.registerPlanarNodes(fixedVolume, movingVolume, fixedSegmentation, movingSegmentation,
+                                               label, label if movingLabel is None else movingLabel, model, name,
                                                refineSteps)
 
     def startRegistrationOf(self, p) -> RegistrationRun:
@@ -819,175 +887,29 @@ class ACSGRegistrationLogic(ScriptedLoadableModuleLogic):
 #
 
 
-class ACSGRegistrationTest(ScriptedLoadableModuleTest):
+class ACSGRegistrationTest(ScriptedLoadableModuleTest, selfTest.SelfTestCases):
     """Self-test on synthetic vertebrae made here (nothing is downloaded): the logic in Slicer's process and in
-    the background (with a cancel), then the panel. Skipped, with a message, where PyTorch is not installed
-    (extension build dashboards): the model cannot run there."""
+    the background (with a cancel), then the panel driven through its widgets (``selfTest.SelfTestCases``). Each
+    test is skipped, with its reason, where PyTorch is not installed (extension build dashboards, whose runner loads
+    the ``test_*`` methods one by one) and the panel's where there is no GUI."""
 
     def setUp(self):
+        if not dependencies.torchAvailable():
+            self.skipTest(selfTest.NO_TORCH)
         slicer.mrmlScene.Clear()
 
-    def runTest(self):
-        if not dependencies.torchAvailable():
-            self.delayDisplay("PyTorch is not installed here (install the PyTorch extension): ACSGRegistration "
-                              "self-test skipped")
-            return
-        for test in (self.test_RegisterSyntheticVertebrae, self.test_InputErrors, self.test_BatchAndFineTune,
-                     self.test_BackgroundRegistrationAndCancel, self.test_ClickThrough):
-            self.setUp()
-            test()
-
-    def _tempFolder(self):
-        if not hasattr(self, "_tmp"):
-            self._tmp = tempfile.TemporaryDirectory(prefix="ACSGRegistrationTest-")
-        return self._tmp.name
-
-    def _model(self):
-        path = os.path.join(self._tempFolder(), "tiny.pt")
-        if not os.path.isfile(path):
-            testScene.makeTinyModel(path)
-        return path
-
     @staticmethod
-    def _waitForPanel(widget, timeout=600):
-        end = time.monotonic() + timeout
-        while widget.run is not None and time.monotonic() < end:
-            slicer.app.processEvents()
-            time.sleep(0.05)
+    def newLogic():
+        return ACSGRegistrationLogic()
 
-    # -- tests ------------------------------------------------------------------------------------------
-    def test_RegisterSyntheticVertebrae(self):
-        self.delayDisplay("Registering synthetic vertebrae (logic)")
-        data = testScene.createSyntheticScene()
-        before = {k: (np.array(slicer.util.arrayFromVolume(v), copy=True), ijkToRasOfNode(v))
-                  for k, v in data.items() if v.IsA("vtkMRMLVolumeNode")}
-        logic = ACSGRegistrationLogic()
-        out = logic.register(data["fixedVolume"], data["movingVolume"], data["fixedSegmentation"],
-                             data["movingSegmentation"], "L1", "L1", checkpoint=self._model(), device="cpu")
-        for node in (out.warpedVolume, out.transform, out.deformation, out.jacobian, out.warpedSegmentation,
-                     out.metricsTable):
-            self.assertIsNotNone(node)
-            self.assertIsNotNone(node.GetScene())
-        self.assertEqual(set(out.metrics), {"initial", "affine", "final"})
-        self.assertEqual(out.metricsTable.GetNumberOfRows(), 3)
-        self.assertGreater(float(slicer.util.arrayFromVolume(out.jacobian).std()), 1e-4)
-        for k, (array, matrix) in before.items():
-            self.assertTrue(np.array_equal(slicer.util.arrayFromVolume(data[k]), array), k)
-            self.assertTrue(np.allclose(ijkToRasOfNode(data[k]), matrix), k)
-        self.assertTrue(out.deformation.GetDisplayNode().GetVisibility())
-        logic.showResults(out, foreground="Jacobian map", showGrid=False)
-        self.assertFalse(out.deformation.GetDisplayNode().GetVisibility())
-        self.delayDisplay("Registration of synthetic vertebrae passed")
-
-    def test_InputErrors(self):
-        self.delayDisplay("Error messages for bad inputs")
-        data = testScene.createSyntheticScene()
-        logic = ACSGRegistrationLogic()
-        nodes = (data["fixedVolume"], data["movingVolume"], data["fixedSegmentation"], data["movingSegmentation"])
-        for change, message in (({0: None}, "no fixed volume"), ({3: None}, "only the fixed volume has a"),
-                                ({4: "L7"}, "has no segment 'L7'"), ({5: "99"}, "label 99 is not in the moving")):
-            args = list(nodes) + ["L1", "20"]
-            for k, value in change.items():
-                args[k] = value
-            with self.assertRaises(InputError) as caught:
-                logic.register(*args, checkpoint=self._model(), device="cpu", show=False)
-            self.assertIn(message, str(caught.exception))
-        with self.assertRaises(InputError) as caught:
-            logic.register(*nodes, "L1", "L1", checkpoint=self._model(), warpedVolume=data["fixedVolume"])
-        self.assertIn("inputs are never overwritten", str(caught.exception))
-        self.delayDisplay("Error messages passed")
-
-    def test_BatchAndFineTune(self):
-        self.delayDisplay("Batch registration and fine-tuning (logic)")
-        data = testScene.createSyntheticScene()
-        logic = ACSGRegistrationLogic()
-        model = self._model()
-        pairs = [(data["fixedVolume"], data["movingVolume"], data["fixedSegmentation"], data["movingSegmentation"],
-                  "L1", "L1"),
-                 dict(fixed=data["fixedVolume"], moving=data["movingVolume"],
-                      fixedSegmentation=data["fixedSegmentation"],
-                      movingSegmentation=data["movingSegmentation"], fixedLabel="L2", movingLabel="21", name="L2")]
-        outs = logic.registerPairs(pairs, checkpoint=model, device="cpu")
-        self.assertEqual(len(outs), 2)
-        self.assertTrue(all(o.metrics["final"]["dice"] >= 0 for o in outs))
-        runFolder = os.path.join(self._tempFolder(), "finetune")
-        steps = []
-        tuned = logic.fineTune(runFolder, scenePairs=pairs[:1], checkpoint=model, iterations=2, batchSize=2,
-                               device="cpu", progress=lambda s, t, terms: steps.append(s))
-        self.assertEqual(tuned["status"], "finished")
-        self.assertEqual(steps, [1, 2])
-        self.assertTrue(os.path.isfile(tuned["checkpoint"]))
-        self.assertEqual(logic.lossTable.GetNumberOfRows(), 2)
-        again = logic.register(data["fixedVolume"], data["movingVolume"], data["fixedSegmentation"],
-                               data["movingSegmentation"], "L1", "L1", checkpoint=tuned["checkpoint"], device="cpu",
-                               show=False)
-        self.assertIsNotNone(again.transform)
-        self.delayDisplay("Batch and fine-tuning passed")
-
-
-    def test_BackgroundRegistrationAndCancel(self):
-        self.delayDisplay("Registration in the background: cancelled, then to the end")
-        data = testScene.createSyntheticScene()
-        logic = ACSGRegistrationLogic()
-        args = (data["fixedVolume"], data["movingVolume"], data["fixedSegmentation"], data["movingSegmentation"],
-                "L1", "L1")
-        slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)  # there from the start in Slicer
-        nodes = slicer.mrmlScene.GetNumberOfNodes()
-        run = logic.startRegistration(*args, checkpoint=self._model(), device="cpu")
-        time.sleep(0.5)
-        asked = time.monotonic()
-        run.cancel()
-        self.assertLess(time.monotonic() - asked, 1.5)
-        with self.assertRaises(Cancelled):
-            run.finish()
-        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), nodes)
-        out = logic.startRegistration(*args, checkpoint=self._model(), device="cpu").finish()
-        self.assertEqual(set(out.metrics), {"initial", "affine", "final"})
-        self.delayDisplay("Background registration passed")
-
-    def test_ClickThrough(self):
-        """The panel as a user drives it: select inputs, Apply, toggle the display, fine-tune, new model."""
-        if not dependencies.hasGui() or not hasattr(getattr(slicer, "modules", None), "acsgregistration"):
-            self.delayDisplay("No Slicer GUI here: click-through test skipped")
+    def runTest(self):
+        """The Reload and Test button: every test in turn."""
+        if not dependencies.torchAvailable():
+            self.delayDisplay(selfTest.NO_TORCH)
             return
-        self.delayDisplay("Click-through test of the panel")
-        data = testScene.createSyntheticScene()
-        slicer.util.selectModule("ACSGRegistration")
-        widget = slicer.modules.acsgregistration.widgetRepresentation().self()
-        p = widget._parameterNode
-        p.checkpointPath = pathlib.Path(self._model())
-        p.device = "cpu"
-        p.fixedVolume = data["fixedVolume"]
-        p.movingVolume = data["movingVolume"]
-        p.fixedSegmentation = data["fixedSegmentation"]
-        p.movingSegmentation = data["movingSegmentation"]
-        p.fixedLabel = "L1"
-        p.movingLabel = "20"
-        self.assertTrue(widget.ui.applyButton.enabled)
-        widget.ui.applyButton.click()
-        self._waitForPanel(widget)
-        out = widget.lastOutput
-        self.assertIsNotNone(out)
-        self.assertEqual(out.fixedVolume, data["fixedVolume"])
-        self.assertIsNotNone(out.metricsTable)
-        widget.ui.showGridCheckBox.checked = False
-        self.assertFalse(out.deformation.GetDisplayNode().GetVisibility())
-        widget.ui.showGridCheckBox.checked = True
-        self.assertTrue(out.deformation.GetDisplayNode().GetVisibility())
-        widget.ui.foregroundComboBox.currentIndex = FOREGROUND_CHOICES.index("Jacobian map")
-        composite = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSliceCompositeNode")
-        self.assertEqual(composite.GetForegroundVolumeID(), out.jacobian.GetID())
-        # Fine-tune on the scene pair for two steps; the new model becomes the registration model.
-        p.trainingOutputFolder = pathlib.Path(self._tempFolder()) / "panel-finetune"
-        p.trainingIterations = 2
-        p.resumeTraining = False
-        widget.ui.addScenePairButton.click()
-        self.assertEqual(widget.ui.scenePairsListWidget.count, 1)
-        widget.ui.startTrainingButton.click()
-        self._waitForPanel(widget)
-        self.assertIsNotNone(widget.lastFineTune)
-        self.assertEqual(str(p.checkpointPath), widget.lastFineTune["checkpoint"])
-        widget.ui.applyButton.click()
-        self._waitForPanel(widget)
-        self.assertIs(widget.lastOutput.warpedVolume, out.warpedVolume)  # the same nodes, filled again
-        self.delayDisplay("Click-through test passed")
+        for name in selfTest.SelfTestCases.TESTS:
+            self.setUp()
+            try:
+                getattr(self, name)()
+            except unittest.SkipTest as skipped:
+                self.delayDisplay(f"{name} skipped: {skipped}")

@@ -5,10 +5,10 @@ Real, from Slicer's repository (``../shared/slicer-python/<tag>``, read at test 
 and ``slicer.i18n`` of v5.10.0 and v5.12.3. Real, from slicer-core: MRML scenes, nodes, logics, displayable
 managers and ``slicer.util``.
 
-Stood in for, thinly, because they need the running application: ``qt`` and ``ctk`` (widget classes built from
-the names the .ui uses, with properties, children, attributes and signals: what the wrapper's GUI connectors
-touch), Slicer's Qt widget classes in the ``slicer`` namespace (``qMRMLNodeComboBox`` ...), and ``slicer.app``
-(only ``translate``, which 5.10's i18n calls). Nothing of the module or of the wrapper is stood in for.
+Stood in for, because they need the running application: ``qt`` and ``ctk`` (``qt_standin``: Qt's semantics
+where the module relies on them, the .ui loaded with every widget and property), Slicer's Qt widget classes in
+the ``slicer`` namespace (``qMRMLNodeComboBox`` on the real scene, ...), and ``slicer.app`` with the module
+selector (``slicer_app``). Nothing of the module or of the wrapper is stood in for.
 
 ``new_scene()`` builds what the Slicer application sets up for a scene: application logic, the built-in colour
 nodes, slice view orientation presets; it sets ``slicer.mrmlScene``.
@@ -16,11 +16,9 @@ nodes, slice view orientation presets; it sets ``slicer.mrmlScene``.
 
 import contextlib
 import importlib.util
-import inspect
 import os
 import sys
 import types
-import xml.etree.ElementTree as ET
 
 import slicer
 
@@ -37,148 +35,48 @@ def available(version: str = VERSIONS[-1]) -> bool:
     return os.path.isfile(os.path.join(SLICER_PYTHON, version, "slicer", "parameterNodeWrapper", "__init__.py"))
 
 
-# -- Qt, thinly ------------------------------------------------------------------------------------------
-
-class Signal:
-    """A Qt signal: connect, disconnect, emit (what the GUI connectors and the tests use)."""
-
-    def __init__(self):
-        self.slots = []
-
-    def connect(self, slot):
-        self.slots.append(slot)
-
-    def disconnect(self, slot):
-        self.slots.remove(slot)
-
-    def emit(self, *args):
-        """Call each slot with as many of the signal's arguments as it takes (as PythonQt does)."""
-        for slot in list(self.slots):
-            try:
-                parameters = inspect.signature(slot).parameters.values()
-            except (TypeError, ValueError):
-                slot(*args)
-                continue
-            if any(p.kind == p.VAR_POSITIONAL for p in parameters):
-                slot(*args)
-            else:
-                slot(*args[:len([p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)])])
-
-    def __call__(self, *args, **kwargs):  # a method the connectors call (setCurrentNode, addItem, ...)
-        return None
-
-
-class QWidget:
-    """Any Qt widget: properties from the .ui, children, attributes stored as set; any other attribute is a
-    signal or a no-op method."""
-
-    def __init__(self, *args, **kwargs):
-        self.__dict__["_properties"], self.__dict__["_children"] = {}, []
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        signal = Signal()
-        self.__dict__[name] = signal
-        return signal
-
-    def property(self, name):
-        return self._properties.get(name)
-
-    def setProperty(self, name, value):
-        self._properties[name] = value
-
-    def findChildren(self, cls=None, name=None):
-        found = []
-        for child in self._children:
-            if cls is None or isinstance(child, cls):
-                found.append(child)
-            found += child.findChildren(cls)
-        return found
-
-    def currentNode(self):  # qMRMLNodeComboBox: the node last set
-        return self.__dict__.get("_node")
-
-    def setCurrentNode(self, node):
-        self.__dict__["_node"] = node
-
-
-QT_CLASSES = ("QCheckBox", "QPushButton", "QSlider", "QSpinBox", "QDoubleSpinBox", "QComboBox", "QLineEdit", "QLabel",
-              "QTextEdit", "QListWidget", "QProgressBar", "QToolButton", "QRadioButton", "QGroupBox")
-CTK_CLASSES = ("ctkCheckBox", "ctkCheckablePushButton", "ctkSliderWidget", "ctkDoubleSlider", "ctkDoubleSpinBox",
-               "ctkRangeWidget", "ctkPathLineEdit", "ctkDirectoryButton", "ctkColorPickerButton",
-               "ctkCollapsibleButton", "ctkComboBox", "ctkDoubleRangeSlider")
-SLICER_WIDGET_CLASSES = ("qMRMLNodeComboBox", "qMRMLSliderWidget", "qMRMLSpinBox", "qMRMLWidget", "qMRMLTableView",
-                         "qMRMLSubjectHierarchyComboBox", "qMRMLRangeWidget", "qSlicerWidget")
-
-
-def _qt_modules():
-    qt = types.ModuleType("qt")
-    qt.QWidget = QWidget
-    for name in QT_CLASSES:
-        setattr(qt, name, type(name, (QWidget,), {}))
-    for name in ("QColor", "QObject", "QIcon", "QTimer", "QSettings", "QFormLayout", "QVBoxLayout"):
-        setattr(qt, name, type(name, (), {"__init__": lambda self, *a, **k: None}))
-    ctk = types.ModuleType("ctk")
-    for name in CTK_CLASSES:
-        setattr(ctk, name, type(name, (QWidget,), {}))
-    return qt, ctk
-
-
-class _Application:
-    """``slicer.app`` as far as the module's import needs it: translation (identity)."""
-
-    @staticmethod
-    def translate(context, text):
-        return text
-
+# -- Qt and the application ---------------------------------------------------------------------------------
 
 def install_qt():
-    """The Qt side: ``qt``, ``ctk`` and Slicer's widget classes (once)."""
-    if "qt" not in sys.modules:
-        sys.modules["qt"], sys.modules["ctk"] = _qt_modules()
-        for name in SLICER_WIDGET_CLASSES:
-            setattr(slicer, name, type(name, (QWidget,), {}))
-        slicer.app = _Application()
+    """The Qt side (once): ``qt`` and ``ctk`` from ``qt_standin``, Slicer's widget classes as ``slicer.q*``, and
+    ``slicer.app`` (``slicer_app.Application``)."""
+    if "qt" in sys.modules:
+        return
+    import qt_standin
+    import slicer_app
+    qt, ctk = types.ModuleType("qt"), types.ModuleType("ctk")
+    for cls in qt_standin.QT_CLASSES:
+        setattr(qt, cls.__name__, cls)
+    for cls in qt_standin.CTK_CLASSES:
+        setattr(ctk, cls.__name__, cls)
+    for cls in qt_standin.SLICER_CLASSES:
+        setattr(slicer, cls.__name__, cls)
+    slicer.qSlicerScriptedLoadableModule = slicer_app.ScriptedModule
+    qt.QUiLoader = lambda: qt_standin.QUiLoader([qt, ctk, slicer])
+    sys.modules["qt"], sys.modules["ctk"] = qt, ctk
+    new_application()
+
+
+def new_application():
+    """A fresh ``slicer.app`` (no timers, dialogs, modules) and ``slicer.modules``; settings emptied."""
+    import qt_standin
+    import slicer_app
+    install_qt()
+    app = slicer_app.Application()
+    qt_standin.APPLICATION = app
+    qt_standin.QSettings.STORE.clear()
+    slicer.app = app
+    slicer.modules = types.SimpleNamespace()
+    return app
 
 
 def ui_widget_tree(ui_file=UI_FILE):
-    """The .ui's widgets as stand-in widgets of their own classes, nested as in the file; the root widget and
-    {name: widget}."""
+    """The .ui's widgets built by the stand-in QUiLoader: the root widget and {name: widget}."""
     install_qt()
-    qt, ctk = sys.modules["qt"], sys.modules["ctk"]
-    named = {}
-
-    def build(element):
-        cls = element.get("class")
-        widget_class = getattr(qt, cls, None) or getattr(ctk, cls, None) or getattr(slicer, cls, None)
-        if widget_class is None:
-            raise KeyError(f"{ui_file}: no stand-in for widget class {cls}")
-        widget = widget_class()
-        widget.setProperty("objectName", element.get("name"))
-        bound = element.find("property[@name='SlicerParameterName']/string")
-        if bound is not None:
-            widget.setProperty("SlicerParameterName", bound.text)
-        named[element.get("name")] = widget
-        for child in element.iter("widget"):
-            if child is not element and _parent_widget(element, child):
-                widget._children.append(build(child))
-        return widget
-
-    root = build(ET.parse(ui_file).getroot().find("widget"))
+    root = sys.modules["qt"].QUiLoader().load(sys.modules["qt"].QFile(ui_file))
+    named = {w.objectName: w for w in root.findChildren() if w.objectName}
+    named[root.objectName] = root
     return root, named
-
-
-def _parent_widget(parent, child):
-    """Whether ``parent`` is the nearest widget element above ``child`` (layouts and items in between)."""
-    def search(element):
-        for sub in element:
-            if sub is child:
-                return True
-            if sub.tag != "widget" and search(sub):
-                return True
-        return False
-    return search(parent)
 
 
 # -- Slicer's own Python layer --------------------------------------------------------------------------

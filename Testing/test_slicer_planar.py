@@ -62,15 +62,21 @@ def test_two_single_slice_volumes_are_registered_in_2d_with_the_map_as_a_grid_tr
     assert jacobian.shape == before.shape and float(jacobian.min()) > 0
 
 
-def test_the_2d_mode_refuses_volumes_and_level_names():
+def test_the_2d_mode_refuses_volumes_and_vertebrae_not_in_the_label_map():
     slicer_environment.new_scene()
     volume = conversion.updateVolumeNodeFromImage(slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode"),
                                                   sitk.Image([20, 20, 5], sitk.sitkFloat32))
     flat = conversion.updateVolumeNodeFromImage(slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode"),
                                                 one_slice(sitk.Image([20, 20], sitk.sitkFloat32)))
+    labels = sitk.Image([20, 20], sitk.sitkUInt8)
+    labels[5:10, 5:10] = 1
+    labels[12:16, 12:16] = 2
+    labelmap = conversion.updateVolumeNodeFromImage(
+        slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "two labels"), one_slice(labels))
     logic = M.ACSGRegistrationLogic()
     for args, message in (((volume, flat), "not a single-slice volume"),
-                          ((flat, flat, flat, flat, "L1"), "the structure is a label value")):
+                          ((flat, flat, labelmap, labelmap, "7"), "label 7 is not in the fixed"),
+                          ((flat, flat, labelmap, labelmap), "choose the fixed vertebra")):
         try:
             logic.registerPlanar(*args)
         except InputError as exc:

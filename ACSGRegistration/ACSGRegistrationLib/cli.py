@@ -15,6 +15,7 @@ from .batch import short_name
 from .config import METHODS, PRECISIONS
 from .errors import ACSGError, InputError
 from .planar import REFINE_STEPS as PLANAR_REFINE_STEPS
+from .progress import stage_line
 from .resources import shipped_model_path
 from .validation import INTENSITY_SCALES
 from .xray import POSE_SEARCH_METHODS as XRAY_METHODS
@@ -56,6 +57,11 @@ def _progress_printer(every: int = 10):
             parts = " ".join(f"{k}={v:.4f}" for k, v in terms.items() if k != "step")
             print(f"[{step}/{total}] {parts}  ({rate:.2f} s/step)", flush=True)
     return show
+
+
+def stage(number: int, total: int, text: str) -> None:
+    """A stage of a long command (``progress.stage_line``): what the Slicer panel's progress bar follows."""
+    print(stage_line(number, total, text), flush=True)
 
 
 def _refine_printer():
@@ -148,18 +154,29 @@ def _pair_dataset(args, crops, masks_records, grid):
     return MixedPairDataset(dataset, known, args.known_fraction, seed=args.seed + 2)
 
 
+STOP_FILE = "ACSG_STOP_FILE"
+
+
 def _stop_requests():
     """Ctrl+C or SIGTERM ask the training loop to stop after its step and save (also where a shell
-    started the run in the background, with SIGINT ignored)."""
+    started the run in the background, with SIGINT ignored); so does the file that ``$ACSG_STOP_FILE`` names
+    once it exists (how the Slicer panel asks on Windows, where a windowless process gets no console signal)."""
     import signal
     requested = []
+    stop_file = os.environ.get(STOP_FILE)
 
     def handler(signum, frame):
         print(f"stop requested ({signal.Signals(signum).name}): saving after this step", flush=True)
         requested.append(signum)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, handler)
-    return lambda: bool(requested)
+
+    def should_stop():
+        if not requested and stop_file and os.path.exists(stop_file):
+            print("stop requested (stop file): saving after this step", flush=True)
+            requested.append(stop_file)
+        return bool(requested)
+    return should_stop
 
 
 def _crop_grid(record):
@@ -254,15 +271,19 @@ def cmd_register(args):
         registrar = loading.submit(_registrar, args, checkpoint)
         if not pair:
             return _register_batch(args, pairs, registrar.result, outputs, checkpoint, started)
+        stage(1, 3, "reading and cropping the vertebrae, loading the model")
         fixed, moving = read_pair(pair, args.intensity)
         read = time.perf_counter()
         for note in fixed.notes + moving.notes:
             print(f"note: {note}")
         engine = registrar.result()
     ready = time.perf_counter()
+    stage(2, 3, f"registering on {engine.device}" + (f", then refining ({args.refine_steps} steps)"
+                                                      if args.refine_steps else ""))
     result = engine.register(fixed.image, moving.image, fixed.label, moving.label)
     result.notes = fixed.notes + moving.notes
     registered = time.perf_counter()
+    stage(3, 3, "writing the outputs")
     paths = save_pair(result, pair, fixed, moving, args.out, outputs, checkpoint)
     from .inference import describe
     print(f"registered in {result.seconds:.2f} s on {engine.device} ({describe(engine.engine)})")
@@ -350,7 +371,8 @@ def cmd_export(args):
 
 def cmd_prepare(args):
     from .readers import prepare_manifest
-    records = prepare_manifest(args.manifest, args.out, args.spacing)
+    records = prepare_manifest(args.manifest, args.out, args.spacing,
+                               progress=lambda k, n, name: print(f"[{k}/{n}] {name}", flush=True))
     print(f"wrote {len(records)} crops to {args.out}")
     return 0
 

@@ -14,7 +14,7 @@ import re
 import warnings
 from collections import namedtuple
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -401,8 +401,10 @@ def _unique_names(sources: Sequence[VertebraSource]):
         seen[s.name] = s
 
 
-def prepare_sources(sources: List[VertebraSource], out_dir: str, size=None, spacing: float = 1.0) -> List[CropRecord]:
-    """Crop every listed vertebra into ``out_dir`` and write its index; scans are read once each.
+def prepare_sources(sources: List[VertebraSource], out_dir: str, size=None, spacing: float = 1.0,
+                    progress: Optional[Callable[[int, int, str], None]] = None) -> List[CropRecord]:
+    """Crop every listed vertebra into ``out_dir`` and write its index; scans are read once each; ``progress(k,
+    n, name)`` after each crop.
 
     Label-only sources get a mask crop and an empty image in the index. The folder is written as a unit
     (``outputs.OutputFolder``): a failed or interrupted run leaves it as it was, never partly cropped.
@@ -435,20 +437,23 @@ def prepare_sources(sources: List[VertebraSource], out_dir: str, size=None, spac
                 image_path, label_path = "", os.path.join(folder.path, f"{s.name}_label.nii.gz")  # write_crop's naming
                 write_image(crop.label, label_path)
             records.append(CropRecord(s.name, s.subject, s.level, image_path, label_path))
+            if progress is not None:
+                progress(len(records), len(sources), s.name)
         write_index(folder.path, records)
     return read_index(folder.target)
 
 
-def prepare(path: str, out_dir: str, levels: Sequence[str] = LUMBAR, size=None,
-            spacing: float = 1.0) -> List[CropRecord]:
+def prepare(path: str, out_dir: str, levels: Sequence[str] = LUMBAR, size=None, spacing: float = 1.0,
+            progress: Optional[Callable[[int, int, str], None]] = None) -> List[CropRecord]:
     """Crops of every vertebra ``find_sources`` finds at ``path`` (a manifest CSV or a data folder)."""
-    return prepare_sources(find_sources(path, levels), out_dir, size, spacing)
+    return prepare_sources(find_sources(path, levels), out_dir, size, spacing, progress)
 
 
-def prepare_manifest(manifest: str, out_dir: str, spacing: float = 1.0) -> List[CropRecord]:
+def prepare_manifest(manifest: str, out_dir: str, spacing: float = 1.0,
+                     progress: Optional[Callable[[int, int, str], None]] = None) -> List[CropRecord]:
     """The CLI's 'prepare': a manifest CSV, or any data folder the readers recognise; crops cover the paper's
     128 x 128 x 64 mm at ``spacing`` mm."""
-    return prepare(manifest, out_dir, spacing=spacing)
+    return prepare(manifest, out_dir, spacing=spacing, progress=progress)
 
 
 def crop_records(path: str, work_folder: str) -> List[CropRecord]:

@@ -1,25 +1,29 @@
-"""A backend command (``acsgreg``'s subcommands: register, prepare, finetune) in its own process, so that
-Slicer stays responsive while it runs, as SlicerTotalSegmentator does: the panel polls it from a ``qt.QTimer``
-(``poll`` never blocks), shows its progress lines, and ``cancel`` stops it within about a second. The process
-writes its outputs as a unit (``ACSGRegistrationLib.outputs``), so a cancelled run leaves nothing half-made.
-PyTorch is imported by that process only, never by Slicer's."""
+"""A backend command (``acsgreg``'s subcommands: register, prepare, finetune, xray-register) in its own process,
+so that Slicer stays responsive while it runs, as SlicerTotalSegmentator does: the panel polls it from a
+``qt.QTimer`` (``poll`` never blocks), shows its progress (the command's "stage k/n" and "[k/n]" lines:
+``ACSGRegistrationLib.progress``) and its whole output, and ``cancel`` ends it and everything it started within
+about a second (``processTree``), never waiting unbounded. The process writes its outputs as a unit
+(``ACSGRegistrationLib.outputs``), so a cancelled run leaves nothing half-made. PyTorch is imported by that
+process only, never by Slicer's."""
 
 import os
 import queue
 import re
 import shutil
-import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Callable, List, Optional
 
+from ACSGRegistrationLib.progress import STAGE_PATTERN, STEP_PATTERN
+
+from . import processTree
 from .dependencies import hasGui
 
-# "[12/200] total=0.4321 ..." (training), "refining [3/50]" (refinement): the step and the total.
-STEP_PATTERN = re.compile(r"\[(\d+)/(\d+)\]")
 LOSS_PATTERN = re.compile(r"\btotal=([-+0-9.eE]+|nan|inf)")
+STOP_FILE_VARIABLE = "ACSG_STOP_FILE"  # the command line's stop file (cli.STOP_FILE; the backend is not imported)
 MODULE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -52,7 +56,10 @@ class BackgroundRun:
         self.onLine = onLine
         self.lines: List[str] = []
         self.fraction = 0.0
+        self.stageText = ""
+        self._stage = None  # (number, total) of the stage running
         self.cancelled = False
+        self.stopFile = None
         self.process = None
         self.started = self.ended = None
         self._queue: "queue.Queue[Optional[str]]" = queue.Queue()
@@ -65,15 +72,16 @@ class BackgroundRun:
         if self.process is not None:
             return self
         command = [pythonExecutable(), "-m", "ACSGRegistrationLib"] + self.arguments
-        options = {}
-        if os.name == "posix":
-            options["start_new_session"] = True  # cancel stops the whole group (data-loading workers too)
-        else:
-            options["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
+        environment = backendEnvironment()
+        handle, self.stopFile = tempfile.mkstemp(prefix="acsg-stop-")
+        os.close(handle)
+        os.remove(self.stopFile)  # its appearance is the request
+        environment[STOP_FILE_VARIABLE] = self.stopFile
         self.started = time.monotonic()
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, text=True, bufsize=1, env=backendEnvironment(),
-                                        cwd=MODULE_DIR, **options)
+                                        stdin=subprocess.DEVNULL, text=True, bufsize=1, env=environment,
+                                        cwd=MODULE_DIR, encoding="utf-8", errors="replace",
+                                        **processTree.popenOptions())
         self._reader = threading.Thread(target=self._read, name=f"ACSGRegistration {self.title}", daemon=True)
         self._reader.start()
         return self
@@ -95,15 +103,31 @@ class BackgroundRun:
                 self._readerDone = True
                 continue
             new.append(line)
-            step = STEP_PATTERN.search(line)
-            if step and int(step.group(2)) > 0:
-                self.fraction = int(step.group(1)) / int(step.group(2))
+            self._follow(line)
             if self.onLine is not None:
                 self.onLine(line)
         self.lines += new
         if self.ended is None and self.finished:
             self.ended = time.monotonic()
         return new
+
+    def _follow(self, line: str) -> None:
+        """Progress from a line: a stage starts at (k - 1) / n; its steps move within it."""
+        stage = STAGE_PATTERN.match(line)
+        if stage:
+            number, total = int(stage.group(1)), int(stage.group(2))
+            if total > 0:
+                self._stage, self.stageText = (number, total), stage.group(3)
+                self.fraction = (number - 1) / total
+            return
+        step = STEP_PATTERN.search(line)
+        if step and int(step.group(2)) > 0:
+            within = min(1.0, int(step.group(1)) / int(step.group(2)))
+            if self._stage is None:
+                self.fraction = within
+            else:
+                number, total = self._stage
+                self.fraction = (number - 1 + within) / total
 
     @property
     def finished(self) -> bool:
@@ -125,28 +149,16 @@ class BackgroundRun:
         return True
 
     def cancel(self, grace: float = 0.5) -> None:
-        """Ask the process to stop (SIGTERM: training saves after its step if that ends within ``grace``), then
-        kill it: it is gone within about ``grace`` + 0.5 s."""
+        """Ask the process to stop (training saves after its step if that ends within ``grace``), then end its
+        whole tree: gone within about ``grace`` + 0.5 s; never waits more than ``grace`` + 10 s in all."""
         if self.process is None or self.process.poll() is not None:
             return
         self.cancelled = True
-        self._signal(signal.SIGTERM if os.name == "posix" else signal.CTRL_BREAK_EVENT)
-        try:
-            self.process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            self._signal(signal.SIGKILL if os.name == "posix" else None)
-            self.process.wait(timeout=5)
+        processTree.stopTree(self.process, self.stopFile, grace)
 
-    def _signal(self, sig):
-        try:
-            if os.name == "posix":
-                os.killpg(self.process.pid, sig)
-            elif sig is None:
-                self.process.kill()
-            else:
-                self.process.send_signal(sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+    def cleanUp(self) -> None:
+        if self.stopFile and os.path.exists(self.stopFile):
+            os.remove(self.stopFile)
 
     # -- what it said -------------------------------------------------------------------------------------
     def errorMessage(self) -> str:
@@ -162,8 +174,13 @@ class BackgroundRun:
 
     @property
     def message(self) -> str:
-        """The last line printed (for a status label)."""
-        return self.lines[-1] if self.lines else f"{self.title}: starting..."
+        """What the status label shows: the stage and the last line printed."""
+        if not self.lines:
+            return f"{self.title}: starting..."
+        last = self.lines[-1]
+        if self._stage is not None and not STAGE_PATTERN.match(last):
+            return f"{self.stageText} ({self._stage[0]}/{self._stage[1]}): {last}"
+        return last
 
 
 def lossFromLine(line: str) -> Optional[float]:

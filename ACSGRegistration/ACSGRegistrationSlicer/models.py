@@ -44,3 +44,32 @@ def describeModel(checkpoint=None) -> str:
         return "File not found: choose a checkpoint file (.pt)."
     what = "shipped model" if isShipped(checkpoint) else os.path.basename(path)
     return f"{what} ({os.path.getsize(path) / 1e6:.1f} MB)"
+
+
+# The shipped ACSGRegNet's weights are CC BY-NC-SA 4.0 (Resources/Models/LICENSE-weights.md): the panel shows that
+# once, before their first use, and remembers the answer (QSettings).
+WEIGHTS_LICENCE_SETTING = "ACSGRegistration/ShippedWeightsLicenceAccepted"
+WEIGHTS_LICENCE_TEXT = (
+    "The shipped registration model's weights were trained in part on label maps under share-alike, "
+    "non-commercial licences, so they are licensed CC BY-NC-SA 4.0: use them for research and other "
+    "non-commercial purposes, credit their sources, and share models fine-tuned from them under the same terms "
+    "(Resources/Models/LICENSE-weights.md of the extension; "
+    "https://creativecommons.org/licenses/by-nc-sa/4.0/). The code is BSD 3-Clause; for unrestricted weights, "
+    "train your own model.\n\nUse the shipped weights on these terms?")
+
+
+def ensureWeightsLicenceAccepted(checkpoint) -> bool:
+    """True when ``checkpoint`` is not the shipped model, or its licence was accepted (now or before). Without
+    Slicer's main window (scripts, PythonSlicer) there is nobody to ask: the README and the model card say it."""
+    import qt
+    import slicer
+    from .dependencies import canAsk
+    if not isShipped(checkpoint) or not canAsk():
+        return True
+    stored = qt.QSettings()
+    if slicer.util.toBool(stored.value(WEIGHTS_LICENCE_SETTING, "false")):
+        return True
+    if not slicer.util.confirmOkCancelDisplay(WEIGHTS_LICENCE_TEXT, windowTitle="Licence of the shipped model"):
+        return False
+    stored.setValue(WEIGHTS_LICENCE_SETTING, "true")
+    return True

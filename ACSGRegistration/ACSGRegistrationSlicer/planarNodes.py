@@ -70,30 +70,32 @@ def _keepPainting(step: int, total: int) -> None:
         slicer.app.processEvents()
 
 
-def registerPlanarNodes(fixedVolume, movingVolume, fixedLabels=None, movingLabels=None, label: Optional[int] = None,
-                        model: Optional[str] = None, name: Optional[str] = None,
+def registerPlanarNodes(fixedVolume, movingVolume, fixedSegmentation=None, movingSegmentation=None,
+                        fixedLabel=None, movingLabel=None, model: Optional[str] = None, name: Optional[str] = None,
                         refineSteps: Optional[int] = None) -> PlanarOutput:
-    """Register two single-slice volumes (with optional labelmap volumes and the structure's label value);
-    ``refineSteps``: the refinement's steps per grid (default the backend's; 0: the network alone)."""
-    from ACSGRegistrationLib.planar.register import PlanarRegistrar, structure_mask
-    if isinstance(label, str):
-        if not label.strip().isdigit():
-            raise InputError(f"in the 2D mode the structure is a label value of the label maps, not {label!r}")
-        label = int(label)
-    for node in (fixedLabels, movingLabels):
-        if node is not None and not node.IsA("vtkMRMLScalarVolumeNode"):
-            raise InputError(f"'{node.GetName()}': the 2D mode takes label map volumes (a segmentation can be "
-                             "exported to one in the Segmentations module)")
+    """Register two single-slice volumes. Each may have a segmentation (a labelmap volume on its slice, or a
+    segmentation node) and its structure, named as the panel lists it (segment name, level such as "L1", "20:
+    vertebrae_L1" or a label value; omitted where there is one): the structure centres the views and its Dice is
+    reported. ``refineSteps``: the refinement's steps per grid (default the backend's; 0: the network alone)."""
+    from ACSGRegistrationLib.planar.register import PlanarRegistrar, as_planar, structure_mask
+    from .labels import labelImage
     fixed3d, fixed = _planarOf(fixedVolume, "fixed volume")
     _, moving = _planarOf(movingVolume, "moving volume")
     masks, movingMap = [], None
-    for node, image, what in ((fixedLabels, fixed, "fixed"), (movingLabels, moving, "moving")):
-        if node is None:
+    for segmentation, label, volume, image, what in ((fixedSegmentation, fixedLabel, fixedVolume, fixed, "fixed"),
+                                                     (movingSegmentation, movingLabel, movingVolume, moving,
+                                                      "moving")):
+        if segmentation is None:
             masks.append(None)
             continue
-        _, labels = _planarOf(node, f"{what} label map")
-        masks.append(structure_mask(labels, image, label, f"{what} label map '{node.GetName()}'"))
-        movingMap = labels if what == "moving" else movingMap
+        where = f"{what} segmentation '{segmentation.GetName()}'"
+        if segmentation.IsA("vtkMRMLLabelMapVolumeNode"):
+            _planarOf(segmentation, f"{what} label map")  # one slice, as its image
+        binary, _name = labelImage(segmentation, label, volume, what)
+        masks.append(structure_mask(as_planar(binary, where), image, 1, where))
+        if what == "moving":  # warped with its values where it is a label map, else the structure's mask
+            movingMap = _planarOf(segmentation, where)[1] if segmentation.IsA("vtkMRMLLabelMapVolumeNode") \
+                else masks[-1]
     registrar = PlanarRegistrar(model, refine_steps=refineSteps, progress=_keepPainting)
     result = registrar.register(fixed, moving, masks[0], masks[1], moving_labels=movingMap)
     base = name or f"{movingVolume.GetName()} to {fixedVolume.GetName()}"

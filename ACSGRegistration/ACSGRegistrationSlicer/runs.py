@@ -19,9 +19,13 @@ from .backgroundRun import BackgroundRun, lossFromLine, stepFromLine
 from .inputs import InputSide
 from .outputNodes import RegistrationOutput, createOutputNodes
 
+PREPARATION_SHARE = 0.2  # of a fine-tuning's progress bar, when a data folder is cropped first
+
 
 class StagedRun:
-    """What the panel drives: one backend process at a time (``stage``), polled, its progress shown, cancelled."""
+    """What the panel drives: one backend process at a time (``stage``), polled, its progress shown, cancelled.
+    Nothing here waits on a process without a bound, except ``finish()`` called by a script on a run that has not
+    ended (it waits for the run, as a function call would; ``timeout`` bounds it)."""
 
     stage: BackgroundRun
 
@@ -47,20 +51,31 @@ class StagedRun:
     def cancel(self) -> None:
         self.stage.cancel()
         self.stage.wait(timeout=2)
+        self.stage.cleanUp()
 
-    def ended(self, what: str) -> None:
-        """Wait for the process; raise Cancelled, or InputError with the backend's message, unless it succeeded."""
-        self.wait()
+    def ended(self, what: str, timeout: Optional[float] = None) -> None:
+        """Raise Cancelled, or InputError with the backend's message, unless the run succeeded; waits for it
+        (``timeout`` seconds at most: then it is ended and the wait is an error)."""
         if self.stage.cancelled:
             raise Cancelled(f"{what} cancelled: no output was made")
+        if not self.wait(timeout):
+            self.stage.cancel(grace=0.0)
+            raise InputError(f"{what} did not end within {timeout:.0f} s: it was stopped")
+        self.stage.cleanUp()
         if not self.stage.succeeded:
             raise InputError(self.stage.errorMessage())
 
-    def wait(self, interval: float = 0.05) -> None:
-        """Poll until the run has ended (scripts and ``finish``; the panel polls from its timer)."""
+    def wait(self, timeout: Optional[float] = None, interval: float = 0.05) -> bool:
+        """Poll until the run has ended or ``timeout`` seconds have passed (None: until it ends); True when it
+        ended. Scripts and ``finish`` use it; the panel polls from its timer."""
+        end = None if timeout is None else time.monotonic() + timeout
         while not self.finished:
+            if end is not None and time.monotonic() > end:
+                return False
             self.poll()
             time.sleep(interval)
+        self.poll()
+        return True
 
 
 class RegistrationRun(StagedRun):
@@ -90,12 +105,12 @@ class RegistrationRun(StagedRun):
         super().cancel()
         self._clean()
 
-    def finish(self) -> RegistrationOutput:
+    def finish(self, timeout: Optional[float] = None) -> RegistrationOutput:
         """The output nodes (the given ones filled, or new ones) once the process has succeeded; raises
         Cancelled, or InputError with the backend's message. The temporary files are removed either way."""
         from ACSGRegistrationLib.saved import load_result
         try:
-            self.ended("registration")
+            self.ended("registration", timeout)
             result = load_result(os.path.join(self.work, "result"))
             output = createOutputNodes(result, self.fixed, self.moving, name=self.name, **self.outputs)
             output.notes = self.stage.notes()
@@ -130,6 +145,7 @@ class FineTuneRun(StagedRun):
             if not os.path.isfile(os.path.join(self.dataCrops, INDEX)):
                 self.stage = BackgroundRun(["prepare", "--manifest", dataFolder, "--out", self.dataCrops],
                                            "crop preparation")
+        self.prepared = self.stage is not None
         if not (self.dataCrops or self.sceneRecords):
             raise InputError("no training pairs: choose a training data folder or add pairs from the scene")
         if self.stage is None:
@@ -157,6 +173,7 @@ class FineTuneRun(StagedRun):
     def poll(self) -> List[str]:
         lines = self.stage.poll()
         if self.stage.title == "crop preparation" and self.stage.succeeded:
+            self.stage.cleanUp()
             self.stage = self._finetune().start()
         return lines
 
@@ -166,12 +183,19 @@ class FineTuneRun(StagedRun):
 
     @property
     def fraction(self) -> float:
-        return self.stage.fraction if self.stage.title == "fine-tuning" else 0.0
+        """Cropping a data folder is the first fifth, when there is one; the training steps the rest."""
+        if self.stage.title != "fine-tuning":
+            return PREPARATION_SHARE * self.stage.fraction
+        return (PREPARATION_SHARE if self.prepared else 0.0) + \
+            (1.0 - (PREPARATION_SHARE if self.prepared else 0.0)) * self.stage.fraction
 
-    def finish(self) -> Dict:
+    def finish(self, timeout: Optional[float] = None) -> Dict:
         """The training summary (status, steps, checkpoint: the model to register with now); raises Cancelled
         (a stopped run keeps its last checkpoint and resumes from it), or InputError with the backend's message."""
-        self.wait()
+        if not self.stage.cancelled and not self.wait(timeout):
+            self.stage.cancel(grace=0.0)
+            raise InputError(f"{self.stage.title} did not end within {timeout:.0f} s: it was stopped")
+        self.stage.cleanUp()
         if self.stage.cancelled:
             raise Cancelled(f"{self.stage.title} stopped: the run in {self.outputFolder} resumes from its last "
                             "checkpoint")

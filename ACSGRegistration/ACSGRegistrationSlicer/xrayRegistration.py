@@ -62,12 +62,12 @@ class XrayRegistrationRun(StagedRun):
         super().cancel()
         shutil.rmtree(self.work, ignore_errors=True)
 
-    def finish(self):
+    def finish(self, timeout: Optional[float] = None):
         """The nodes of ``xrayNodes.loadXrayResult`` once the process has succeeded; raises Cancelled, or
         InputError with the backend's message. The temporary files are removed either way."""
         from .xrayNodes import loadXrayResult
         try:
-            self.ended("X-ray registration")
+            self.ended("X-ray registration", timeout)
             names = {1: self.ct.name} if self.ct.name else None
             output = loadXrayResult(self.out, names, name=self.name)
             output.otherViews = [loadXrayResult(self.out, names, name=f"{self.name} view {number}", view=number)

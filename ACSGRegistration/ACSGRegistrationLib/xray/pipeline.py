@@ -33,19 +33,22 @@ CT_SPACING = 2.0
 
 
 def overlay_png(xray: np.ndarray, drr: np.ndarray, path: str) -> None:
-    """The X-ray in grey with the final DRR's edges in colour (where the CT's bone lands)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    gx, gy = np.gradient(drr)
+    """The X-ray in grey with the final DRR's strongest edges (its top tenth: where the CT's bone lands) in
+    orange, written as an RGB PNG with SimpleITK: no figure library (Slicer does not bundle matplotlib)."""
+    grey = xray.astype(np.float64)
+    low, high = np.percentile(grey, (0.5, 99.5))
+    grey = np.clip((grey - low) / max(high - low, 1e-12), 0.0, 1.0)
+    gy, gx = np.gradient(drr.astype(np.float64))
     edges = np.hypot(gx, gy)
-    figure, axis = plt.subplots(figsize=(6, 6 * xray.shape[0] / xray.shape[1]), dpi=100)
-    axis.imshow(xray, cmap="gray")
-    axis.imshow(np.ma.masked_less(edges, np.percentile(edges, 90)), cmap="autumn", alpha=0.6)
-    axis.set_axis_off()
-    figure.tight_layout(pad=0)
-    figure.savefig(path)
-    plt.close(figure)
+    if edges.shape != grey.shape:  # the DRR is on the registration's grid: nearest pixel on the X-ray's
+        rows = np.minimum((np.arange(grey.shape[0]) * edges.shape[0]) // grey.shape[0], edges.shape[0] - 1)
+        columns = np.minimum((np.arange(grey.shape[1]) * edges.shape[1]) // grey.shape[1], edges.shape[1] - 1)
+        edges = edges[np.ix_(rows, columns)]
+    strong = edges >= np.percentile(edges, 90)
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    rgb[strong] = 0.4 * rgb[strong] + 0.6 * np.array([1.0, 0.55, 0.0])
+    image = sitk.GetImageFromArray(np.round(255 * rgb).astype(np.uint8), isVector=True)
+    write_image(image, path)
 
 
 def projections(pose: np.ndarray, carm: CArm, ct: sitk.Image, labels: Optional[sitk.Image]) -> Dict:
@@ -95,9 +98,11 @@ def register_files(ct_path: str, xray_path: Union[str, Sequence[str]], init_path
         raise InputError(f"depth_prior_mm must be positive, got {depth_prior_mm}")
     depth_prior_mm = DEPTH_PRIOR_MM if depth_prior_mm is None else float(depth_prior_mm)
     from ..outputs import OutputFolder
+    from ..progress import stage_line, step_printer
     views = _views(xray_path, init_path, geometry_path)
     folder = OutputFolder(out_dir, inputs=(ct_path, seg_path, *[p for view in views for p in view]),
                           kind="X-ray registration")
+    log(stage_line(1, 3, f"reading the CT and {'the X-ray' if len(views) == 1 else f'{len(views)} X-rays'}"))
     ct = read_image(ct_path, "CT")
     labels = read_image(seg_path, "CT label map") if seg_path else None
     # With a label map, the refinement looks at the target vertebra's neighbourhood on the X-ray (the
@@ -140,7 +145,9 @@ def register_files(ct_path: str, xray_path: Union[str, Sequence[str]], init_path
     if net is not None:
         from .prost import LearnedSimilarity
         learned = LearnedSimilarity(net, ct, centre, full_carms[0], xrays[0].pixels, device=device)
-    result = register_pose(search, method, evaluations, refine_steps, seed, learned=learned)
+    log(stage_line(2, 3, f"searching the pose ({method})"))
+    result = register_pose(search, method, evaluations, refine_steps, seed, learned=learned,
+                           progress=step_printer(log, "searching"))
     region = "(the refinement's around the target vertebra)" if target_points is not None else "(whole image)"
     if len(views) == 1:
         similarity = f"gradient NCC {region} less the depth prior ({DEPTH_PRIOR_WEIGHT} at {depth_prior_mm:g} mm " \
@@ -155,6 +162,7 @@ def register_files(ct_path: str, xray_path: Union[str, Sequence[str]], init_path
                "ct_spacing_mm": spacing,
                "shutters": ["known: their shadow left out" if e is not None else "none given" for e in exposed]}
     final = torch.as_tensor(result["parameters"], dtype=volume.mu.dtype, device=volume.mu.device)
+    log(stage_line(3, 3, "writing the outputs"))
     with folder:
         paths = {}
         for number, (view, xray, full, carm) in enumerate(zip(searches, xrays, full_carms, carms), 1):
