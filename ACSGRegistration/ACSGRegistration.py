@@ -6,14 +6,17 @@ This file only orchestrates; the work is done elsewhere:
   command line ``acsgreg`` that the panel runs in a separate process;
 - the Slicer-bound helpers ``ACSGRegistrationSlicer``: nodes <-> SimpleITK (``conversion``), vertebra choices
   (``labels``), input checks and export (``inputs``), output nodes and display (``outputNodes``), the
-  dependencies (``dependencies``), background runs (``backgroundRun``, ``runs``), the self-test's scene
-  (``testScene``), a CT to X-ray registration's nodes (``xrayNodes``), the 2D mode (``planarNodes``).
+  dependencies per section (``dependencies``), whether each run button can run (``readiness``), background runs
+  (``backgroundRun``, ``runs``) and ending their process trees (``processTree``), the shipped weights' licence
+  (``models``), sample data (``sampleData``), the self-test's scene and cases (``testScene``, ``selfTest``), a CT
+  to X-ray registration's nodes (``xrayNodes``), the 2D mode (``planarNodes``).
 
 ``ACSGRegistrationLogic`` works without the GUI, in Slicer's process (``register``, ``registerPairs``,
 ``registerFiles``, ``fineTune``: scripts and the Python console) or in the background (``startRegistration``,
 ``startFineTune``: the panel, which polls them and stays responsive); CT to X-ray pose registration
 (``registerXray``; ``startXrayRegistration`` for the panel's section). ``ACSGRegistrationWidget`` is the panel
-(``Resources/UI/ACSGRegistration.ui``); ``ACSGRegistrationTest`` registers synthetic vertebrae made by the test.
+(``Resources/UI/ACSGRegistration.ui``); ``ACSGRegistrationTest`` registers synthetic vertebrae made by the test,
+through the logic and through the panel's widgets.
 """
 
 import contextlib
@@ -390,7 +393,7 @@ class ACSGRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         same = labels.sameLevelChoice(other, choices) or labels.sameLevelChoice(current, choices)
         if same:
             return same
-        return current if current and not readiness._vertebra(node, current, side) else ""
+        return current if current and not readiness.vertebraProblem(node, current, side) else ""
 
     def _onLabelTextChanged(self, side: str, text: str) -> None:
         if self._parameterNode is not None and getattr(self._parameterNode, f"{side}Label") != text:

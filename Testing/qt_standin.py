@@ -356,20 +356,8 @@ class QLayout(QObject):
         self.leftMargin, self.topMargin, self.rightMargin, self.bottomMargin = margins
 
 
-class QVBoxLayout(QLayout):
-    pass
-
-
-class QHBoxLayout(QLayout):
-    pass
-
-
-class QFormLayout(QLayout):
-    pass
-
-
-class QGridLayout(QLayout):
-    pass
+QVBoxLayout, QHBoxLayout, QFormLayout, QGridLayout = (type(name, (QLayout,), {}) for name in
+                                                      ("QVBoxLayout", "QHBoxLayout", "QFormLayout", "QGridLayout"))
 
 
 class QWidget(QObject):
@@ -397,14 +385,10 @@ class QWidget(QObject):
     def isWidgetType(self) -> bool:
         return True
 
-    # enabled: a widget is enabled when it and every ancestor is (Qt's isEnabled)
-    @property
-    def enabled(self) -> bool:
-        return self.isEnabled()
-
-    @enabled.setter
-    def enabled(self, value):
-        self.setEnabled(value)
+    # enabled: a widget is enabled when it and every ancestor is (Qt's isEnabled); visible: shown, and every
+    # ancestor shown (a collapsed ctkCollapsibleButton hides its contents).
+    enabled = property(lambda self: self.isEnabled(), lambda self, value: self.setEnabled(value))
+    visible = property(lambda self: self.isVisible(), lambda self, value: self.setVisible(value))
 
     def setEnabled(self, value):
         self._explicitlyDisabled = not bool(value)
@@ -419,15 +403,6 @@ class QWidget(QObject):
                 return False
             widget = widget.parent()
         return True
-
-    # visible: shown, and every ancestor shown (a collapsed ctkCollapsibleButton hides its contents)
-    @property
-    def visible(self) -> bool:
-        return self.isVisible()
-
-    @visible.setter
-    def visible(self, value):
-        self.setVisible(value)
 
     def setVisible(self, value):
         self._hidden = not bool(value)
@@ -475,12 +450,7 @@ class QWidget(QObject):
         self.toolTip = text
 
 
-class QFrame(QWidget):
-    pass
-
-
-class QMainWindow(QWidget):
-    pass
+QFrame, QMainWindow = (type(name, (QWidget,), {}) for name in ("QFrame", "QMainWindow"))
 
 
 class QDialog(QWidget):
@@ -497,14 +467,8 @@ class QDialog(QWidget):
         self.hide()
 
 
-class QLabel(QWidget):
-    linkActivated = Signal("linkActivated(QString)")
-    text = Property("")
-    wordWrap = Property(False)
-    openExternalLinks = Property(False)
-    textFormat = Property(None)
-    alignment = Property(None)
-    textInteractionFlags = Property(None)
+class _TextWidget(QWidget):
+    """A widget made with its text (``QLabel("text", parent)``, or just a parent)."""
 
     def __init__(self, text="", parent=None, *args):
         if isinstance(text, QObject):
@@ -513,7 +477,17 @@ class QLabel(QWidget):
         self.text = text
 
 
-class QAbstractButton(QWidget):
+class QLabel(_TextWidget):
+    linkActivated = Signal("linkActivated(QString)")
+    text = Property("")
+    wordWrap = Property(False)
+    openExternalLinks = Property(False)
+    textFormat = Property(None)
+    alignment = Property(None)
+    textInteractionFlags = Property(None)
+
+
+class QAbstractButton(_TextWidget):
     clicked = Signal("clicked(bool)")
     pressed = Signal("pressed()")
     released = Signal("released()")
@@ -524,11 +498,6 @@ class QAbstractButton(QWidget):
     checked = Property(False, normalise=lambda b, v: bool(v) and b.checkable,
                        changed=lambda b, old, new: b._checkedChanged(new))
 
-    def __init__(self, text="", parent=None, *args):
-        if isinstance(text, QObject):
-            text, parent = "", text
-        super().__init__(parent)
-        self.text = text
 
     def _checkedChanged(self, checked):
         self.toggled.emit(checked)
@@ -592,7 +561,7 @@ class QGroupBox(QWidget):
     checked = Property(True)
 
 
-class QLineEdit(QWidget):
+class QLineEdit(_TextWidget):
     textChanged = Signal("textChanged(QString)")
     textEdited = Signal("textEdited(QString)")
     returnPressed = Signal("returnPressed()")
@@ -602,11 +571,6 @@ class QLineEdit(QWidget):
     readOnly = Property(False)
     clearButtonEnabled = Property(False)
 
-    def __init__(self, text="", parent=None, *args):
-        if isinstance(text, QObject):
-            text, parent = "", text
-        super().__init__(parent)
-        self.text = text
 
     def clear(self):
         self.text = ""
@@ -686,9 +650,11 @@ class QSpinBox(QWidget):
         self.minimum, self.maximum = low, max(low, high)
 
 
-class QDoubleSpinBox(QWidget):
+class _RealValueWidget(QWidget):
+    """What a double spin box and a ctk slider share: a value clamped to the range and rounded to ``decimals``
+    (2 unless set), ``valueChanged(double)`` on change."""
+
     valueChanged = Signal("valueChanged(double)")
-    textChanged = Signal("textChanged(QString)")
     minimum = Property(0.0, normalise=lambda w, v: float(v), changed=_range_changed)
     maximum = Property(99.99, normalise=lambda w, v: float(v), changed=_range_changed)
     decimals = Property(2, normalise=lambda w, v: int(v), changed=_range_changed)
@@ -703,6 +669,10 @@ class QDoubleSpinBox(QWidget):
     def userTypes(self, text: str):
         """A user typing a number and pressing Enter: the value as the spin box takes it (rounded, clamped)."""
         self.value = float(text)
+
+
+class QDoubleSpinBox(_RealValueWidget):
+    textChanged = Signal("textChanged(QString)")
 
 
 class QSlider(QSpinBox):
@@ -1167,28 +1137,13 @@ class ctkDoubleSpinBox(QDoubleSpinBox):
     pass
 
 
-class ctkSliderWidget(QWidget):
-    """A slider with a spin box: the value is clamped and rounded to ``decimals`` (2 unless set), as the spin
-    box shows it; ``valueChanged(double)`` on change."""
+class ctkSliderWidget(_RealValueWidget):
+    """A slider with a spin box: the value as the spin box holds it (clamped, rounded to ``decimals``)."""
 
-    valueChanged = Signal("valueChanged(double)")
     valueIsChanging = Signal("valueIsChanging(double)")
-    minimum = Property(0.0, normalise=lambda w, v: float(v), changed=_range_changed)
     maximum = Property(99.0, normalise=lambda w, v: float(v), changed=_range_changed)
-    decimals = Property(2, normalise=lambda w, v: int(v), changed=_range_changed)
-    singleStep = Property(1.0)
     pageStep = Property(10.0)
-    suffix = Property("")
-    prefix = Property("")
     tracking = Property(True)
-    value = Property(0.0, normalise=_clamped("minimum", "maximum", "decimals"), changed=_notify("valueChanged"))
-
-    def setRange(self, low, high):
-        self.minimum, self.maximum = low, max(low, high)
-
-    def userTypes(self, text: str):
-        """A user typing a number into the slider's spin box: taken as the spin box rounds and clamps it."""
-        self.value = float(text)
 
 
 class ctkDoubleSlider(ctkSliderWidget):

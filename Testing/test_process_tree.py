@@ -177,3 +177,21 @@ def test_the_panels_cancel_and_finish_never_wait_unbounded(windows, monkeypatch)
 def test_background_processes_start_windowless_in_their_own_group_on_windows(windows):
     options = processTree.popenOptions()
     assert options == {"creationflags": processTree.CREATE_NEW_PROCESS_GROUP | processTree.CREATE_NO_WINDOW}
+
+
+def test_the_training_loop_stops_when_the_stop_file_appears(tmp_path, monkeypatch):
+    """The gentle request on Windows: the command line's training loop watches the file ``$ACSG_STOP_FILE``."""
+    import signal
+    from ACSGRegistrationLib.cli import _stop_requests
+    from ACSGRegistrationLib.progress import STOP_FILE_VARIABLE
+    stop = tmp_path / "stop"
+    monkeypatch.setenv(STOP_FILE_VARIABLE, str(stop))
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        should_stop = _stop_requests()
+        assert not should_stop()
+        stop.write_text("")
+        assert should_stop() and should_stop()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)

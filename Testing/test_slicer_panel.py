@@ -411,6 +411,10 @@ def test_fine_tuning_start_stop_resume_by_clicks(make_panel, tiny_model, tmp_pat
     ui.trainingOutputPathLineEdit.userChoosesFile(str(tmp_path / "run"))
     ui.addScenePairButton.click()
     assert ui.scenePairsListWidget.count == 1 and ui.startTrainingButton.enabled, ui.startTrainingButton.toolTip
+    ui.clearScenePairsButton.click()
+    assert ui.scenePairsListWidget.count == 0 and not ui.startTrainingButton.enabled
+    ui.addScenePairButton.click()
+    assert ui.scenePairsListWidget.count == 1 and ui.startTrainingButton.enabled
     ui.iterationsSpinBox.value = 12
     ui.batchSizeSpinBox.value = 2
     values = []
@@ -441,7 +445,6 @@ def test_fine_tuning_start_stop_resume_by_clicks(make_panel, tiny_model, tmp_pat
 def xray_files(tmp_path_factory):
     """Two simulated X-rays (AP and lateral, 64 x 64 pixels of 3.2 mm, 1020 mm from the source) of the
     TotalSegmentator example CT, its L1 750 mm from the source, the C-arm 4 degrees LAO."""
-    import torch  # noqa: F401
     from ACSGRegistrationLib.xray.camera import CArm, look_at
     from ACSGRegistrationLib.xray.simulation import Realism, XraySimulator
     folder = tmp_path_factory.mktemp("xray")
@@ -495,9 +498,14 @@ def test_xray_section_registers_one_and_two_views_without_matplotlib(make_panel,
         ui.secondLaoSliderWidget.userTypes("94")
     ui.xrayMethodComboBox.userChooses("gradient")  # the quickest search: this test is about the panel
     assert ui.xrayRegisterButton.enabled, ui.xrayRegisterButton.toolTip
+    before = node_ids()
+    if views == 1:  # Cancel at once: the process ends, no node is added
+        ui.xrayRegisterButton.click()
+        process = panel.widget.run.stage.process
+        ui.xrayCancelButton.click()
+        assert process.poll() is not None and "cancelled" in ui.xrayStatusLabel.text and node_ids() == before
     values = []
     ui.xrayProgressBar.valueChanged.connect(values.append)
-    before = node_ids()
     ui.xrayRegisterButton.click()
     panel.wait(timeout=400)
     output = panel.widget.lastXrayOutput

@@ -15,7 +15,7 @@ from .batch import short_name
 from .config import METHODS, PRECISIONS
 from .errors import ACSGError, InputError
 from .planar import REFINE_STEPS as PLANAR_REFINE_STEPS
-from .progress import stage_line
+from .progress import STOP_FILE_VARIABLE, stage_line
 from .resources import shipped_model_path
 from .validation import INTENSITY_SCALES
 from .xray import POSE_SEARCH_METHODS as XRAY_METHODS
@@ -154,16 +154,13 @@ def _pair_dataset(args, crops, masks_records, grid):
     return MixedPairDataset(dataset, known, args.known_fraction, seed=args.seed + 2)
 
 
-STOP_FILE = "ACSG_STOP_FILE"
-
-
 def _stop_requests():
     """Ctrl+C or SIGTERM ask the training loop to stop after its step and save (also where a shell
     started the run in the background, with SIGINT ignored); so does the file that ``$ACSG_STOP_FILE`` names
     once it exists (how the Slicer panel asks on Windows, where a windowless process gets no console signal)."""
     import signal
     requested = []
-    stop_file = os.environ.get(STOP_FILE)
+    stop_file = os.environ.get(STOP_FILE_VARIABLE)
 
     def handler(signum, frame):
         print(f"stop requested ({signal.Signals(signum).name}): saving after this step", flush=True)

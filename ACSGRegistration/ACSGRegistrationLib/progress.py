@@ -1,12 +1,14 @@
 """How long commands report their progress on the console, one format for every command and for the Slicer panel
 that reads it from a background process: "stage 2/3: registering" when a stage begins, "[k/n] ..." for the steps
-within it (training steps, refinement steps, crops, DRRs of the pose search)."""
+within it (training steps, refinement steps, crops, DRRs of the pose search); and how such a process is asked to
+stop where no signal reaches it (Windows): a file whose path ``$ACSG_STOP_FILE`` names appears."""
 
 import re
 from typing import Callable
 
 STAGE_PATTERN = re.compile(r"^stage (\d+)/(\d+): (.*)$")
 STEP_PATTERN = re.compile(r"\[(\d+)/(\d+)\]")
+STOP_FILE_VARIABLE = "ACSG_STOP_FILE"
 
 
 def stage_line(number: int, total: int, text: str) -> str:

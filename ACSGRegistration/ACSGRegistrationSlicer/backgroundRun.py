@@ -17,13 +17,12 @@ import threading
 import time
 from typing import Callable, List, Optional
 
-from ACSGRegistrationLib.progress import STAGE_PATTERN, STEP_PATTERN
+from ACSGRegistrationLib.progress import STAGE_PATTERN, STEP_PATTERN, STOP_FILE_VARIABLE
 
 from . import processTree
 from .dependencies import hasGui
 
 LOSS_PATTERN = re.compile(r"\btotal=([-+0-9.eE]+|nan|inf)")
-STOP_FILE_VARIABLE = "ACSG_STOP_FILE"  # the command line's stop file (cli.STOP_FILE; the backend is not imported)
 MODULE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -15,7 +15,7 @@ from .planarNodes import isSingleSlice
 RUNNING = "Running..."
 
 
-def _vertebra(segmentation, label, what: str) -> str:
+def vertebraProblem(segmentation, label, what: str) -> str:
     """'' when the chosen vertebra resolves in the segmentation, else why not."""
     try:
         resolveLabel(segmentation, label or None, what)
@@ -44,7 +44,7 @@ def registrationBlocker(p, running: bool) -> str:
     for side in ("fixed", "moving"):
         segmentation = getattr(p, f"{side}Segmentation")
         if segmentation is not None:
-            reason = _vertebra(segmentation, getattr(p, f"{side}Label"), side)
+            reason = vertebraProblem(segmentation, getattr(p, f"{side}Label"), side)
             if reason:
                 return reason
     if not planar and not os.path.isfile(resolveCheckpoint(p.checkpointPath, check=False)):
@@ -65,7 +65,7 @@ def xrayBlocker(p, running: bool) -> str:
     if not isUnset(p.xraySecondFile) and not os.path.isfile(str(p.xraySecondFile)):
         return f"Second X-ray {p.xraySecondFile}: no such file (clear the field for one view)"
     if p.xraySegmentation is not None:
-        return _vertebra(p.xraySegmentation, p.xrayTarget, "target")
+        return vertebraProblem(p.xraySegmentation, p.xrayTarget, "target")
     return ""
 
 
