@@ -156,6 +156,30 @@ def test_every_pick_stays_picked_in_any_order(make_panel, version):
 
 
 @pytest.mark.parametrize("version", VERSIONS)
+def test_the_other_combo_boxes_keep_their_picks_too(make_panel, version):
+    """The X-ray section's and the Outputs section's node selectors, picked after and between the inputs."""
+    panel = make_panel(version)
+    d, scene = panel.data, slicer.mrmlScene
+    panel.expand("outputsCollapsibleButton")
+    panel.expand("xrayCollapsibleButton")
+    picks = [("xrayCtSelector", d["movingVolume"], "xrayCt"),
+             ("fixedSegmentationSelector", d["fixedSegmentation"], "fixedSegmentation"),
+             ("xraySegmentationSelector", d["movingSegmentation"], "xraySegmentation"),
+             ("warpedVolumeSelector", scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "out"),
+              "outputWarpedVolume"),
+             ("transformSelector", scene.AddNewNodeByClass("vtkMRMLTransformNode", "map"), "outputTransform"),
+             ("movingSegmentationSelector", d["movingSegmentation"], "movingSegmentation"),
+             ("warpedSegmentationSelector", scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "warped"),
+              "outputWarpedSegmentation"),
+             ("metricsTableSelector", scene.AddNewNodeByClass("vtkMRMLTableNode", "metrics"), "outputMetricsTable")]
+    for selector, node, _ in picks:
+        panel.pick(selector, node)
+    for selector, node, parameter in picks:
+        assert getattr(panel.ui, selector).currentNode() is node, selector
+        assert getattr(panel.p, parameter) is node, parameter
+
+
+@pytest.mark.parametrize("version", VERSIONS)
 def test_one_segment_and_many_segments_a_segmentation_and_a_label_map(make_panel, version):
     """A one-segment segmentation is picked and its segment chosen; switching to a node of the other kind
     replaces the vertebra list, never keeping the other node's segment name."""
