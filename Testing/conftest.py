@@ -64,3 +64,70 @@ def slicer_module():
         pytest.skip(f"Slicer's Python layer not found in {slicer_environment.SLICER_PYTHON} "
                     "(set ACSG_SLICER_PYTHON)", allow_module_level=True)
     return slicer, slicer_environment.load_module()
+
+
+# -- the command line's refusals (test_refusals, test_front_doors) -----------------------------------------------
+
+SCAN = ("ct", "totalsegmentator-example")
+
+
+@pytest.fixture(scope="module")
+def scan():
+    """The TotalSegmentator example's CT and label map (L1 = 31), read once."""
+    return sitk.ReadImage(data_path(*SCAN, "ct.nii.gz")), sitk.ReadImage(data_path(*SCAN, "seg.nii.gz"))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from ACSGRegistrationLib.checkpoint import save_checkpoint
+    from ACSGRegistrationLib.config import tiny_config
+    from ACSGRegistrationLib.networks import RegistrationNet
+    torch.manual_seed(0)
+    net = RegistrationNet(tiny_config(input_shape=(32, 64, 64), input_spacing=2.0))
+    return save_checkpoint(str(tmp_path_factory.mktemp("model") / "tiny.pt"), net, net.config)
+
+
+def write(image, folder, name):
+    path = os.path.join(folder, name)
+    sitk.WriteImage(image, path, True)
+    return path
+
+
+def register_args(fixed, moving, out, fixed_seg=None, moving_seg=None, fixed_vertebra="L1", moving_vertebra="L1",
+                  checkpoint=None, extra=()):
+    args = ["register", "--fixed", fixed, "--moving", moving, "--out", out]
+    if fixed_seg:
+        args += ["--fixed-seg", fixed_seg] + (["--fixed-vertebra", fixed_vertebra] if fixed_vertebra else [])
+    if moving_seg:
+        args += ["--moving-seg", moving_seg] + (["--moving-vertebra", moving_vertebra] if moving_vertebra else [])
+    if checkpoint:
+        args += ["--checkpoint", checkpoint]
+    return args + list(extra)
+
+
+def refused(args, message, capsys, out):
+    """Run the command; it must exit with 2 and ``message`` on one line of stderr, and write nothing."""
+    parent = os.path.dirname(out)
+    from ACSGRegistrationLib.cli import main
+    before = set(os.listdir(parent))
+    try:
+        code = main(args)
+    except SystemExit as exc:  # argparse's own refusals
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert message in err, err
+    assert "Traceback" not in err
+    assert not os.path.exists(out) or os.path.isfile(out) or not any(
+        name != "keep.txt" for name in os.listdir(out)), os.listdir(out)
+    assert set(os.listdir(parent)) == before, set(os.listdir(parent)) ^ before  # no lock, no staging folder
+    return err
+
+
+@pytest.fixture
+def files(scan, tmp_path):
+    """The real CT and label map, and a place for bad variants of them."""
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    return {"ct": data_path(*SCAN, "ct.nii.gz"), "seg": data_path(*SCAN, "seg.nii.gz"), "dir": str(inputs),
+            "out": str(tmp_path / "out")}

@@ -47,7 +47,7 @@ def test_mismatched_label_shape(registrar):
 def test_nans_are_reported_with_their_count(registrar):
     bad = volume()
     bad[0, 0, :3] = np.nan
-    with pytest.raises(InputError, match="fixed image contains 3 NaN"):
+    with pytest.raises(InputError, match="fixed image has 3 NaN or infinite voxel"):
         registrar.register(bad, volume())
 
 

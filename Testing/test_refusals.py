@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from ACSGRegistrationLib.checkpoint import load_checkpoint, save_checkpoint
+from ACSGRegistrationLib.checkpoint import load_checkpoint
 from ACSGRegistrationLib.cli import main
 from ACSGRegistrationLib.config import tiny_config
 from ACSGRegistrationLib.errors import CheckpointError, InputError
@@ -18,67 +18,7 @@ from ACSGRegistrationLib.inference import native_bf16
 from ACSGRegistrationLib.networks import RegistrationNet
 from ACSGRegistrationLib.outputs import MANIFEST
 from ACSGRegistrationLib.registrar import Registrar
-from conftest import data_path
-
-SCAN = ("ct", "totalsegmentator-example")
-
-
-@pytest.fixture(scope="module")
-def scan():
-    """The TotalSegmentator example's CT and label map (L1 = 31), read once."""
-    return sitk.ReadImage(data_path(*SCAN, "ct.nii.gz")), sitk.ReadImage(data_path(*SCAN, "seg.nii.gz"))
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    torch.manual_seed(0)
-    net = RegistrationNet(tiny_config(input_shape=(32, 64, 64), input_spacing=2.0))
-    return save_checkpoint(str(tmp_path_factory.mktemp("model") / "tiny.pt"), net, net.config)
-
-
-def write(image, folder, name):
-    path = os.path.join(folder, name)
-    sitk.WriteImage(image, path, True)
-    return path
-
-
-def register_args(fixed, moving, out, fixed_seg=None, moving_seg=None, fixed_vertebra="L1", moving_vertebra="L1",
-                  checkpoint=None, extra=()):
-    args = ["register", "--fixed", fixed, "--moving", moving, "--out", out]
-    if fixed_seg:
-        args += ["--fixed-seg", fixed_seg] + (["--fixed-vertebra", fixed_vertebra] if fixed_vertebra else [])
-    if moving_seg:
-        args += ["--moving-seg", moving_seg] + (["--moving-vertebra", moving_vertebra] if moving_vertebra else [])
-    if checkpoint:
-        args += ["--checkpoint", checkpoint]
-    return args + list(extra)
-
-
-def refused(args, message, capsys, out):
-    """Run the command; it must exit with 2 and ``message`` on one line of stderr, and write nothing."""
-    parent = os.path.dirname(out)
-    before = set(os.listdir(parent))
-    try:
-        code = main(args)
-    except SystemExit as exc:  # argparse's own refusals
-        code = exc.code
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert message in err, err
-    assert "Traceback" not in err
-    assert not os.path.exists(out) or os.path.isfile(out) or not any(
-        name != "keep.txt" for name in os.listdir(out)), os.listdir(out)
-    assert set(os.listdir(parent)) == before, set(os.listdir(parent)) ^ before  # no lock, no staging folder
-    return err
-
-
-@pytest.fixture
-def files(scan, tmp_path):
-    """The real CT and label map, and a place for bad variants of them."""
-    inputs = tmp_path / "inputs"
-    inputs.mkdir()
-    return {"ct": data_path(*SCAN, "ct.nii.gz"), "seg": data_path(*SCAN, "seg.nii.gz"), "dir": str(inputs),
-            "out": str(tmp_path / "out")}
+from conftest import data_path, refused, register_args, write  # the fixtures scan, model, files: conftest
 
 
 # -- the images --------------------------------------------------------------------------------------------
@@ -180,7 +120,7 @@ def test_vertebra_without_label_map(files, capsys, model):
 
 # -- options -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("extra, message", [
-    (["--refine-steps", "-5"], "argument --refine-steps: must be at least 0, got -5"),
+    (["--refine-steps", "-5"], "argument --refine-steps: must be at least 0 and at most 2000, got -5"),
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "cuda:99"], "device 'cuda:"),
     (["--intensity", "mri"], "argument --intensity: invalid choice"),

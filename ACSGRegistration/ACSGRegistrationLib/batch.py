@@ -185,9 +185,9 @@ def write_pair(result, pair: Pair, fixed: PreparedInput, moving: PreparedInput, 
 def save_pair(result, pair: Pair, fixed: PreparedInput, moving: PreparedInput, target: str,
               outputs: Sequence[str], checkpoint: str = "") -> Dict[str, str]:
     """``write_pair`` into ``target`` as a unit; the files' final paths."""
-    from .outputs import OutputFolder
+    from .outputs import REGISTRATION, OutputFolder
     with OutputFolder(target, inputs=pair.inputs() + ((checkpoint,) if checkpoint else ()),
-                      kind="registration") as folder:
+                      kind=REGISTRATION) as folder:
         paths = write_pair(result, pair, fixed, moving, folder.path, outputs)
     return folder.final_paths(paths)
 
@@ -217,13 +217,17 @@ class PairReport:
 def check_batch_folder(out: str, pairs: Sequence[Pair]) -> str:
     """The batch's folder: new, empty, or one a previous batch wrote (it has a metrics table); never one that
     holds an input."""
-    from .outputs import check_target
-    path = os.path.abspath(os.path.expanduser(out))
+    from .outputs import REGISTRATION, check_target, read_manifest
+    path = check_target(out, kind=None, overwrite=True)  # a file, or below one; its own contents next
+    if read_manifest(path) is not None:
+        raise InputError(f"--out {out} holds the output of a single run ({read_manifest(path).get('kind')}), not "
+                         "a batch: choose another folder for the batch")
     if os.path.isdir(path) and os.listdir(path) and not os.path.isfile(os.path.join(path, METRICS_TABLE)):
         raise InputError(f"--out {out} already holds files that no batch of ACSGRegistration wrote (no "
                          f"{METRICS_TABLE}); choose a new or empty folder")
     for pair in pairs:
-        check_target(os.path.join(path, pair.name), pair.inputs(), option=f"--out {out}, pair {pair.name}:")
+        check_target(os.path.join(path, pair.name), pair.inputs(), option=f"--out {out}, pair {pair.name}:",
+                     kind=REGISTRATION)
     return path
 
 

@@ -22,8 +22,16 @@ from .xray import POSE_SEARCH_METHODS as XRAY_METHODS
 
 DEVICE_HELP = "auto (default: a CUDA GPU where there is one), cpu, cuda, cuda:N or mps"
 
-def _number(kind, minimum=None, maximum=None, above=None):
-    """An argparse type: a number of ``kind`` within bounds (argparse then names the option and exits 2)."""
+def _duration(seconds: float) -> str:
+    for unit, length in (("days", 86400.0), ("hours", 3600.0), ("minutes", 60.0)):
+        if seconds >= 2 * length:
+            return f"{seconds / length:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def _number(kind, minimum=None, maximum=None, above=None, cost=None):
+    """An argparse type: a number of ``kind`` within bounds (argparse then names the option and exits 2).
+    ``cost``: (seconds per unit, what that is) for an upper bound's message: how long the value would take."""
     def parse(text):
         try:
             value = kind(text)
@@ -34,13 +42,21 @@ def _number(kind, minimum=None, maximum=None, above=None):
             bounds = [f"at least {minimum}" if minimum is not None else "",
                       f"above {above}" if above is not None else "",
                       f"at most {maximum}" if maximum is not None else ""]
-            raise argparse.ArgumentTypeError(f"must be {' and '.join(b for b in bounds if b)}, got {text}")
+            time_taken = ""
+            if cost is not None and maximum is not None and value > maximum:
+                time_taken = f" (about {cost[0]:g} s {cost[1]}: {text} would take about {_duration(value * cost[0])})"
+            raise argparse.ArgumentTypeError(f"must be {' and '.join(b for b in bounds if b)}, got {text}{time_taken}")
         return value
     return parse
 
 
 COUNT = _number(int, minimum=1)
 STEPS = _number(int, minimum=0)
+# Options whose large values take long: bounded, the message says how long (measured on this project's 2-core CPU).
+REFINE_STEPS = _number(int, minimum=0, maximum=2000, cost=(0.3, "a step on a CPU"))
+PLANAR_STEPS = _number(int, minimum=0, maximum=5000, cost=(0.01, "a step per grid on a CPU"))
+POSE_STEPS = _number(int, minimum=0, maximum=10000, cost=(0.01, "a step per view on a CPU"))
+DRR_EVALUATIONS = _number(int, minimum=1, maximum=100000, cost=(0.01, "a DRR per view on a CPU"))
 POSITIVE = _number(float, above=0.0)
 FRACTION = _number(float, minimum=0.0, maximum=1.0)
 
@@ -253,7 +269,7 @@ def _single_pair(args):
 def cmd_register(args):
     from concurrent.futures import ThreadPoolExecutor
     from .batch import read_pair, read_pairs, save_pair
-    from .outputs import check_target
+    from .outputs import REGISTRATION, check_target
     started = time.perf_counter()
     checkpoint = args.checkpoint or shipped_model_path()
     if not os.path.isfile(checkpoint):
@@ -263,7 +279,7 @@ def cmd_register(args):
     # Every input and option is checked before any work; each output folder is written as a unit at the end.
     pairs = [pair] if pair else read_pairs(args.pairs)
     if pair:
-        check_target(args.out, pair.inputs() + (checkpoint,))
+        check_target(args.out, pair.inputs() + (checkpoint,), kind=REGISTRATION)
     with ThreadPoolExecutor(1, thread_name_prefix="acsg-model") as loading:
         registrar = loading.submit(_registrar, args, checkpoint)
         if not pair:
@@ -345,9 +361,9 @@ def cmd_evaluate(args):
 
 def cmd_evaluate_maps(args):
     from .map_evaluation import acceptance_markdown, evaluate_maps, read_manifest
-    from .outputs import check_target
+    from .outputs import MAP_EVALUATION, check_target
     _check_device(args)
-    check_target(args.out, [args.manifest])
+    check_target(args.out, [args.manifest], kind=MAP_EVALUATION)
     rows = evaluate_maps(_methods(args, random_seed=0), read_manifest(args.manifest), args.out,
                          seeds=range(args.seeds), pair_mode=args.pairs, kinds=args.kinds.split(","))
     print(acceptance_markdown(rows))
@@ -358,6 +374,12 @@ def cmd_evaluate_maps(args):
 def cmd_export(args):
     """A shippable model: weights (optionally half precision), config, versions and training summary."""
     from .checkpoint import build_model, load_checkpoint, save_checkpoint
+    out = os.path.abspath(os.path.expanduser(args.out))
+    if os.path.isdir(out):
+        raise InputError(f"--out {args.out} is a folder: give the file to write (for example "
+                         f"{os.path.join(args.out, 'model.pt')})")
+    if os.path.exists(out) and os.path.samefile(out, args.checkpoint):
+        raise InputError(f"--out {args.out} is the input --checkpoint: it would be overwritten; give another file")
     payload = load_checkpoint(args.checkpoint)
     model = build_model(payload, args.checkpoint)
     keep = {k: payload[k] for k in ("summary", "step", "train_config", "history") if k in payload}
@@ -419,6 +441,9 @@ def cmd_xray_evaluate(args):
         import torch
         torch.set_num_threads(args.threads)
     from .xray.prost_training import check_ct_targets
+    from .outputs import check_target
+    from .xray.evaluation import REPORT_KIND
+    check_target(args.out, args.ct + args.ct_seg, kind=REPORT_KIND)  # before the work, not after it
     check_ct_targets(args.ct, args.ct_seg, args.label)
     methods = _choices("--methods", args.methods, XRAY_METHODS, empty_ok=True)
     from .resources import model_labels
@@ -504,8 +529,10 @@ def cmd_train2d(args):
 
 
 def cmd_evaluate2d(args):
-    from .planar.evaluation import evaluate_cases, known_cases, self_cases, subject_pairs, write_report
+    from .planar.evaluation import REPORT_KIND, evaluate_cases, known_cases, self_cases, subject_pairs, write_report
     from .planar.model_file import load_planar
+    from .outputs import check_target
+    check_target(args.out, args.ct + args.ct_seg, kind=REPORT_KIND)  # before the work, not after it
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
@@ -642,7 +669,7 @@ def build_parser():
                         "inverse (inverse_transform.h5, inverse_deformable_field.nii: computed only when asked for, "
                         "as long as the registration), metrics, figure, scan (the moving scan on the fixed one); "
                         "summary.json always")
-    p.add_argument("--refine-steps", type=STEPS, default=0,
+    p.add_argument("--refine-steps", type=REFINE_STEPS, default=0,
                    help="test-time refinement: optimise the pair's affine and deformation (image similarity, "
                         "the affine's label Dice and the regularisers of config.refinement_loss_config) after "
                         "the network's answer (default 0; about 0.3 s per step on a CPU)")
@@ -664,7 +691,7 @@ def build_parser():
         """The methods an evaluation compares (``_methods``) and where they run."""
         p.add_argument("--checkpoint", action="append",
                        help="a model to evaluate; repeat for several (default: the shipped model)")
-        p.add_argument("--refine-steps", type=STEPS, default=0,
+        p.add_argument("--refine-steps", type=REFINE_STEPS, default=0,
                        help="also evaluate each model with this many steps of test-time refinement")
         p.add_argument("--ants", action="store_true", help="also run ANTs SyN (needs the package antspyx)")
         p.add_argument("--device", default="auto", help=DEVICE_HELP)
@@ -717,10 +744,10 @@ def build_parser():
                                                 "(the second view's: pose_2.json, ...)")
     p.add_argument("--method", choices=XRAY_METHODS, default=XRAY_METHODS[0])
     p.add_argument("--prost-model", help="ProST model for the prost methods (default: the shipped one)")
-    p.add_argument("--evaluations", type=COUNT, default=400,
+    p.add_argument("--evaluations", type=DRR_EVALUATIONS, default=400,
                    help="DRRs per CMA-ES run (two runs: from the initial pose twice, or from ProST's answer and "
                         "the initial pose; default 400)")
-    p.add_argument("--refine-steps", type=STEPS, default=60, help="gradient-ascent steps (default 60)")
+    p.add_argument("--refine-steps", type=POSE_STEPS, default=60, help="gradient-ascent steps (default 60)")
     p.add_argument("--depth-prior-mm", type=POSITIVE, default=None,
                    help="one view: how far (mm) the search may move the CT along the ray from the initial pose "
                         "before its prior weighs (default 60: the C-arm's source-to-patient distance known within "
@@ -765,8 +792,8 @@ def build_parser():
                    help=f"comma-separated, from {', '.join(XRAY_METHODS)}")
     p.add_argument("--cases", type=COUNT, default=5, help="cases per start bin and CT (default 5)")
     p.add_argument("--bins", type=COUNT, default=4, help="how many of the bins 0-10, 10-20, 20-40, 40-60 mm")
-    p.add_argument("--evaluations", type=COUNT, default=400, help="CMA-ES's DRRs per run (two runs) without ProST; "
-                   "with ProST 300 per run")
+    p.add_argument("--evaluations", type=DRR_EVALUATIONS, default=400,
+                   help="CMA-ES's DRRs per run (two runs) without ProST; with ProST 300 per run")
     p.add_argument("--regions", default="vertebra",
                    help="where the intensity similarity compares the images, comma-separated: vertebra (around the "
                         "target's projection, as xray-register does with a label map; default), image (the whole "
@@ -797,7 +824,7 @@ def build_parser():
                    help="comma-separated: default (= warped, warped_label, transform, jacobian, metrics), all, or "
                         "any of warped, warped_label, transform (transform.h5), field (field.nii), jacobian, "
                         "metrics, figure")
-    p.add_argument("--refine-steps", type=STEPS, default=PLANAR_REFINE_STEPS,
+    p.add_argument("--refine-steps", type=PLANAR_STEPS, default=PLANAR_REFINE_STEPS,
                    help=f"test-time refinement: steps on each of two grids (default {PLANAR_REFINE_STEPS}, "
                         "about 0.5 s; 0: the network alone, about 0.02 s)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda")
@@ -842,7 +869,7 @@ def build_parser():
     p.add_argument("--ct-seg", action="append", required=True, help="its label map")
     p.add_argument("--model", action="append", help="a 2D model (repeat to compare; default: the shipped one)")
     p.add_argument("--seeds", type=COUNT, default=2, help="known deformations per view (default 2)")
-    p.add_argument("--refine-steps", type=STEPS, default=PLANAR_REFINE_STEPS,
+    p.add_argument("--refine-steps", type=PLANAR_STEPS, default=PLANAR_REFINE_STEPS,
                    help=f"each network also refined on each pair, this many steps per grid (default "
                         f"{PLANAR_REFINE_STEPS}; 0: the networks alone)")
     p.add_argument("--baselines", default="demons,bspline", help="comma-separated: demons, bspline (or none)")
@@ -862,19 +889,42 @@ def build_parser():
     p.add_argument("--spacing", type=_number(float, above=0.0, maximum=8.0), default=1.0,
                    help="voxel size of the crops in mm (default 1, the paper's); they always cover 128 x 128 x 64 mm")
     p.set_defaults(func=cmd_prepare)
+    for name, command in sub.choices.items():
+        if name != "export":  # export writes one file (refused where it would replace its input)
+            command.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     return parser
 
 
+OVERWRITE_HELP = ("write into --out even where it holds another command's output (replaced) or files of yours "
+                  "(kept: never deleted); without it such a folder is refused before any work")
+# Set to show the traceback of an unexpected error (a bug) instead of its one-line report.
+TRACEBACK_VARIABLE = "ACSG_TRACEBACK"
+
+
 def main(argv=None):
+    """Run a subcommand. Every error is one line on stderr, no traceback: the command's own (bad input or
+    options, exit 2), Ctrl+C ("interrupted", exit 130: output folders are written as a unit, so nothing
+    half-made is left), and an unexpected one (a bug, exit 3; ``$ACSG_TRACEBACK`` shows where)."""
+    from .outputs import overwriting
     args = build_parser().parse_args(argv)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), overwriting(getattr(args, "overwrite", False)):
             warnings.simplefilter("always")
             warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
             return args.func(args)
     except (ACSGError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written (an output folder keeps what it held before)", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug: one line, unless asked for the traceback
+        if os.environ.get(TRACEBACK_VARIABLE):
+            raise
+        last = (str(exc).strip().splitlines() or [""])[-1]
+        print(f"error: unexpected {type(exc).__name__}: {last} (a bug; please report it with the command; "
+              f"{TRACEBACK_VARIABLE}=1 shows where it happened)", file=sys.stderr)
+        return 3
 
 
 def run():

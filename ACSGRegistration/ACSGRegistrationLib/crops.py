@@ -58,4 +58,9 @@ def read_index(folder: str) -> List[CropRecord]:
                                       resolve(row["label"])))
     if not records:
         raise InputError(f"{path} lists no crops")
+    gone = [p for r in records for p in (r.image, r.label) if p and not os.path.isfile(p)]
+    if gone:
+        names = ", ".join(os.path.basename(p) for p in gone[:3]) + (f" and {len(gone) - 3} more" if len(gone) > 3 else "")
+        raise InputError(f"{path} lists {len(gone)} file(s) that are not in {folder} ({names}): were they deleted? "
+                         "Prepare the crops folder again")
     return records

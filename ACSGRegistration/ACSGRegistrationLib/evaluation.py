@@ -69,8 +69,8 @@ def summary_markdown(rows: List[Dict]) -> str:
 
 def write_tables(rows: List[Dict], out_dir: str) -> Dict[str, str]:
     """metrics.csv and metrics.md, written as one folder (``outputs.OutputFolder``)."""
-    from .outputs import OutputFolder
-    with OutputFolder(out_dir, kind="evaluation") as folder:
+    from .outputs import EVALUATION, OutputFolder
+    with OutputFolder(out_dir, kind=EVALUATION) as folder:
         paths = {"csv": os.path.join(folder.path, "metrics.csv"), "markdown": os.path.join(folder.path, "metrics.md")}
         write_csv(rows, paths["csv"])
         write_text(summary_markdown(rows), paths["markdown"])
@@ -109,8 +109,8 @@ def evaluate(methods, crops_dir: str, out_dir: str, pair_mode: str = "inter-subj
     from .crops import read_index
     from .datasets import make_pairs
     from .io import read_image
-    from .outputs import check_target
-    check_target(out_dir, [crops_dir])  # before the work, not after it
+    from .outputs import EVALUATION, check_target
+    check_target(out_dir, [crops_dir], kind=EVALUATION)  # before the work, not after it
     records = [r for r in read_index(crops_dir) if r.image and r.label]
     pairs = make_pairs(records, mode=pair_mode)
     if not pairs:

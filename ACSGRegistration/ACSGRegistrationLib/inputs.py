@@ -25,7 +25,7 @@ import SimpleITK as sitk
 from .errors import InputError, PreprocessingError
 from .io import read_image
 from .preprocessing import CROP_SIZE, HU_RANGE, crop_vertebra, label_centroids, normalise_ct, stretch_to_unit
-from .validation import check_label_grid, intensity_scale
+from .validation import check_label_grid, check_label_values, check_resolution, intensity_scale
 from .vertebrae import resolve_vertebra
 
 HU_NOTE = "{what}: intensities taken as Hounsfield units and scaled like the training crops"
@@ -70,13 +70,16 @@ def prepare_input(image: sitk.Image, labels: Optional[sitk.Image] = None, verteb
     notes = [n.format(what=what) for n in notes]
     if labels is None:
         check_is_crop(image, what)
+        check_resolution(image, f"the {what} image")
         values = sitk.GetArrayFromImage(image)
         crop = sitk.GetImageFromArray(normalise_ct(values) if scale == "hu" else values.astype(np.float32))
         crop.CopyInformation(image)
         return PreparedInput(image, crop, None, "", notes)
+    check_label_values(labels, f"the {what} {noun} {owner}".strip())
     check_label_grid(image, labels, f"the {what} {noun}", owner)
     choices = names if names is not None else {value: "" for value in sorted(label_centroids(labels))}
     value, name = resolve_vertebra(choices, vertebra, what, noun, owner)
+    check_resolution(image, f"the {what} image")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -85,6 +88,9 @@ def prepare_input(image: sitk.Image, labels: Optional[sitk.Image] = None, verteb
         except PreprocessingError as exc:
             raise PreprocessingError(f"{exc} (does the {what} {noun} belong to its image?)") from exc
     notes += [str(w.message).replace(f"label {value} ", f"'{name}' ") for w in caught]
+    # After the crop, whose own check names a label too small to be a vertebra at all.
+    coarse = check_resolution(image, f"the {what} image", vertebra_span(labels, int(value)), f"vertebra '{name}'")
+    notes += [coarse] if coarse else []
     if scale == "hu":
         inside = sitk.GetArrayViewFromImage(crop.image)[sitk.GetArrayViewFromImage(crop.label) > 0]
         median = float(np.median(inside)) * (HU_RANGE[1] - HU_RANGE[0]) + HU_RANGE[0]
@@ -92,6 +98,13 @@ def prepare_input(image: sitk.Image, labels: Optional[sitk.Image] = None, verteb
             notes.append(f"the {what} vertebra '{name}' has a median of {median:.0f} HU, low for bone: does the "
                          f"{noun} belong to its image?")
     return PreparedInput(image, crop.image, crop.label, name, notes)
+
+
+def vertebra_span(labels: sitk.Image, value: int) -> Sequence[int]:
+    """How many voxels of its label map a label spans along each axis (its bounding box)."""
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(sitk.Cast(labels == value, sitk.sitkUInt8))
+    return tuple(stats.GetBoundingBox(1)[3:]) if stats.HasLabel(1) else (0, 0, 0)
 
 
 def check_is_crop(image: sitk.Image, what: str) -> None:
@@ -115,5 +128,6 @@ def read_input(image_path: str, labels_path: Optional[str] = None, vertebra=None
             raise InputError(f"a {what} vertebra ({vertebra}) was chosen but no {what} label map was given")
         return prepare_input(image, what=what, intensity=intensity)
     labels = reader(labels_path, f"{what} label map")
+    check_label_values(labels, f"the {what} label map {labels_path}")
     return prepare_input(image, labels, vertebra, what, label_map_names(labels_path, labels),
                          owner=labels_path, intensity=intensity)

@@ -6,14 +6,19 @@ So NIfTI files are checked against their header first: the gzip stream must end 
 header's offset plus every voxel the header declares (read from the gzip trailer where it says so, else by
 decompressing the file: a whole pass, as long as reading it). The same check verifies the files this package
 writes before an output folder is published (``outputs.OutputFolder``).
+
+ITK's NIfTI reader also turns NaN and infinite voxels into 0 without a word (NRRD and MetaImage keep them): a
+scan with NaN over its vertebra would be read as water there. The voxels of a float NIfTI file are therefore
+checked in the file itself (``nonfinite_nifti_voxels``), so that such a file is refused as the others are.
 """
 
 import gzip
 import os
 import struct
 import zlib
-from typing import Tuple
+from typing import Optional, Tuple
 
+import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
@@ -98,6 +103,62 @@ def incomplete_reason(path: str) -> str:
     return ""
 
 
+# NIfTI datatype codes of real floats -> numpy types.
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+def _nifti_float_layout(header: bytes) -> Optional[Tuple[str, int]]:
+    """(numpy dtype with byte order, voxel data offset) of a float NIfTI-1/2 file, None for other types."""
+    for order in ("<", ">"):
+        if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
+            code = struct.unpack(order + "h", header[70:72])[0]
+            offset = int(struct.unpack(order + "f", header[108:112])[0])
+            break
+        if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
+            code = struct.unpack(order + "h", header[12:14])[0]
+            offset = int(struct.unpack(order + "q", header[168:176])[0])
+            break
+    else:
+        return None
+    return (order + _NIFTI_FLOATS[code], offset) if code in _NIFTI_FLOATS else None
+
+
+def nonfinite_nifti_voxels(path: str) -> Tuple[int, int]:
+    """(NaN or infinite voxels, voxels) in a float NIfTI file's data; (0, 0) for any other file."""
+    if not path.lower().endswith(NIFTI_SUFFIXES):
+        return 0, 0
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        layout = _nifti_float_layout(fh.read(540))
+        if layout is None:
+            return 0, 0
+        dtype, offset = np.dtype(layout[0]), layout[1]
+        fh.seek(offset)
+        bad = total = 0
+        rest = b""
+        while True:
+            chunk = fh.read(_CHUNK)
+            if not chunk:
+                break
+            chunk = rest + chunk
+            usable = len(chunk) - len(chunk) % dtype.itemsize
+            values = np.frombuffer(chunk[:usable], dtype=dtype)
+            bad += int(np.count_nonzero(~np.isfinite(values)))
+            total += values.size
+            rest = chunk[usable:]
+    return bad, total
+
+
+def check_nifti_finite(path: str, what: str) -> None:
+    """Refuse a float NIfTI file that holds NaN or infinite voxels (ITK would read them as 0)."""
+    bad, total = nonfinite_nifti_voxels(path)
+    if bad == total and total:
+        raise InputError(f"{what} {path} holds no number: every one of its {total} voxels is NaN or infinite")
+    if bad:
+        raise InputError(f"{what} {path} has {bad} NaN or infinite voxel(s) ({100.0 * bad / total:.2g} % of "
+                         "them): replace them (or crop them away) first")
+
+
 def read_image(path: str, what: str = "image") -> sitk.Image:
     """A whole 3D scalar image from ``path``; errors name ``what`` and the file."""
     image = read_whole(path, what)
@@ -111,11 +172,15 @@ def read_image(path: str, what: str = "image") -> sitk.Image:
 
 def read_whole(path: str, what: str = "image") -> sitk.Image:
     """An image of any dimension from ``path``, refused where the file is missing, cut short or unreadable."""
+    if os.path.isdir(path):
+        raise InputError(f"{what} {path} is a folder: give an image file (NIfTI, NRRD, MetaImage, a DICOM "
+                         "file, ...)")
     if not os.path.isfile(path):
         raise InputError(f"{what} not found: {path}")
     reason = incomplete_reason(path)
     if reason:
         raise InputError(f"cannot read {what} {path}: {reason}")
+    check_nifti_finite(path, what)
     try:
         image = sitk.ReadImage(path)
     except RuntimeError as exc:

@@ -81,8 +81,8 @@ def evaluate_maps(methods, vertebrae: Sequence[Vertebra], out_dir: str, seeds: S
     from .crops import CropRecord
     from .datasets import make_pairs
     from .preprocessing import crop_vertebra
-    from .outputs import OutputFolder, check_target
-    check_target(out_dir)  # before the work, not after it
+    from .outputs import MAP_EVALUATION, OutputFolder, check_target
+    check_target(out_dir, kind=MAP_EVALUATION)  # before the work, not after it
     unknown = set(kinds) - set(KINDS)
     if unknown:
         raise InputError(f"unknown case kind(s) {', '.join(sorted(unknown))}; choose from {', '.join(KINDS)}")
@@ -119,7 +119,7 @@ def evaluate_maps(methods, vertebrae: Sequence[Vertebra], out_dir: str, seeds: S
             log(f"{name} [{n}/{len(cases)}] {kind} {mname} -> {fname}: Dice {row.get('dice_final', float('nan')):.3f}, "
                 f"SDlogJ {row['vertebra_sdlogj']:.2f}, |J|<=0 {row['vertebra_nonpositive_percent']:.2f} %{extra}")
         log(f"{name}: {len(cases)} cases in {time.perf_counter() - t0:.0f} s")
-    with OutputFolder(out_dir, kind="map evaluation") as folder:
+    with OutputFolder(out_dir, kind=MAP_EVALUATION) as folder:
         write_csv(rows, os.path.join(folder.path, "maps.csv"))
         write_text(summary_markdown(rows), os.path.join(folder.path, "maps.md"))
         write_text(acceptance_markdown(rows), os.path.join(folder.path, "acceptance.md"))

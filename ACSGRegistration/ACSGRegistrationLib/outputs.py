@@ -8,10 +8,18 @@ fill with the previous set (restored by the next run). A failed, interrupted or 
 the target as it was, and the next run on that target removes what the dead one left behind.
 
 One run per target at a time: a lock file beside the target (released by the system when a process dies,
-so a killed run never blocks the next). Targets are refused before any work when they are a file, hold the
-run's inputs, or are folders this package did not write (which it would replace).
+so a killed run never blocks the next).
+
+One rule for every output folder, checked before any work (``check_target``): a command writes only into a new
+or empty folder, or one that holds its own kind of output (the manifest's ``kind``: a registration's, crops, an
+evaluation's, ...). Another command's output, files the user put there, a file in the folder's place or above
+it, or the run's own inputs are refused with the reason; ``--overwrite`` (``overwriting``) lets a command replace
+another kind of output, and write beside the user's files, which are never deleted: they are carried into the
+new folder (a file of the same name as an output is refused instead).
 """
 
+import contextlib
+import contextvars
 import ctypes
 import errno
 import json
@@ -19,13 +27,30 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Dict, Iterable, Optional
+from typing import Dict, Iterable, List, Optional
 
 from . import __version__
 from .errors import InputError, OutputError
 from .io import incomplete_reason
 
 MANIFEST = "manifest.json"
+# The kinds of output folder (a manifest's "kind"), by what writes them.
+REGISTRATION = "registration"
+EVALUATION = "evaluation"
+MAP_EVALUATION = "map evaluation"
+# --overwrite of the command running (``overwriting``): replace another kind of output, write beside the user's files.
+_OVERWRITE = contextvars.ContextVar("overwrite", default=False)
+
+
+@contextlib.contextmanager
+def overwriting(enabled: bool = True):
+    """Within the block, output folders may replace another command's output and hold the user's files
+    (carried over, never deleted): what a command's ``--overwrite`` means."""
+    token = _OVERWRITE.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _OVERWRITE.reset(token)
 
 # What a registration can write (``RegistrationResult.write_files``), and what it writes by default.
 OUTPUTS = {
@@ -52,13 +77,49 @@ def _is_ours(folder: str) -> bool:
     return os.path.isfile(os.path.join(folder, MANIFEST))
 
 
-def check_target(target: str, inputs: Iterable[str] = (), option: str = "--out") -> str:
-    """The absolute target folder, or an InputError naming ``option`` and what is wrong with it."""
+def read_manifest(folder: str) -> Optional[Dict]:
+    """A folder's manifest (None where it has none or it cannot be read)."""
+    try:
+        with open(os.path.join(folder, MANIFEST)) as fh:
+            manifest = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _files_in(folder: str) -> List[str]:
+    found = []
+    for root, _, files in os.walk(folder):
+        found += [os.path.relpath(os.path.join(root, f), folder) for f in files]
+    return sorted(found)
+
+
+def foreign_files(folder: str) -> List[str]:
+    """Files in an output folder that its manifest does not list: the user's (or another program's)."""
+    manifest = read_manifest(folder) or {}
+    listed = set(manifest.get("files", {})) | {MANIFEST}
+    return [f for f in _files_in(folder) if f not in listed]
+
+
+def _listing(files: List[str], most: int = 3) -> str:
+    return ", ".join(files[:most]) + (f" and {len(files) - most} more" if len(files) > most else "")
+
+
+def check_target(target: str, inputs: Iterable[str] = (), option: str = "--out", kind: Optional[str] = None,
+                 overwrite: Optional[bool] = None) -> str:
+    """The absolute target folder, or an InputError naming ``option`` and what is wrong with it (the module
+    docstring's rule); ``kind``: the output the command writes; ``overwrite``: default ``overwriting``'s."""
+    overwrite = _OVERWRITE.get() if overwrite is None else overwrite
     if not target or not str(target).strip():
         raise InputError(f"{option} is empty: give an output folder")
     path = os.path.abspath(os.path.expanduser(str(target)))
     if os.path.exists(path) and not os.path.isdir(path):
         raise InputError(f"{option} {target} is a file: give a folder for the outputs")
+    above = os.path.dirname(path)
+    while above and not os.path.exists(above) and os.path.dirname(above) != above:
+        above = os.path.dirname(above)
+    if os.path.exists(above) and not os.path.isdir(above):
+        raise InputError(f"{option} {target}: {above} is a file, so no folder can be made inside it")
     real = os.path.realpath(path)
     for item in inputs:
         if not item:
@@ -67,12 +128,47 @@ def check_target(target: str, inputs: Iterable[str] = (), option: str = "--out")
         if source == real or source.startswith(real + os.sep):
             raise InputError(f"{option} {target} holds the input {item}: the outputs replace that folder; "
                              "choose another one")
-    if os.path.isdir(path) and os.listdir(path) and not _is_ours(path):
-        raise InputError(f"{option} {target} already holds files that ACSGRegistration did not write (no "
-                         f"{MANIFEST}); it is never replaced: choose a new or empty folder")
+    if os.path.isdir(path) and os.listdir(path):
+        manifest = read_manifest(path)
+        if manifest is not None and kind is not None and manifest.get("kind") != kind and not overwrite:
+            raise InputError(f"{option} {target} holds another command's output ({manifest.get('kind')}, "
+                             f"{len(manifest.get('files', {}))} files): writing {kind} there would replace it; "
+                             "choose another folder, or pass --overwrite to replace it")
+        others = foreign_files(path)
+        if others and not overwrite:
+            whose = "that ACSGRegistration did not write" if manifest is None else "that its manifest does not list"
+            raise InputError(f"{option} {target} holds files {whose} ({_listing(others)}); they are never "
+                             "deleted: choose a new or empty folder, or pass --overwrite to write the outputs "
+                             "beside them (they are kept)")
     parent = os.path.dirname(path)
     if os.path.exists(parent) and not os.access(parent, os.W_OK | os.X_OK):
         raise InputError(f"{option} {target}: cannot write in {parent} (permission denied)")
+    return path
+
+
+# What a training run's folder holds besides its checkpoints and history: the crops it prepared (the command
+# line's crops_<data>, the Slicer panel's crops, scene_crops and training_crops).
+RUN_FOLDER_DATA = ("crops", "scene_crops", "training_crops", "crops_")
+
+
+def check_run_folder(folder: str, run_files: Iterable[str], option: str = "--out",
+                     overwrite: Optional[bool] = None) -> str:
+    """A training run's folder (checkpoints written in place, resumed): new, empty, or one a run wrote
+    (``run_files``, its crops); another command's output or the user's files are refused unless
+    ``overwrite`` (then kept beside the run's files, never deleted)."""
+    overwrite = _OVERWRITE.get() if overwrite is None else overwrite
+    path = check_target(folder, option=option, kind=None, overwrite=True)  # a file, below a file
+    if not os.path.isdir(path) or overwrite:
+        return path
+    known = set(run_files)
+    others = [name for name in sorted(os.listdir(path)) if name not in known and not name.startswith(".tmp-")
+              and not (os.path.isdir(os.path.join(path, name)) and name.startswith(RUN_FOLDER_DATA))]
+    if others:
+        manifest = read_manifest(path)
+        what = f"another command's output ({manifest.get('kind')})" if manifest else \
+            f"files that no training run wrote ({_listing(others)})"
+        raise InputError(f"{option} {folder} holds {what}: a run's checkpoints would be written among them; choose "
+                         "a new or empty folder, or pass --overwrite to write the run there (nothing is deleted)")
     return path
 
 
@@ -219,8 +315,9 @@ class OutputFolder:
     without an error the files are checked and swapped in as ``target`` (``folder.paths`` maps what was
     written to its final place); on an error, Ctrl+C or a kill, ``target`` keeps what it held."""
 
-    def __init__(self, target: str, inputs: Iterable[str] = (), option: str = "--out", kind: str = "outputs"):
-        self.target = check_target(target, inputs, option)
+    def __init__(self, target: str, inputs: Iterable[str] = (), option: str = "--out", kind: str = "outputs",
+                 overwrite: Optional[bool] = None):
+        self.target = check_target(target, inputs, option, kind, overwrite)
         self.option, self.kind = option, kind
         self.lock: Optional[FolderLock] = None
         self.path = ""
@@ -254,6 +351,7 @@ class OutputFolder:
                     raise OutputError(f"{os.path.relpath(path, self.path)} could not be written completely in "
                                       f"{self.target} ({reason}; is the disk full?): nothing was changed there")
                 written[os.path.relpath(path, self.path)] = os.path.getsize(path)
+        self._carry_foreign_files(written)
         manifest = {"complete": True, "kind": self.kind, "files": written, "writer": f"acsgregistration {__version__}",
                     "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         manifest_path = os.path.join(self.path, MANIFEST)
@@ -262,6 +360,24 @@ class OutputFolder:
             fh.flush()
             os.fsync(fh.fileno())
         swap_in(self.path, self.target)
+
+    def _carry_foreign_files(self, written: Dict[str, int]) -> None:
+        """The user's files in the target (allowed by --overwrite) go into the new folder: never deleted. One of
+        the same name as an output is refused: nothing is changed then."""
+        if not os.path.isdir(self.target):
+            return
+        others = foreign_files(self.target)
+        clashes = [f for f in others if f in written]
+        if clashes:
+            raise OutputError(f"the outputs would replace your file(s) {_listing(clashes)} in {self.target}: "
+                              "nothing was changed there; move them, or choose another folder")
+        for name in others:
+            source, copy = os.path.join(self.target, name), os.path.join(self.path, name)
+            os.makedirs(os.path.dirname(copy), exist_ok=True)
+            try:
+                os.link(source, copy)
+            except OSError:
+                shutil.copy2(source, copy)
 
     def __exit__(self, exc_type, exc, tb):
         try:

@@ -446,7 +446,10 @@ def prepare_sources(sources: List[VertebraSource], out_dir: str, size=None, spac
 def prepare(path: str, out_dir: str, levels: Sequence[str] = LUMBAR, size=None, spacing: float = 1.0,
             progress: Optional[Callable[[int, int, str], None]] = None) -> List[CropRecord]:
     """Crops of every vertebra ``find_sources`` finds at ``path`` (a manifest CSV or a data folder)."""
-    return prepare_sources(find_sources(path, levels), out_dir, size, spacing, progress)
+    sources = find_sources(path, levels)
+    if not sources:
+        raise InputError(f"{path} lists no vertebra to crop: nothing was written")
+    return prepare_sources(sources, out_dir, size, spacing, progress)
 
 
 def prepare_manifest(manifest: str, out_dir: str, spacing: float = 1.0,

@@ -168,8 +168,8 @@ class RegistrationResult:
         """Write ``outputs`` (names of ``OUTPUTS``) to the folder ``out_dir`` as a unit (``outputs.OutputFolder``:
         the folder ends up with this result's complete set, or keeps what it held) and return the files' final
         paths."""
-        from .outputs import OutputFolder
-        with OutputFolder(out_dir, option="output folder", kind="registration") as folder:
+        from .outputs import REGISTRATION, OutputFolder
+        with OutputFolder(out_dir, option="output folder", kind=REGISTRATION) as folder:
             paths = self.write_files(folder.path, outputs)
         return folder.final_paths(paths)
 

@@ -20,7 +20,7 @@ from .errors import InputError, ResultError
 from .geometry import write_csv
 from .losses import RegistrationLoss
 from .networks import RegistrationNet
-from .outputs import FolderLock, remove_orphaned_files
+from .outputs import FolderLock, check_run_folder, remove_orphaned_files
 from .registrar import choose_device
 
 LAST = "last.pt"
@@ -62,6 +62,24 @@ def distributed_context():
     return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def check_same_run(payload: Dict, last_path: str, train_config: TrainConfig, init_checkpoint: Optional[str]) -> None:
+    """Resuming continues the run in its folder as it was started: a different starting checkpoint, learning
+    rate or batch size would be silently ignored, so it is refused (the number of steps may grow: that extends
+    the run)."""
+    recorded = payload.get("train_config") or {}
+    started_from = (payload.get("summary") or {}).get("init_checkpoint")
+    changed = []
+    if init_checkpoint and started_from and os.path.realpath(init_checkpoint) != os.path.realpath(started_from):
+        changed.append(f"the checkpoint {init_checkpoint} (it started from {started_from})")
+    for key, option in (("learning_rate", "--lr"), ("batch_size", "--batch-size")):
+        if key in recorded and recorded[key] != getattr(train_config, key):
+            changed.append(f"{option} {getattr(train_config, key)} (it has {recorded[key]})")
+    if changed:
+        raise InputError(f"{os.path.dirname(last_path)} holds a run at step {payload.get('step', 0)}; resuming it "
+                         f"would ignore {' and '.join(changed)}: pass --restart (in Slicer: untick Resume) to start a "
+                         "new run there, or choose another folder")
+
+
 class Trainer:
     """Train from scratch, fine-tune from a checkpoint, or resume the run in ``out_dir``."""
 
@@ -80,8 +98,7 @@ class Trainer:
         if self.world > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", local_rank)
             torch.cuda.set_device(self.device)
-        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-            raise InputError(f"the run folder {out_dir} is a file: give a folder for the checkpoints")
+        check_run_folder(out_dir, (LAST, FINAL, HISTORY), option="the run folder")
         os.makedirs(out_dir, exist_ok=True)
         self.last_path = os.path.join(out_dir, LAST)
 
@@ -95,6 +112,7 @@ class Trainer:
             if model_config is not None and to_dict(model_config) != to_dict(resume_payload["model_config_obj"]):
                 raise CheckpointError(f"{self.last_path} holds a run with another model configuration; "
                                       "choose a new output folder or pass resume=False")
+            check_same_run(resume_payload, self.last_path, train_config, init_checkpoint)
             self.log(f"resuming from {self.last_path} at step {resume_payload.get('step', 0)}")
         elif init_checkpoint:
             payload = load_checkpoint(init_checkpoint)

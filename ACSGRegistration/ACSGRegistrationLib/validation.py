@@ -1,6 +1,6 @@
 """Input checks that turn bad input into specific, readable errors before any computation."""
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -17,6 +17,17 @@ INTENSITY_SCALES = ("auto", "hu", "unit", "minmax")
 # A CT in Hounsfield units has air or fat below this and bone above the opposite: a scan within it is not
 # in HU (a CT stored without its rescale intercept, from 0 up, is the common case).
 HU_EVIDENCE = 100.0
+# Nearly every voxel of a CT in Hounsfield units (its padding outside the field of view aside: the minimum, at
+# -1024 or below) lies between air and dense bone; metal and noise add a few outside. A scan with fewer inside
+# was scaled (x10, x1000) or is another kind of image. The [0, 1] scale likewise, give or take its margin.
+HU_PLAUSIBLE = (-1200.0, 4000.0)
+UNIT_PLAUSIBLE = (-0.5, 1.5)
+PLAUSIBLE_FRACTION = 0.9
+# A vertebra (3-5 cm across) needs voxels of at most this size, and at least MIN_VERTEBRA_SPAN voxels across along
+# each axis, to be registered; fewer than COARSE_VERTEBRA_SPAN is allowed with a note (a 5 mm-slice scan).
+MAX_SPACING_MM = 6.0
+MIN_VERTEBRA_SPAN = 4
+COARSE_VERTEBRA_SPAN = 8
 
 
 def check_volume(array, name: str) -> np.ndarray:
@@ -28,16 +39,91 @@ def check_volume(array, name: str) -> np.ndarray:
     if not np.issubdtype(a.dtype, np.number) and a.dtype != bool:
         raise InputError(f"{name} has non-numeric voxels ({a.dtype})")
     a = a.astype(np.float32)
-    bad = ~np.isfinite(a)
-    if bad.any():
-        raise InputError(f"{name} contains {int(bad.sum())} NaN or infinite voxel(s)")
+    check_finite(a, name)
     return a
 
 
-def check_not_constant(array: np.ndarray, name: str) -> None:
+def check_finite(values, name: str, what: str = "voxel") -> None:
+    """NaN or infinite values are refused, saying how many (all of them: the file holds no number at all)."""
+    a = np.asarray(values)
+    if a.dtype.kind not in "fc":
+        return
+    bad = int(np.count_nonzero(~np.isfinite(a)))
+    if bad == a.size:
+        raise InputError(f"{name} holds no number: every one of its {a.size} {what}s is NaN or infinite")
+    if bad:
+        raise InputError(f"{name} has {bad} NaN or infinite {what}(s) ({100.0 * bad / a.size:.2g} % of them): "
+                         "replace them (or crop them away) first")
+
+
+def check_label_values(labels: sitk.Image, name: str) -> None:
+    """A label map holds whole numbers; one of floats with fractions is a probability map or a resampled
+    (interpolated) label map, whose labels would be read wrong."""
+    if labels.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
+        return
+    values = sitk.GetArrayFromImage(labels)
+    check_finite(values, name)
+    fractional = values[values != np.round(values)]
+    if fractional.size:
+        examples = ", ".join(f"{v:.3g}" for v in np.unique(fractional)[:3])
+        raise InputError(f"{name} is not a label map: {fractional.size} of its voxels hold fractions (such as "
+                         f"{examples}), where labels are whole numbers; a probability map or soft mask must be "
+                         "thresholded first, a label map resampled with nearest-neighbour interpolation")
+
+
+def check_resolution(image: sitk.Image, name: str, span: Optional[Sequence[int]] = None,
+                     structure: str = "") -> Optional[str]:
+    """Voxels too coarse for a vertebra are refused; ``span``: the vertebra's extent in voxels along each axis.
+    Returns a note where the result may still be useful but is less precise (a 5 mm-slice scan)."""
+    spacing = np.asarray(image.GetSpacing(), float)
+    voxels = " x ".join(f"{v:.3g}" for v in spacing)
+    spans = "" if span is None else f" and {structure} spans {' x '.join(map(str, span))} of them"
+    if spacing.max() > MAX_SPACING_MM or (span is not None and min(span) < MIN_VERTEBRA_SPAN):
+        raise InputError(f"{name} has voxels of {voxels} mm{spans}: too coarse to register a vertebra (voxels of "
+                         f"at most {MAX_SPACING_MM:g} mm, the vertebra at least {MIN_VERTEBRA_SPAN} voxels across "
+                         "along each axis)")
+    if span is not None and min(span) < COARSE_VERTEBRA_SPAN:
+        return (f"{name}: {structure} spans only {' x '.join(map(str, span))} voxels of {voxels} mm: the "
+                "registration is coarse")
+    return None
+
+
+def check_image_values(image: sitk.Image, name: str, what: str = "voxel") -> None:
+    """An image to register: numbers everywhere, and not one value everywhere."""
+    values = sitk.GetArrayViewFromImage(image)
+    check_finite(values, name, what)
+    check_not_constant(np.array([values.min(), values.max()], dtype=np.float64), name, what)
+
+
+def check_same_grid(labels: sitk.Image, image: sitk.Image, name: str) -> None:
+    """A label map that must lie exactly on its image's grid (2D images and their label maps): same size, voxel
+    size, origin (within half a voxel) and orientation."""
+    problems = [] if labels.GetSize() == image.GetSize() else [
+        f"{' x '.join(map(str, labels.GetSize()))} pixels where its image has {' x '.join(map(str, image.GetSize()))}"]
+    problems += _grid_differences(labels, image)
+    if problems:
+        raise InputError(f"{name} does not lie on its image: {'; '.join(problems)} (was it saved from another image, "
+                         "or moved?)")
+
+
+def _grid_differences(labels: sitk.Image, image: sitk.Image) -> List[str]:
+    """How a label map's grid differs from its image's: voxel size, origin (beyond half a voxel), orientation."""
+    spacing = np.asarray(image.GetSpacing())
+    problems = []
+    if not np.allclose(labels.GetSpacing(), spacing, rtol=1e-3, atol=1e-4):
+        problems.append(f"voxel size {_mm(labels.GetSpacing())} where its image has {_mm(spacing)}")
+    offset = float(np.linalg.norm(np.subtract(labels.GetOrigin(), image.GetOrigin())))
+    if offset > 0.5 * float(spacing.min()):
+        problems.append(f"origin {offset:.1f} mm away from its image's")
+    if not np.allclose(labels.GetDirection(), image.GetDirection(), atol=1e-3):
+        problems.append("another orientation than its image's")
+    return problems
+
+
+def check_not_constant(array: np.ndarray, name: str, what: str = "voxel") -> None:
     lo, hi = float(np.min(array)), float(np.max(array))
     if hi - lo <= 1e-6 * max(1.0, abs(hi)):
-        raise InputError(f"{name} is constant (every voxel {lo:g}): there is nothing to register")
+        raise InputError(f"{name} is constant (every {what} {lo:g}): there is nothing to register")
 
 
 def check_label(array, name: str, spacing: Optional[Sequence[float]] = None) -> np.ndarray:
@@ -67,24 +153,46 @@ def intensity_scale(image: sitk.Image, name: str, scale: str = "auto") -> str:
 
     Detection: within [0, 1] (give or take 0.5) is the crops' own scale; values both below -100 and above 100
     are Hounsfield units; anything else (constant images aside, always refused) is refused too, because taking
-    it for HU would silently clip it: the message says how to say what it is.
+    it for HU would silently clip it: the message says how to say what it is. A scale given ("hu", "unit") or
+    detected must fit the data: nearly all voxels within its plausible range (``HU_PLAUSIBLE``,
+    ``UNIT_PLAUSIBLE``), so that a CT in HU said to be [0, 1], or a scaled one, is refused rather than
+    registered into nonsense. NaN or infinite voxels are refused first.
     """
     if scale not in INTENSITY_SCALES:
         raise InputError(f"unknown intensity scale {scale!r} for {name}; choose one of {', '.join(INTENSITY_SCALES)}")
-    stats = sitk.MinimumMaximumImageFilter()
-    stats.Execute(image)
-    lo, hi = stats.GetMinimum(), stats.GetMaximum()
+    values = sitk.GetArrayViewFromImage(image)
+    check_finite(values, name)
+    lo, hi = float(values.min()), float(values.max())
     check_not_constant(np.array([lo, hi]), name)
-    if scale != "auto":
+    if scale == "minmax":
         return scale
-    if lo >= -0.5 and hi <= 1.5:
-        return "unit"
-    if lo < -HU_EVIDENCE and hi > HU_EVIDENCE:
-        return "hu"
-    raise InputError(f"{name} has intensities from {lo:g} to {hi:g}: neither Hounsfield units (a CT has air or fat "
-                     f"below -{HU_EVIDENCE:g} and bone above {HU_EVIDENCE:g}) nor the [0, 1] scale of ready crops. "
-                     "A CT stored without its rescale intercept must be fixed first; for another kind of image, "
-                     "choose the intensity scale 'minmax' (at your own risk: the model learned CT)")
+    if scale == "auto":
+        if lo >= UNIT_PLAUSIBLE[0] and hi <= UNIT_PLAUSIBLE[1]:
+            return "unit"
+        if not (lo < -HU_EVIDENCE and hi > HU_EVIDENCE):
+            raise InputError(
+                f"{name} has intensities from {lo:g} to {hi:g}: neither Hounsfield units (a CT has air or fat "
+                f"below -{HU_EVIDENCE:g} and bone above {HU_EVIDENCE:g}) nor the [0, 1] scale of ready crops. A CT "
+                "stored without its rescale intercept must be fixed first; for another kind of image, choose the "
+                "intensity scale 'minmax' (at your own risk: the model learned CT)")
+        scale = "hu"
+    low, high = HU_PLAUSIBLE if scale == "hu" else UNIT_PLAUSIBLE
+    # CT padding outside the field of view (the minimum, at -1024 HU or below) is not anatomy.
+    kept = values[values != lo] if scale == "hu" and lo <= -1024 else values
+    inside = float(np.count_nonzero((kept >= low) & (kept <= high))) / max(kept.size, 1)
+    if inside < PLAUSIBLE_FRACTION:
+        if scale == "hu":
+            raise InputError(
+                f"{name} has intensities from {lo:g} to {hi:g}, {100 * (1 - inside):.0f} % of its voxels outside "
+                f"{low:g}..{high:g}: not Hounsfield units (in a CT nearly every voxel lies between air, -1000, "
+                "and dense bone); was it scaled? Fix the scale first, or choose the intensity scale 'minmax' for "
+                "another kind of image")
+        raise InputError(
+            f"{name} was given as intensities in [0, 1] ('unit') but holds values from {lo:g} to {hi:g} "
+            f"({100 * (1 - inside):.0f} % of its voxels outside {low:g}..{high:g})"
+            + ("; these look like Hounsfield units: choose 'hu' or 'auto'" if lo < -HU_EVIDENCE and hi > HU_EVIDENCE
+               else "; choose 'auto' or 'minmax'"))
+    return scale
 
 
 def check_label_grid(image: sitk.Image, labels: sitk.Image, name: str, owner: str = "") -> None:
@@ -96,15 +204,7 @@ def check_label_grid(image: sitk.Image, labels: sitk.Image, name: str, owner: st
     """
     where = f"{name} {owner}".strip()
     if labels.GetSize() == image.GetSize():
-        spacing = np.asarray(image.GetSpacing())
-        offset = np.linalg.norm(np.subtract(labels.GetOrigin(), image.GetOrigin()))
-        problems = []
-        if not np.allclose(labels.GetSpacing(), spacing, rtol=1e-3, atol=1e-4):
-            problems.append(f"voxel size {_mm(labels.GetSpacing())} where its image has {_mm(spacing)}")
-        if offset > 0.5 * float(spacing.min()):
-            problems.append(f"origin {offset:.1f} mm away from its image's")
-        if not np.allclose(labels.GetDirection(), image.GetDirection(), atol=1e-3):
-            problems.append("another orientation than its image's")
+        problems = _grid_differences(labels, image)
         if problems:
             raise InputError(f"{where} has the same size as its image but {' and '.join(problems)}: it does "
                              "not lie on its image; was it saved from another scan or edited?")

@@ -178,9 +178,14 @@ def summary_markdown(rows: Sequence[Dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+REPORT_KIND = "2D evaluation"
+
+
 def write_report(rows: Sequence[Dict], out: str, title: Optional[str] = None) -> Dict[str, str]:
-    os.makedirs(out, exist_ok=True)
-    paths = {"cases": os.path.join(out, "cases.csv"), "summary": os.path.join(out, "summary.md")}
-    write_csv(list(rows), paths["cases"], list(CASE_COLUMNS))
-    write_text((f"# {title}\n\n" if title else "") + summary_markdown(rows), paths["summary"])
-    return paths
+    """cases.csv and summary.md, written as one folder (``outputs.OutputFolder``)."""
+    from ..outputs import OutputFolder
+    with OutputFolder(out, kind=REPORT_KIND) as folder:
+        paths = {"cases": os.path.join(folder.path, "cases.csv"), "summary": os.path.join(folder.path, "summary.md")}
+        write_csv(list(rows), paths["cases"], list(CASE_COLUMNS))
+        write_text((f"# {title}\n\n" if title else "") + summary_markdown(rows), paths["summary"])
+    return folder.final_paths(paths)

@@ -50,9 +50,14 @@ def read_planar(path: str, what: str) -> sitk.Image:
 
 
 def as_planar(image: sitk.Image, name: str) -> sitk.Image:
-    if image.GetNumberOfComponentsPerPixel() > 1:
-        if image.GetNumberOfComponentsPerPixel() in (3, 4) and image.GetPixelID() in (
-                sitk.sitkVectorUInt8, sitk.sitkVectorUInt16):
+    channels = image.GetNumberOfComponentsPerPixel()
+    if channels > 1:
+        if channels in (3, 4) and image.GetPixelID() in (sitk.sitkVectorUInt8, sitk.sitkVectorUInt16):
+            rgb = [sitk.GetArrayFromImage(sitk.VectorIndexSelectionCast(image, k)) for k in range(3)]
+            if not (np.array_equal(rgb[0], rgb[1]) and np.array_equal(rgb[0], rgb[2])):
+                raise InputError(f"{name} is a colour image (its red, green and blue differ): the registration "
+                                 "reads grey levels; convert it to grey first (which channel, or what mix, is "
+                                 "yours to choose)")
             image = sitk.VectorIndexSelectionCast(image, 0)  # a grey picture stored as RGB(A)
         else:
             raise InputError(f"{name} has {image.GetNumberOfComponentsPerPixel()} values per pixel; a scalar "
@@ -74,9 +79,9 @@ def as_planar(image: sitk.Image, name: str) -> sitk.Image:
 
 def structure_mask(labels: sitk.Image, image: sitk.Image, label: Optional[int], name: str) -> sitk.Image:
     """The chosen structure's mask on its image's grid (label value ``label``; None: every non-zero pixel)."""
-    if labels.GetSize() != image.GetSize() or not np.allclose(labels.GetSpacing(), image.GetSpacing(), atol=1e-6):
-        raise InputError(f"{name} ({labels.GetSize()[0]} x {labels.GetSize()[1]}) does not lie on its image's grid "
-                         f"({image.GetSize()[0]} x {image.GetSize()[1]})")
+    from ..validation import check_label_values, check_same_grid
+    check_label_values(labels, name)
+    check_same_grid(labels, image, name)
     values = sitk.GetArrayViewFromImage(labels)
     present = sorted(int(v) for v in np.unique(values) if v != 0)
     if not present:
@@ -174,10 +179,12 @@ class PlanarRegistrar:
     def __init__(self, model: Optional[str] = None, net: Optional[PlanarNet] = None, device: str = "cpu",
                  refine_steps: Optional[int] = None, should_stop: Optional[Callable[[], bool]] = None,
                  progress: Optional[Callable[[int, int], None]] = None):
+        from ..registrar import choose_device
+        device = choose_device(device)  # refused clearly where this machine lacks it
         if net is None:
             net = load_planar(model or shipped_planar_model_path())["net"]
         self.net = net.eval().to(device)
-        self.device = torch.device(device)
+        self.device = device
         self.spacing = float(net.config.spacing_mm)
         self.refine = PlanarRefineConfig() if refine_steps is None else PlanarRefineConfig(steps=int(refine_steps))
         self.should_stop, self.progress = should_stop, progress
@@ -186,6 +193,9 @@ class PlanarRegistrar:
                  moving_mask: Optional[sitk.Image] = None, moving_labels: Optional[sitk.Image] = None
                  ) -> PlanarResult:
         """``moving_labels``: a label map to warp (default ``moving_mask``), values kept."""
+        from ..validation import check_image_values
+        check_image_values(fixed, "the fixed image", "pixel")
+        check_image_values(moving, "the moving image", "pixel")
         started = time.perf_counter()
         fixed_grid = network_grid(fixed, self.spacing)
         offset = _centre(moving, moving_mask) - _centre(fixed, fixed_mask)

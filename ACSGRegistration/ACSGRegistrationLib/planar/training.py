@@ -168,6 +168,8 @@ class PlanarTrainer:
             raise ValueError(f"unknown learning-rate schedule {self.cfg.schedule!r}: choose from "
                              f"{', '.join(SCHEDULES)}")
         self.out = out
+        from ..outputs import check_run_folder
+        check_run_folder(out, ("last.pt", "model.pt", "history.csv"))
         os.makedirs(out, exist_ok=True)
         self.last_path, self.model_path = os.path.join(out, "last.pt"), os.path.join(out, "model.pt")
         self.sampler = PairSampler(views, self.cfg.known_fraction, self.cfg.seed, self.cfg.identity_fraction,

@@ -163,6 +163,30 @@ def check_pose(matrix: np.ndarray, where: str) -> None:
         raise InputError(f"{where}: ct_to_source is not a rigid transform (rotation and translation only)")
 
 
+def check_initial_pose(ct_to_source: np.ndarray, carm: "CArm", target_lps, where: str) -> None:
+    """An initial pose must show the target: in front of the source, nearer than the detector, its shadow on
+    the detector. A pose that does not (a sign or unit error, another C-arm's pose) is refused: the search would
+    start blind, and end anywhere."""
+    point = placed(np.asarray(target_lps, dtype=np.float64)[None], ct_to_source)[0]
+    depth, sdd = float(point[2]), carm.source_to_detector_mm
+    if depth <= 0:
+        raise InputError(f"{where}: the initial pose puts the target {-depth:.0f} mm behind the source, where the "
+                         "X-ray cannot see it (the pose maps the CT into the source's frame, the detector along +z)")
+    if depth >= sdd:
+        raise InputError(f"{where}: the initial pose puts the target {depth:.0f} mm from the source, beyond the "
+                         f"detector ({sdd:.0f} mm from it): check the pose's translation and its unit (mm)")
+    (cx, cy), (sx, sy) = carm.principal_point_px, carm.pixel_spacing_mm
+    columns, rows = carm.size
+    u, v = point[0] * sdd / depth, point[1] * sdd / depth
+    low = np.array([(-0.5 - cx) * sx, (-0.5 - cy) * sy])
+    high = np.array([(columns - 0.5 - cx) * sx, (rows - 0.5 - cy) * sy])
+    off = float(np.linalg.norm(np.maximum(0.0, np.maximum(low - (u, v), np.array((u, v)) - high))))
+    if off > 0:
+        raise InputError(f"{where}: the initial pose projects the target {off:.0f} mm off the detector "
+                         f"({high[0] - low[0]:.0f} x {high[1] - low[1]:.0f} mm): the search would start with the "
+                         "target out of view; check the pose and the geometry")
+
+
 def pose_json(matrix: np.ndarray) -> str:
     return json.dumps({"ct_to_source": np.asarray(matrix, dtype=float).tolist()}, indent=2)
 

@@ -183,12 +183,17 @@ def markdown_table(summary: List[Dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+REPORT_KIND = "X-ray evaluation"
+
+
 def write_report(rows: List[Dict], out_dir: str) -> Dict[str, str]:
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {"cases": os.path.join(out_dir, "cases.csv"), "summary": os.path.join(out_dir, "summary.csv"),
-             "table": os.path.join(out_dir, "summary.md")}
-    summary = summarise(rows)
-    write_csv(rows, paths["cases"])
-    write_csv(summary, paths["summary"])
-    write_text(markdown_table(summary), paths["table"])
-    return paths
+    """cases.csv, summary.csv and summary.md, written as one folder (``outputs.OutputFolder``)."""
+    from ..outputs import OutputFolder
+    with OutputFolder(out_dir, kind=REPORT_KIND) as folder:
+        paths = {"cases": os.path.join(folder.path, "cases.csv"), "summary": os.path.join(folder.path, "summary.csv"),
+                 "table": os.path.join(folder.path, "summary.md")}
+        summary = summarise(rows)
+        write_csv(rows, paths["cases"])
+        write_csv(summary, paths["summary"])
+        write_text(markdown_table(summary), paths["table"])
+    return folder.final_paths(paths)

@@ -55,6 +55,10 @@ def _numbers(text: str):
     return [float(v) for v in str(text).replace("\\", " ").split() if v.strip()]
 
 
+# The smallest X-ray worth registering: the pose search samples it onto its own detector grid (96 pixels).
+MIN_XRAY_PIXELS = 16
+
+
 def read_xray(path: str) -> XRay:
     """The X-ray at ``path``; errors name the file (missing, unreadable, not 2D, colour)."""
     if not os.path.isfile(path):
@@ -74,6 +78,13 @@ def read_xray(path: str) -> XRay:
         image = image[:, :, 0]  # a single frame stored as a volume (DICOM, NIfTI)
     elif image.GetDimension() == 3:
         raise InputError(f"X-ray image {path} holds {size[2]} frames: pass one frame")
+    from ..io import check_nifti_finite
+    from ..validation import check_image_values
+    check_nifti_finite(path, "X-ray image")  # ITK's NIfTI reader would turn them into 0
+    check_image_values(image, f"X-ray image {path}", "pixel")
+    if min(image.GetSize()) < MIN_XRAY_PIXELS:
+        raise InputError(f"X-ray image {path} is {image.GetSize()[0]} x {image.GetSize()[1]} pixels: too small to "
+                         f"register (at least {MIN_XRAY_PIXELS} along each side)")
     pixels = sitk.GetArrayFromImage(image).astype(np.float32)
     meta = {key: reader.GetMetaData(tag).strip() for key, tag in TAGS.items() if reader.HasMetaDataKey(tag)}
     geometry = {}

@@ -123,8 +123,8 @@ class ProSTTrainer:
         self.subjects, self.config, self.out_dir, self.log = list(subjects), config, out_dir, log
         self.validation_subjects = list(validation_subjects) or self.subjects
         self.realism = realism or Realism()
-        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-            raise InputError(f"the run folder {out_dir} is a file: give a folder for the checkpoints")
+        from ..outputs import check_run_folder
+        check_run_folder(out_dir, (LAST, FINAL, HISTORY), option="the run folder")
         os.makedirs(out_dir, exist_ok=True)
         self.last_path = os.path.join(out_dir, LAST)
         self.step, self.history, self.elapsed = 0, [], 0.0
