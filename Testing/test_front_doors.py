@@ -283,7 +283,8 @@ def test_a_folder_given_as_an_image_is_named_a_folder(files, bad_scans, model, c
                                     "about 3 days)"),
 ])
 def test_options_beyond_sensible_bounds_say_how_long_they_would_take(files, model, capsys, args, message):
-    refused(pair_args(files, files["out"], model, args), message, capsys, files["out"])
+    err = refused(pair_args(files, files["out"], model, args), message, capsys, files["out"])
+    assert len(err.strip().splitlines()) == 1, err  # the option's error alone, not argparse's usage before it
 
 
 def test_ctrl_c_during_register_is_one_line_and_leaves_nothing(files, tmp_path):

@@ -592,8 +592,15 @@ def cmd_register2d(args):
     return 0
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """A bad option is one line, as every other error (argparse would print the usage first); exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} ('{self.prog} --help' lists the options)\n")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="acsgreg",
+    parser = OneLineErrors(prog="acsgreg",
                                      description="ACSGRegNet registration of lumbar vertebra CT.")
     sub = parser.add_subparsers(dest="command", required=True)
 
