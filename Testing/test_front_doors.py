@@ -147,6 +147,18 @@ def test_export_never_overwrites_its_input_and_names_a_folder(model, capsys, tmp
     assert os.listdir(folder) == []
 
 
+@pytest.mark.parametrize("args,message", [
+    (["prepare", "--spacing", "0.05"], "must be at least 0.25"),  # 2560 x 2560 x 1280 voxels a crop
+    (["xray-register", "--ct-spacing", "0.01"], "must be at least 0.5"),
+    (["xray-register", "--detector-pixels", "100000"], "at most 512"),
+    (["finetune", "--batch-size", "10000"], "at most 64"),
+], ids=["crop-spacing", "ct-spacing", "detector-pixels", "batch-size"])
+def test_options_that_would_exhaust_memory_are_refused(capsys, tmp_path, args, message):
+    code, err = run(args + ["--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_prepare_of_a_manifest_without_rows_leaves_nothing(capsys, tmp_path):
     manifest = tmp_path / "header_only.csv"
     manifest.write_text("image,label,label_id,level,subject\n")
@@ -360,6 +372,10 @@ def xray_case(scan, tmp_path_factory):
     save("nan.nrrd", np.full_like(pixels, np.nan))
     (folder / "geometry.json").write_text(json.dumps(carm.to_dict()))
     paths["geometry"] = str(folder / "geometry.json")
+    for name, change in (("geometry_100mm_pixels", {"pixel_spacing_mm": [100.0, 100.0]}),
+                         ("geometry_in_cm", {"source_to_detector_mm": 102.0})):
+        (folder / f"{name}.json").write_text(json.dumps({**carm.to_dict(), **change}))
+        paths[name] = str(folder / f"{name}.json")
     for name, shift in (("init", (0, 0, 0)), ("behind", (0, 0, -1500)), ("far", (0, 0, 9250)),
                         ("off", (600 * 750 / 1020, 0, 0))):
         pose = truth.copy()
@@ -391,7 +407,10 @@ def xray_args(case, out, **change):
     ({"init": "far"}, "beyond the detector"),
     ({"init": "off"}, "off the detector"),
     ({"ct-seg": "other_seg"}, "belongs to another scan"),
-], ids=["constant-xray", "nan-xray", "constant-ct", "pose-behind", "pose-10m", "pose-off-detector", "other-seg"])
+    ({"geometry": "geometry_100mm_pixels"}, "detector pixels of 100 x 100 mm"),
+    ({"geometry": "geometry_in_cm"}, "the source is 102 mm from the detector"),
+], ids=["constant-xray", "nan-xray", "constant-ct", "pose-behind", "pose-10m", "pose-off-detector", "other-seg",
+        "pixels-100mm", "geometry-in-cm"])
 def test_xray_register_refuses_what_it_cannot_register(xray_case, capsys, tmp_path, change, message):
     change = {option: xray_case[key] for option, key in change.items()}
     refused(xray_args(xray_case, str(tmp_path / "out"), **change), message, capsys, str(tmp_path / "out"))

@@ -51,6 +51,7 @@ def _number(kind, minimum=None, maximum=None, above=None, cost=None):
 
 
 COUNT = _number(int, minimum=1)
+BATCH = _number(int, minimum=1, maximum=64)  # 3D crops (and ProST's CT projections) per step: memory grows with it
 STEPS = _number(int, minimum=0)
 # Options whose large values take long: bounded, the message says how long (measured on this project's 2-core CPU).
 REFINE_STEPS = _number(int, minimum=0, maximum=2000, cost=(0.3, "a step on a CPU"))
@@ -618,7 +619,7 @@ def build_parser():
         p.add_argument("--synthetic-pairs", type=COUNT, help="number of synthetic pairs (default: steps x batch)")
         p.add_argument("--out", required=True, help="run folder: checkpoints, history.csv")
         p.add_argument("--steps", type=COUNT, default=1000, help="total optimisation steps (default 1000)")
-        p.add_argument("--batch-size", type=COUNT, default=8, help="pairs per step (default 8, the paper's)")
+        p.add_argument("--batch-size", type=BATCH, default=8, help="pairs per step (default 8, the paper's)")
         p.add_argument("--lr", type=POSITIVE, default=1e-5, help="Adam learning rate (default 1e-5, the paper's)")
         p.add_argument("--checkpoint-every", type=COUNT, default=100,
                        help="save last.pt every this many steps (default 100)")
@@ -759,9 +760,9 @@ def build_parser():
                    help="one view: how far (mm) the search may move the CT along the ray from the initial pose "
                         "before its prior weighs (default 60: the C-arm's source-to-patient distance known within "
                         "a few cm; narrower where it is known better)")
-    p.add_argument("--detector-pixels", type=COUNT, default=96,
+    p.add_argument("--detector-pixels", type=_number(int, minimum=8, maximum=512), default=96,
                    help="longest side of the registration's detector grid (default 96)")
-    p.add_argument("--ct-spacing", type=_number(float, above=0.0, maximum=8.0), default=2.0,
+    p.add_argument("--ct-spacing", type=_number(float, minimum=0.5, maximum=8.0), default=2.0,
                    help="the CT is resampled to this spacing in mm when finer (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
@@ -776,7 +777,7 @@ def build_parser():
     p.add_argument("--val-label", action="append", type=int)
     p.add_argument("--out", required=True, help="run folder: last.pt (resumed from), model.pt, history.csv")
     p.add_argument("--steps", type=COUNT, default=3000)
-    p.add_argument("--batch-size", type=COUNT, default=4)
+    p.add_argument("--batch-size", type=BATCH, default=4)
     p.add_argument("--learning-rate", type=_number(float, above=0.0, maximum=1.0), default=1e-3)
     p.add_argument("--start-deg", type=_number(float, above=0.0, maximum=90.0), default=10.0,
                    help="σ of the training start poses' rotation offsets per axis (default 10)")
@@ -784,7 +785,8 @@ def build_parser():
                    help="σ of their in-plane translation offsets (default 15)")
     p.add_argument("--start-depth-mm", type=_number(float, above=0.0, maximum=400.0), default=30.0,
                    help="σ of their depth offsets (default 30)")
-    p.add_argument("--detector-pixels", type=COUNT, default=64, help="the network's detector (default 64)")
+    p.add_argument("--detector-pixels", type=_number(int, minimum=8, maximum=256), default=64,
+                   help="the network's detector (default 64)")
     p.add_argument("--validate-every", type=COUNT, default=100)
     p.add_argument("--threads", type=COUNT, help="CPU threads for PyTorch")
     p.add_argument("--seed", type=int, default=0)
@@ -893,7 +895,7 @@ def build_parser():
                    help="CSV with columns image, label, label_id, level, subject; or a data folder in the "
                         "VerSe, TotalSegmentator or AbdomenAtlas layout")
     p.add_argument("--out", required=True, help="crops folder to write")
-    p.add_argument("--spacing", type=_number(float, above=0.0, maximum=8.0), default=1.0,
+    p.add_argument("--spacing", type=_number(float, minimum=0.25, maximum=8.0), default=1.0,
                    help="voxel size of the crops in mm (default 1, the paper's); they always cover 128 x 128 x 64 mm")
     p.set_defaults(func=cmd_prepare)
     for name, command in sub.choices.items():

@@ -174,7 +174,25 @@ def carm_of(xray: XRay, geometry: Optional[Dict] = None, where: str = "GEOMETRY.
     if missing:
         raise InputError(f"{xray.path} does not give {' and '.join(missing)} (no DICOM geometry tags): put "
                          f"{'them' if len(missing) > 1 else 'it'} in {where}")
-    return CArm.from_dict(merged, where=f"{xray.path} + {where}")
+    carm = CArm.from_dict(merged, where=f"{xray.path} + {where}")
+    check_plausible_carm(carm, f"{xray.path} + {where}")
+    return carm
+
+
+# A C-arm or radiography unit: its source 0.5-2 m from the detector, detector pixels of 0.05-1 mm (binned or
+# downsampled ones up to a few mm). Outside these bounds lies a unit error (cm, m, pixels), not a machine.
+SOURCE_TO_DETECTOR_MM = (200.0, 3000.0)
+PIXEL_SPACING_MM = (0.01, 10.0)
+
+
+def check_plausible_carm(carm: CArm, where: str) -> None:
+    sdd, (sx, sy) = carm.source_to_detector_mm, carm.pixel_spacing_mm
+    if not SOURCE_TO_DETECTOR_MM[0] <= sdd <= SOURCE_TO_DETECTOR_MM[1]:
+        raise InputError(f"{where}: the source is {sdd:g} mm from the detector; an X-ray unit's is "
+                         f"{SOURCE_TO_DETECTOR_MM[0]:g}-{SOURCE_TO_DETECTOR_MM[1]:g} mm (is it in mm?)")
+    if not all(PIXEL_SPACING_MM[0] <= s <= PIXEL_SPACING_MM[1] for s in (sx, sy)):
+        raise InputError(f"{where}: detector pixels of {sx:g} x {sy:g} mm; an X-ray detector's are "
+                         f"{PIXEL_SPACING_MM[0]:g}-{PIXEL_SPACING_MM[1]:g} mm (is it in mm?)")
 
 
 def target_label(labels: sitk.Image, label, where: str) -> Tuple[int, np.ndarray]:
