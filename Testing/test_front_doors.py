@@ -125,6 +125,28 @@ def test_the_users_files_are_never_deleted(files, model, capsys, tmp_path):
     assert snapshot(out) == before
 
 
+def test_a_batchs_pair_folders_follow_the_rule_too(files, model, capsys, tmp_path):
+    """--pairs writes each pair's folder from another thread: --overwrite holds there as well."""
+    table = tmp_path / "pairs.csv"
+    table.write_text(f"fixed,moving,fixed_seg,moving_seg,fixed_vertebra,moving_vertebra,name\n"
+                     f"{files['ct']},{files['ct']},{files['seg']},{files['seg']},L1,L2,first\n")
+    out = str(tmp_path / "batch")
+    args = ["register", "--pairs", str(table), "--checkpoint", model, "--device", "cpu", "--out", out]
+    assert main(args) == 0
+    (tmp_path / "batch" / "first" / "notes.txt").write_text("mine")
+    code, err = run(args, capsys)
+    assert code == 2 and "pair first" in err and "notes.txt" in err, err
+    before = json.load(open(tmp_path / "batch" / "first" / MANIFEST))["written_at"]
+    time.sleep(1.1)
+    assert main(args + ["--overwrite"]) == 0
+    capsys.readouterr()
+    import csv
+    rows = list(csv.DictReader(open(tmp_path / "batch" / "metrics.csv")))
+    assert [(r["name"], r["status"]) for r in rows] == [("first", "ok")], rows
+    assert json.load(open(tmp_path / "batch" / "first" / MANIFEST))["written_at"] != before  # written again
+    assert (tmp_path / "batch" / "first" / "notes.txt").read_text() == "mine"
+
+
 def test_overwrite_replaces_another_commands_output(files, model, crops, capsys, tmp_path):
     import shutil
     target = str(tmp_path / "was_crops")

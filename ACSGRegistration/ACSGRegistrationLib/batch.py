@@ -11,6 +11,7 @@ seconds) is rewritten after every pair, so an interrupted batch keeps its table.
 and the batch carries on, unless asked to stop.
 """
 
+import contextvars
 import csv
 import os
 import re
@@ -286,8 +287,9 @@ def register_pairs(registrar: Callable[[], object], pairs: Sequence[Pair], out: 
                 continue
             result.notes = fixed.notes + moving.notes
             item.metrics, item.folding = result.metrics, folding(_array(result.jacobian))
-            writing = (writer.submit(_timed, save_pair, result, pair, fixed, moving, os.path.join(out, pair.name),
-                                     outputs, checkpoint), item)
+            # In this thread's context: the command's --overwrite (outputs.overwriting) holds there too.
+            writing = (writer.submit(contextvars.copy_context().run, _timed, save_pair, result, pair, fixed, moving,
+                                     os.path.join(out, pair.name), outputs, checkpoint), item)
         if writing is not None:
             finish(_written(*writing))
     return reports
