@@ -24,7 +24,8 @@ import SimpleITK as sitk
 
 from .errors import InputError, PreprocessingError
 from .io import read_image
-from .preprocessing import CROP_SIZE, HU_RANGE, crop_vertebra, label_centroids, normalise_ct, stretch_to_unit
+from .preprocessing import CROP_SIZE, HU_RANGE, crop_vertebra, label_centroids, label_statistics, normalise_ct, \
+    stretch_to_unit
 from .validation import check_label_grid, check_label_values, check_resolution, intensity_scale
 from .vertebrae import resolve_vertebra
 
@@ -102,9 +103,8 @@ def prepare_input(image: sitk.Image, labels: Optional[sitk.Image] = None, verteb
 
 def vertebra_span(labels: sitk.Image, value: int) -> Sequence[int]:
     """How many voxels of its label map a label spans along each axis (its bounding box)."""
-    stats = sitk.LabelShapeStatisticsImageFilter()
-    stats.Execute(sitk.Cast(labels == value, sitk.sitkUInt8))
-    return tuple(stats.GetBoundingBox(1)[3:]) if stats.HasLabel(1) else (0, 0, 0)
+    stats = label_statistics(labels)
+    return tuple(stats.GetBoundingBox(value)[3:]) if stats.HasLabel(value) else (0, 0, 0)
 
 
 def check_is_crop(image: sitk.Image, what: str) -> None:
