@@ -235,6 +235,9 @@ def test_check_target_in_python_follows_overwriting(tmp_path):
         check_target(str(folder), kind="registration")
     with overwriting():
         assert check_target(str(folder), kind="registration") == str(folder)
+    (folder / "notes.txt").unlink()
+    (folder / ".DS_Store").write_text("x")  # what a file browser leaves: not the user's work
+    assert check_target(str(folder), kind="registration") == str(folder)
 
 
 # -- 3D register: the images ---------------------------------------------------------------------------------

@@ -94,11 +94,15 @@ def _files_in(folder: str) -> List[str]:
     return sorted(found)
 
 
+# What file browsers leave in a folder they showed: neither the user's work nor ours.
+BROWSER_FILES = (".DS_Store", "Thumbs.db", "desktop.ini")
+
+
 def foreign_files(folder: str) -> List[str]:
     """Files in an output folder that its manifest does not list: the user's (or another program's)."""
     manifest = read_manifest(folder) or {}
     listed = set(manifest.get("files", {})) | {MANIFEST}
-    return [f for f in _files_in(folder) if f not in listed]
+    return [f for f in _files_in(folder) if f not in listed and os.path.basename(f) not in BROWSER_FILES]
 
 
 def _listing(files: List[str], most: int = 3) -> str:
@@ -160,7 +164,7 @@ def check_run_folder(folder: str, run_files: Iterable[str], option: str = "--out
     path = check_target(folder, option=option, kind=None, overwrite=True)  # a file, below a file
     if not os.path.isdir(path) or overwrite:
         return path
-    known = set(run_files)
+    known = set(run_files) | set(BROWSER_FILES)
     others = [name for name in sorted(os.listdir(path)) if name not in known and not name.startswith(".tmp-")
               and not (os.path.isdir(os.path.join(path, name)) and name.startswith(RUN_FOLDER_DATA))]
     if others:
