@@ -24,8 +24,7 @@ import SimpleITK as sitk
 
 from .errors import InputError, PreprocessingError
 from .io import read_image
-from .preprocessing import CROP_SIZE, HU_RANGE, crop_vertebra, label_centroids, label_statistics, normalise_ct, \
-    stretch_to_unit
+from .preprocessing import CROP_SIZE, HU_RANGE, crop_vertebra, label_centroids, normalise_ct, stretch_to_unit
 from .validation import check_label_grid, check_label_values, check_resolution, intensity_scale
 from .vertebrae import resolve_vertebra
 
@@ -90,7 +89,7 @@ def prepare_input(image: sitk.Image, labels: Optional[sitk.Image] = None, verteb
             raise PreprocessingError(f"{exc} (does the {what} {noun} belong to its image?)") from exc
     notes += [str(w.message).replace(f"label {value} ", f"'{name}' ") for w in caught]
     # After the crop, whose own check names a label too small to be a vertebra at all.
-    coarse = check_resolution(image, f"the {what} image", vertebra_span(labels, int(value)), f"vertebra '{name}'")
+    coarse = check_resolution(image, f"the {what} image", crop.span, f"vertebra '{name}'")
     notes += [coarse] if coarse else []
     if scale == "hu":
         inside = sitk.GetArrayViewFromImage(crop.image)[sitk.GetArrayViewFromImage(crop.label) > 0]
@@ -99,12 +98,6 @@ def prepare_input(image: sitk.Image, labels: Optional[sitk.Image] = None, verteb
             notes.append(f"the {what} vertebra '{name}' has a median of {median:.0f} HU, low for bone: does the "
                          f"{noun} belong to its image?")
     return PreparedInput(image, crop.image, crop.label, name, notes)
-
-
-def vertebra_span(labels: sitk.Image, value: int) -> Sequence[int]:
-    """How many voxels of its label map a label spans along each axis (its bounding box)."""
-    stats = label_statistics(labels)
-    return tuple(stats.GetBoundingBox(value)[3:]) if stats.HasLabel(value) else (0, 0, 0)
 
 
 def check_is_crop(image: sitk.Image, what: str) -> None:
@@ -128,6 +121,5 @@ def read_input(image_path: str, labels_path: Optional[str] = None, vertebra=None
             raise InputError(f"a {what} vertebra ({vertebra}) was chosen but no {what} label map was given")
         return prepare_input(image, what=what, intensity=intensity)
     labels = reader(labels_path, f"{what} label map")
-    check_label_values(labels, f"the {what} label map {labels_path}")
     return prepare_input(image, labels, vertebra, what, label_map_names(labels_path, labels),
                          owner=labels_path, intensity=intensity)

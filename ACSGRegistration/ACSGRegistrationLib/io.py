@@ -27,21 +27,25 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _CHUNK = 1 << 22
 
 
-def _nifti_header_size(header: bytes):
-    """(expected file length in bytes, byte order) from a NIfTI-1 or NIfTI-2 header, or None if it is not one."""
+def _nifti_header(header: bytes):
+    """(byte order, dims, bitpix, datatype code, voxel offset) of a NIfTI-1 or NIfTI-2 header, or None if it is
+    not one."""
     for order in ("<", ">"):
         if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
-            dims = struct.unpack(order + "8h", header[40:56])
-            bitpix = struct.unpack(order + "h", header[72:74])[0]
-            offset = struct.unpack(order + "f", header[108:112])[0]
-            break
+            return (order, struct.unpack(order + "8h", header[40:56]), struct.unpack(order + "h", header[72:74])[0],
+                    struct.unpack(order + "h", header[70:72])[0], int(struct.unpack(order + "f", header[108:112])[0]))
         if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
-            dims = struct.unpack(order + "8q", header[16:80])
-            bitpix = struct.unpack(order + "h", header[14:16])[0]
-            offset = struct.unpack(order + "q", header[168:176])[0]
-            break
-    else:
+            return (order, struct.unpack(order + "8q", header[16:80]), struct.unpack(order + "h", header[14:16])[0],
+                    struct.unpack(order + "h", header[12:14])[0], int(struct.unpack(order + "q", header[168:176])[0]))
+    return None
+
+
+def _nifti_header_size(header: bytes):
+    """The expected file length in bytes from a NIfTI header, or None if it is not one."""
+    parsed = _nifti_header(header)
+    if parsed is None:
         return None
+    _, dims, bitpix, _, offset = parsed
     count = 1
     for n in dims[1:1 + max(0, min(int(dims[0]), 7))]:
         count *= max(int(n), 1)
@@ -109,18 +113,10 @@ _NIFTI_FLOATS = {16: "f4", 64: "f8"}
 
 def _nifti_float_layout(header: bytes) -> Optional[Tuple[str, int]]:
     """(numpy dtype with byte order, voxel data offset) of a float NIfTI-1/2 file, None for other types."""
-    for order in ("<", ">"):
-        if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
-            code = struct.unpack(order + "h", header[70:72])[0]
-            offset = int(struct.unpack(order + "f", header[108:112])[0])
-            break
-        if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
-            code = struct.unpack(order + "h", header[12:14])[0]
-            offset = int(struct.unpack(order + "q", header[168:176])[0])
-            break
-    else:
+    parsed = _nifti_header(header)
+    if parsed is None or parsed[3] not in _NIFTI_FLOATS:
         return None
-    return (order + _NIFTI_FLOATS[code], offset) if code in _NIFTI_FLOATS else None
+    return parsed[0] + _NIFTI_FLOATS[parsed[3]], parsed[4]
 
 
 def nonfinite_nifti_voxels(path: str) -> Tuple[int, int]:

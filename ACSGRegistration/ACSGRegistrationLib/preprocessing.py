@@ -9,7 +9,7 @@ full physical geometry: every voxel of every result maps back into the original 
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -30,6 +30,7 @@ class VertebraCrop:
     label: sitk.Image  # uint8 binary mask of the vertebra
     name: str = ""
     warnings: List[str] = field(default_factory=list)
+    span: Optional[Tuple[int, int, int]] = None  # the vertebra's extent in the image's voxels (its bounding box)
 
 
 def normalise_ct(array: np.ndarray) -> np.ndarray:
@@ -157,7 +158,7 @@ def crop_vertebra(image: sitk.Image, labels: sitk.Image, label_id: int, size: Se
     out_label.CopyInformation(reference)
     for note in notes:
         warnings.warn(note, stacklevel=2)
-    return VertebraCrop(out_image, out_label, name, notes)
+    return VertebraCrop(out_image, out_label, name, notes, tuple(int(n) for n in ext))
 
 
 def to_network_grid(image: sitk.Image, shape_zyx: Sequence[int], spacing: float, label: bool = False) -> np.ndarray:

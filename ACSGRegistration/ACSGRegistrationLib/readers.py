@@ -359,7 +359,7 @@ def _crop_label_only(labels: sitk.Image, label_id: int, size, spacing: float, na
     stop = np.minimum(hi + 1, labels.GetSize())
     roi = sitk.RegionOfInterest(labels, [int(v) for v in stop - start], [int(v) for v in start])
     crop = crop_vertebra(roi, roi, label_id, size, spacing, name=name)
-    return VertebraCrop(None, crop.label, crop.name, crop.warnings)
+    return VertebraCrop(None, crop.label, crop.name, crop.warnings, crop.span)
 
 
 def crop_label_only(labels: sitk.Image, label_id: int, size: Optional[Sequence[int]] = None, spacing: float = 1.0,

@@ -24,6 +24,13 @@ def vertebraProblem(segmentation, label, what: str) -> str:
     return ""
 
 
+def modelProblem(p) -> str:
+    """'' when the chosen model's file is there."""
+    if not os.path.isfile(resolveCheckpoint(p.checkpointPath, check=False)):
+        return "No model: choose a checkpoint file (.pt) under Model"
+    return ""
+
+
 def isPlanarPair(p) -> bool:
     """Both volumes one slice thick: the 2D mode."""
     return isSingleSlice(p.fixedVolume) and isSingleSlice(p.movingVolume)
@@ -47,9 +54,7 @@ def registrationBlocker(p, running: bool) -> str:
             reason = vertebraProblem(segmentation, getattr(p, f"{side}Label"), side)
             if reason:
                 return reason
-    if not planar and not os.path.isfile(resolveCheckpoint(p.checkpointPath, check=False)):
-        return "No model: choose a checkpoint file (.pt) under Model"
-    return ""
+    return "" if planar else modelProblem(p)
 
 
 def xrayBlocker(p, running: bool) -> str:
@@ -79,6 +84,4 @@ def fineTuneBlocker(p, running: bool, scenePairs: Optional[Sequence] = None) -> 
         return "Choose a training data folder or add pairs from the scene"
     if not isUnset(p.trainingFolder) and not os.path.isdir(os.path.expanduser(str(p.trainingFolder))):
         return f"Training data folder {p.trainingFolder}: no such folder"
-    if not os.path.isfile(resolveCheckpoint(p.checkpointPath, check=False)):
-        return "No model: choose a checkpoint file (.pt) under Model"
-    return ""
+    return modelProblem(p)

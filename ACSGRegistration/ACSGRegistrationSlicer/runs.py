@@ -58,12 +58,18 @@ class StagedRun:
         (``timeout`` seconds at most: then it is ended and the wait is an error)."""
         if self.stage.cancelled:
             raise Cancelled(f"{what} cancelled: no output was made")
-        if not self.wait(timeout):
-            self.stage.cancel(grace=0.0)
-            raise InputError(f"{what} did not end within {timeout:.0f} s: it was stopped")
-        self.stage.cleanUp()
+        self.waitOrStop(what, timeout)
         if not self.stage.succeeded:
             raise InputError(self.stage.errorMessage())
+
+    def waitOrStop(self, what: str, timeout: Optional[float]) -> None:
+        """Wait for the run (``timeout`` seconds at most: then it is ended and the wait is an error); its stop
+        file is removed either way."""
+        if not self.stage.cancelled and not self.wait(timeout):
+            self.stage.cancel(grace=0.0)
+            self.stage.cleanUp()
+            raise InputError(f"{what} did not end within {timeout:.0f} s: it was stopped")
+        self.stage.cleanUp()
 
     def wait(self, timeout: Optional[float] = None, interval: float = 0.05) -> bool:
         """Poll until the run has ended or ``timeout`` seconds have passed (None: until it ends); True when it
@@ -184,18 +190,15 @@ class FineTuneRun(StagedRun):
     @property
     def fraction(self) -> float:
         """Cropping a data folder is the first fifth, when there is one; the training steps the rest."""
+        share = PREPARATION_SHARE if self.prepared else 0.0
         if self.stage.title != "fine-tuning":
-            return PREPARATION_SHARE * self.stage.fraction
-        return (PREPARATION_SHARE if self.prepared else 0.0) + \
-            (1.0 - (PREPARATION_SHARE if self.prepared else 0.0)) * self.stage.fraction
+            return share * self.stage.fraction
+        return share + (1.0 - share) * self.stage.fraction
 
     def finish(self, timeout: Optional[float] = None) -> Dict:
         """The training summary (status, steps, checkpoint: the model to register with now); raises Cancelled
         (a stopped run keeps its last checkpoint and resumes from it), or InputError with the backend's message."""
-        if not self.stage.cancelled and not self.wait(timeout):
-            self.stage.cancel(grace=0.0)
-            raise InputError(f"{self.stage.title} did not end within {timeout:.0f} s: it was stopped")
-        self.stage.cleanUp()
+        self.waitOrStop(self.stage.title, timeout)
         if self.stage.cancelled:
             raise Cancelled(f"{self.stage.title} stopped: the run in {self.outputFolder} resumes from its last "
                             "checkpoint")
