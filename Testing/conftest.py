@@ -4,12 +4,28 @@ The backend under test is the installed package (``pip install -e .``; CI instal
 """
 
 import os
+import shutil
+import tempfile
 import warnings
 
 import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Everything a test run writes to temporary files (pytest's tmp_path, tempfile in this process and, through
+# TMPDIR, in every process it starts: the command line, torchrun's torchelastic_* folders) goes to one folder,
+# removed when the run ends; ACSG_KEEP_TEST_FILES=1 keeps it for a look. Set before any test or plugin asks
+# tempfile where to write.
+SESSION_TEMP = tempfile.mkdtemp(prefix="acsg-tests-")
+os.environ["TMPDIR"] = tempfile.tempdir = SESSION_TEMP
+
+
+def pytest_unconfigure(config):
+    if os.environ.get("ACSG_KEEP_TEST_FILES"):
+        print(f"\ntest files kept in {SESSION_TEMP}")
+    else:
+        shutil.rmtree(SESSION_TEMP, ignore_errors=True)
 
 DATA = os.environ.get("ACSG_DATA", os.path.join(os.path.dirname(ROOT), "shared", "data"))
 

@@ -187,7 +187,8 @@ def test_models_keep_their_own_rows_in_the_tables():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["register", "--fixed", "nope.nii.gz", "--moving", "nope.nii.gz", "--out", "x"], "fixed image not found"),
+    (["register", "--fixed", "nope.nii.gz", "--moving", "nope.nii.gz", "--out", "x"],
+     "argument --fixed: nope.nii.gz: no such file"),
     (["evaluate", "--crops", ".", "--out", "x"], "not a crops folder"),
     (["train", "--out", "x"], "give --crops"),
     (["evaluate2d", "--ct", "a", "--ct-seg", "b", "--baselines", "demons,bogus", "--out", "x"],
@@ -195,7 +196,13 @@ def test_models_keep_their_own_rows_in_the_tables():
 ])
 def test_errors_exit_with_a_message(args, message, capsys, checkpoint, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    for name in ("a", "b"):  # files that exist (what they hold is not read before the refusal)
+        (tmp_path / name).write_text("")
     if args[0] in ("register", "evaluate"):
         args = args + ["--checkpoint", checkpoint]
-    assert main(args) == 2
+    try:
+        code = main(args)
+    except SystemExit as exc:  # refused while the options are parsed
+        code = exc.code
+    assert code == 2
     assert message in capsys.readouterr().err

@@ -342,8 +342,10 @@ def test_ctrl_c_during_register_is_one_line_and_leaves_nothing(files, tmp_path):
     assert not os.path.exists(out) and not [n for n in os.listdir(tmp_path) if n.startswith(".interrupted")]
 
 
-def test_an_unexpected_error_is_one_line_not_a_traceback(monkeypatch, capsys):
+def test_an_unexpected_error_is_one_line_not_a_traceback(monkeypatch, capsys, tmp_path):
     import ACSGRegistrationLib.cli as cli
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "x.csv").write_text("image,label,label_id,level,subject\n")
 
     def broken(args):
         raise RuntimeError("ITK ERROR: something deep\nin three lines\nof library text")

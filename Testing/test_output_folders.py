@@ -165,11 +165,12 @@ def test_full_disk_keeps_the_previous_set_and_a_rerun_succeeds(small_disk, refer
     target = small_disk / "out"
     save_set(source["A"], target)
     assert check_complete_set(target, references) == "A"
-    # Fill the disk, leaving room for a part of set B only.
+    # Fill the disk, leaving room for a part of set B only (half its bytes).
     filler = small_disk / "filler"
     free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    size_b = sum(os.path.getsize(os.path.join(source["B"], name)) for name in os.listdir(source["B"]))
     with open(filler, "wb") as fh:
-        fh.write(b"\0" * max(0, free - 256 * 1024))
+        fh.write(b"\0" * max(0, free - size_b // 2))
     with pytest.raises(OutputError, match="nothing was changed"):
         save_set(source["B"], target)
     assert check_complete_set(target, references) == "A"

@@ -182,13 +182,13 @@ def test_background_processes_start_windowless_in_their_own_group_on_windows(win
 def test_the_training_loop_stops_when_the_stop_file_appears(tmp_path, monkeypatch):
     """The gentle request on Windows: the command line's training loop watches the file ``$ACSG_STOP_FILE``."""
     import signal
-    from ACSGRegistrationLib.cli import _stop_requests
+    from ACSGRegistrationLib.cli_options import stop_requests
     from ACSGRegistrationLib.progress import STOP_FILE_VARIABLE
     stop = tmp_path / "stop"
     monkeypatch.setenv(STOP_FILE_VARIABLE, str(stop))
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        should_stop = _stop_requests()
+        should_stop = stop_requests()
         assert not should_stop()
         stop.write_text("")
         assert should_stop() and should_stop()

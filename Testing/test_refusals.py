@@ -71,7 +71,8 @@ def test_two_component_and_2d_images_are_refused(files, scan, capsys, model):
 
 def test_missing_file(files, capsys, model):
     refused(register_args(os.path.join(files["dir"], "absent.nii.gz"), files["ct"], files["out"], checkpoint=model),
-            "fixed image not found", capsys, files["out"])
+            "argument --fixed: " + os.path.join(files["dir"], "absent.nii.gz") + ": no such file", capsys,
+            files["out"])
 
 
 # -- the label maps ------------------------------------------------------------------------------------------

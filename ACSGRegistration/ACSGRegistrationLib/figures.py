@@ -25,13 +25,13 @@ from . import geometry
 ROWS = ("transversal", "sagittal")
 COLUMNS = ("moving", "fixed", "affine", "final", "field_rgb", "field_grid", "jacobian")
 _COLUMN_TITLES = {
-    "moving": "moving $m$",
-    "fixed": "fixed $f$",
-    "affine": "affinely warped $m_a$",
-    "final": "finally warped $m_d$",
-    "field_rgb": r"$\phi$ (RGB)",
-    "field_grid": r"$\phi$ (grid)",
-    "jacobian": r"$|J_\phi|$",
+    "moving": "moving",
+    "fixed": "fixed",
+    "affine": "moving, affinely warped",
+    "final": "moving, finally warped",
+    "field_rgb": "field φ (RGB: x y z)",
+    "field_grid": "deformed grid",
+    "jacobian": "Jacobian det Jφ",
 }
 # In-plane index axes (array order) of each row: (horizontal, vertical), and the LPS direction that
 # should point right and down on the screen (+1 L / +1 P / -1: superior up).
@@ -323,7 +323,7 @@ def registration_figure(result, path: str, title: Optional[str] = None, fixed_la
     bar = fig.colorbar(jac_image, cax=cax, extend="both")
     bar.set_ticks([0, 0.5, 1, 1.5, 2])
     bar.ax.tick_params(labelsize=7)
-    bar.set_label(r"$|J_\phi|$ (black: $\leq 0$)", fontsize=8)
+    bar.set_label("det Jφ (black: ≤ 0)", fontsize=8)
 
     # Key of the colour coding, under the RGB column: the colour of a full displacement each way.
     axes[(ROWS[-1], "field_rgb")].apply_aspect()

@@ -122,7 +122,8 @@ class RegistrationResult:
 
     def exported_deformable_field(self) -> sitk.Image:
         """The deformable part as exported: on the fixed crop's grid, extended by a band over which it falls
-        to zero (``geometry.tapered_field``), so that beyond it every tool applies the affine alone."""
+        to zero (``geometry.tapered_field``), so that beyond it every tool applies the affine alone, and rounded
+        to ``geometry.FIELD_STEP`` (a micrometre): the very values the files hold (``write_files``)."""
         if self._exported_deformable is None:
             self._exported_deformable = geometry.tapered_field(self.deformable_field())
         return self._exported_deformable

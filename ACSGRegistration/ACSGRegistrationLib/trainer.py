@@ -236,5 +236,9 @@ class Trainer:
         if status == "finished" and self.rank == 0:
             save_checkpoint(os.path.join(self.out_dir, FINAL), self.model, self.model_config,
                             train_config=to_dict(self.cfg), step=self.step, summary=self.summary(status))
-        self.log(f"{status} at step {self.step}; checkpoint {self.last_path}")
+        if status == "finished":
+            self.log(f"finished at step {self.step}: the model to register with is "
+                     f"{os.path.join(self.out_dir, FINAL)} (--checkpoint)")
+        else:
+            self.log(f"{status} at step {self.step}: {self.last_path} saved; the same command resumes from it")
         return self.summary(status)

@@ -42,15 +42,16 @@ def _thinAxis(image) -> int:
     return [k for k, n in enumerate(image.GetSize()) if n == 1][-1]
 
 
-def _lift(planar, like, isVector: bool = False):
-    """A 2D image (or 2D vector field) of ``like``'s slice back on ``like``'s one-slice 3D grid."""
+def _lift(planar, like, planeAxes=None):
+    """A 2D image of ``like``'s slice back on ``like``'s one-slice 3D grid; a 2D vector field too, given the
+    LPS directions of its 2D frame's axes (``planar.register.plane_axes`` of the slice as the backend read it):
+    its in-plane (a, b) vectors -> a e_x + b e_y, nothing across the slice."""
     import SimpleITK as sitk
     thin = _thinAxis(like)
     array = sitk.GetArrayFromImage(planar)
-    if isVector:  # in-plane (a, b) components -> the 3D vector with 0 across the slice
-        vectors = np.zeros(array.shape[:2] + (3,), dtype=np.float64)
-        vectors[..., [k for k in range(3) if k != thin]] = array
-        array = vectors
+    isVector = planeAxes is not None
+    if isVector:
+        array = array.astype(np.float64) @ np.asarray(planeAxes).T
     lifted = sitk.GetImageFromArray(np.expand_dims(array, axis=2 - thin), isVector=isVector)
     lifted.CopyInformation(like)
     return lifted
@@ -77,7 +78,7 @@ def registerPlanarNodes(fixedVolume, movingVolume, fixedSegmentation=None, movin
     segmentation node) and its structure, named as the panel lists it (segment name, level such as "L1", "20:
     vertebrae_L1" or a label value; omitted where there is one): the structure centres the views and its Dice is
     reported. ``refineSteps``: the refinement's steps per grid (default the backend's; 0: the network alone)."""
-    from ACSGRegistrationLib.planar.register import PlanarRegistrar, as_planar, structure_mask
+    from ACSGRegistrationLib.planar.register import PlanarRegistrar, as_planar, plane_axes, structure_mask
     from .labels import labelImage
     fixed3d, fixed = _planarOf(fixedVolume, "fixed volume")
     _, moving = _planarOf(movingVolume, "moving volume")
@@ -105,7 +106,8 @@ def registerPlanarNodes(fixedVolume, movingVolume, fixedSegmentation=None, movin
     jacobian = updateVolumeNodeFromImage(scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{base} Jacobian"),
                                          _lift(result.jacobian, fixed3d))
     transform = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", f"{base} transform")
-    transform.SetAndObserveTransformFromParent(gridTransformFromField(_lift(result.forward_field, fixed3d, True)))
+    transform.SetAndObserveTransformFromParent(gridTransformFromField(_lift(result.forward_field, fixed3d,
+                                                                             plane_axes(fixed))))
     warpedLabels = None
     if result.warped_label is not None:
         warpedLabels = updateVolumeNodeFromImage(

@@ -3,7 +3,8 @@
 - **Views** (``spine_view``): sagittal, coronal and axial slices through a vertebra's centroid (or beside it),
   and parallel projections of the CT (``lateral`` and ``ap``: DRR-like line integrals over the body), on a
   128 x 128 grid at 1 mm, with the vertebrae's labels (sliced, or projected: the label seen along the ray).
-  A view is a 2D SimpleITK image whose physical frame is the view's own (mm, centred on the vertebra).
+  A view is a 2D SimpleITK image whose physical frame is the view's own (mm, centred on the vertebra);
+  ``View.placed`` puts it back where it lies in the CT, as a one-slice volume (what ``acsgreg example2d`` writes).
 - **Intensities** (``to_unit``): every 2D image, CT slice or radiograph, is stretched to [0, 1] between its
   0.5th and 99.5th percentiles: the one rule for training, registration and evaluation.
 - **Known deformations** (``known_deformation``): each vertebra moved rigidly (a few degrees and
@@ -24,19 +25,19 @@ import torch
 import torch.nn.functional as F
 
 from ..preprocessing import label_centroids, stretch_to_unit
+from . import PROJECTIONS, SLICES
 from .network import warp_planar
 
 VIEW_SIZE = (128, 128)  # (rows, columns)
-SLICES = ("sagittal", "coronal", "axial")
-PROJECTIONS = ("lateral", "ap")
 VIEWS = SLICES + PROJECTIONS
-# The views' in-plane axes (column direction, row direction) and normal, in LPS.
-_AXES = {
+# The views' in-plane axes (column direction, row direction) and normal, in LPS: also how the figures show any
+# slice, whatever its array's order (``figures.display_of``).
+VIEW_AXES = {
     "sagittal": ((0, -1, 0), (0, 0, -1), (1, 0, 0)),  # anterior to the right, head up
     "coronal": ((1, 0, 0), (0, 0, -1), (0, 1, 0)),  # patient's right on the left, head up
     "axial": ((1, 0, 0), (0, 1, 0), (0, 0, 1)),  # radiological: patient's right on the left, anterior up
 }
-_AXES["lateral"], _AXES["ap"] = _AXES["sagittal"], _AXES["coronal"]
+VIEW_AXES["lateral"], VIEW_AXES["ap"] = VIEW_AXES["sagittal"], VIEW_AXES["coronal"]
 BLEND_MM = 3.0  # the width (Gaussian sigma) over which a vertebra's rigid motion gives way to the soft tissue's
 PROJECTION_DEPTH_MM = 160.0  # the slab a projection integrates (the body around the spine)
 
@@ -50,6 +51,14 @@ class View:
     kind: str
     label: int  # the vertebra it is centred on
     subject: str = ""
+    frame: Optional[sitk.Image] = None  # where the view lies in the CT: a one-slice grid (LPS), see ``placed``
+
+    def placed(self, image: sitk.Image) -> sitk.Image:
+        """A 2D image on this view's grid (the view, a deformation of it) as a one-slice volume where the view
+        lies in the CT (a projection: its mid-plane): what a viewer overlays on the CT, orientation included."""
+        volume = sitk.JoinSeries(image)
+        volume.CopyInformation(self.frame)
+        return volume
 
 
 def _planar_image(array: np.ndarray, spacing: float) -> sitk.Image:
@@ -75,7 +84,7 @@ def match_histogram(moving: np.ndarray, fixed: np.ndarray) -> np.ndarray:
 
 
 def _reference(centre, kind: str, size=VIEW_SIZE, spacing: float = 1.0, depth: int = 1) -> sitk.Image:
-    column, row, normal = (np.asarray(a, dtype=float) for a in _AXES[kind])
+    column, row, normal = (np.asarray(a, dtype=float) for a in VIEW_AXES[kind])
     reference = sitk.Image([size[1], size[0], depth], sitk.sitkUInt8)
     reference.SetSpacing([spacing] * 3)
     reference.SetDirection(np.stack([column, row, normal], axis=1).ravel().tolist())
@@ -95,7 +104,7 @@ def spine_view(ct: sitk.Image, labels: sitk.Image, label: int, kind: str, offset
     centroids = label_centroids(labels)
     if label not in centroids:
         raise ValueError(f"label {label} is not in the label map")
-    normal = np.asarray(_AXES[kind][2], dtype=float)
+    normal = np.asarray(VIEW_AXES[kind][2], dtype=float)
     centre = np.asarray(centroids[label]) + normal * offset_mm
     depth = 1 if kind in SLICES else int(PROJECTION_DEPTH_MM / spacing)
     reference = _reference(centre, kind, size, spacing, depth)
@@ -115,7 +124,8 @@ def spine_view(ct: sitk.Image, labels: sitk.Image, label: int, kind: str, offset
         image = sitk.GetArrayFromImage(integral - 0.8 * sitk.SmoothingRecursiveGaussian(integral, 15.0 / spacing))
         label_map = _projected_labels(seg)
     image = to_unit(_planar_image(image.astype(np.float32), spacing))
-    return View(image, _planar_image(label_map.astype(np.int16), spacing), kind, int(label), subject)
+    return View(image, _planar_image(label_map.astype(np.int16), spacing), kind, int(label), subject,
+                _reference(centre, kind, size, spacing))
 
 
 def _projected_labels(seg: np.ndarray) -> np.ndarray:
@@ -247,19 +257,43 @@ TRAINING_LEVELS = ("T12", "L1", "L2", "L3", "L4", "L5")
 TRAINING_OFFSETS = (-6.0, -3.0, 0.0, 3.0, 6.0)
 
 
+@dataclass
+class Spine:
+    """A CT file read with its label map: the vertebrae's values -> levels, the subject (the CT's folder)."""
+
+    ct: sitk.Image
+    labels: sitk.Image
+    names: Dict[int, str]
+    subject: str
+    seg_path: str
+    option: str
+
+    def centres(self, levels: Sequence[str]) -> List[int]:
+        """The label values of its vertebrae at ``levels``; InputError (naming the option) where it has none."""
+        from ..vertebrae import level_of
+        wanted = {level_of(lv) for lv in levels}
+        centres = [v for v, name in self.names.items() if level_of(name) in wanted]
+        if not centres:
+            from ..errors import InputError
+            raise InputError(f"{self.option} {self.seg_path} has none of the vertebrae {', '.join(levels)} (it has "
+                             f"{', '.join(self.names.values()) or 'no vertebra'})")
+        return centres
+
+    def views(self, centres: Sequence[int], kinds: Sequence[str] = VIEWS,
+              offsets: Sequence[float] = (0.0,)) -> List[View]:
+        return views_of(self.ct, self.labels, centres, list(self.names), kinds, offsets, subject=self.subject)
+
+
+def read_spine(ct_path: str, seg_path: str, option: str = "--ct") -> Spine:
+    from ..io import read_image
+    ct, labels = read_image(ct_path, f"{option} CT"), read_image(seg_path, f"{option} label map")
+    subject = os.path.basename(os.path.dirname(os.path.abspath(ct_path))) or ct_path
+    return Spine(ct, labels, vertebra_values(seg_path, labels), subject, seg_path, option)
+
+
 def spine_views_of_files(ct_path: str, seg_path: str, levels: Sequence[str] = TRAINING_LEVELS,
                          kinds: Sequence[str] = VIEWS, offsets: Sequence[float] = (0.0,),
                          option: str = "--ct") -> List[View]:
     """Views of a CT file centred on each of its vertebrae at ``levels`` (those it has whole)."""
-    from ..io import read_image
-    from ..vertebrae import level_of
-    ct, labels = read_image(ct_path, f"{option} CT"), read_image(seg_path, f"{option} label map")
-    names = vertebra_values(seg_path, labels)
-    wanted = {level_of(lv) for lv in levels}
-    centres = [v for v, name in names.items() if level_of(name) in wanted]
-    if not centres:
-        from ..errors import InputError
-        raise InputError(f"{option} {seg_path} has none of the vertebrae {', '.join(levels)} (it has "
-                         f"{', '.join(names.values()) or 'no vertebra'})")
-    subject = os.path.basename(os.path.dirname(os.path.abspath(ct_path))) or ct_path
-    return views_of(ct, labels, centres, list(names), kinds, offsets, subject=subject)
+    spine = read_spine(ct_path, seg_path, option)
+    return spine.views(spine.centres(levels), kinds, offsets)

@@ -59,7 +59,8 @@ def known_cases(views: Sequence[View], seeds: Sequence[int]) -> List[Dict]:
             fixed, labels = image_tensor(view.image), image_tensor(view.labels)
             truth = known_deformation(fixed, labels, rng)
             cases.append({"kind": "known", "view": view, "fixed": fixed, "moving": truth.moving,
-                          "backward": truth.backward, "mask": vertebra_masks(labels), "seed": seed})
+                          "moving_labels": truth.moving_labels, "backward": truth.backward,
+                          "mask": vertebra_masks(labels), "seed": seed})
     return cases
 
 

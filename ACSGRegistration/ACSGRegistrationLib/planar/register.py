@@ -1,6 +1,7 @@
 """Registering two 2D images with the 2D network, in physical space.
 
-- **Inputs**: any 2D image SimpleITK reads, or a volume one slice thick (``read_planar``); intensities by the
+- **Inputs**: any 2D image SimpleITK reads, or a volume one slice thick (``read_planar``: a 2D image in its
+  slice's plane, whatever the slice's orientation, the plane's axes kept: ``plane_axes``); intensities by the
   2D rule (``data.to_unit``); label maps on their image's grid, the structure chosen by its label value.
 - **Grids**: the network sees the fixed image's extent at the model's spacing (its direction kept), and the
   moving image on a grid of the same size centred where the moving structure is (its label's centroid, else
@@ -9,7 +10,7 @@
   centring and the network's field (``forward_field``, LPS-style physical vectors of the image's 2D frame),
   written as an ITK 2D displacement-field transform that SimpleITK and Slicer apply as the network did; the
   moving image and label resampled through it; det of T's Jacobian; Dice and ASSD of the structure, before
-  (centred) and after; folding.
+  (centred) and after; folding; given a true map (example2d's), the map's end-point error against it.
 """
 
 import json
@@ -37,7 +38,8 @@ PLANAR_OUTPUTS = {
     "transform": "transform.h5: the 2D displacement-field transform, fixed point -> moving point",
     "field": "field.nii: its displacement field (float32 vectors, mm)",
     "jacobian": "jacobian.nii: det of the map's Jacobian",
-    "metrics": "metrics.json: Dice and ASSD before and after, folding (both labels given)",
+    "metrics": "metrics.json: Dice and ASSD before and after, folding (both labels given); the error against "
+               "--true-field",
     "figure": "figure.png: fixed, moving, warped, grid, Jacobian",
 }
 DEFAULT_PLANAR_OUTPUTS = ("warped", "warped_label", "transform", "jacobian", "metrics")
@@ -68,13 +70,51 @@ def as_planar(image: sitk.Image, name: str) -> sitk.Image:
         if not thin:
             raise InputError(f"{name} is a volume of {size[0]} x {size[1]} x {size[2]} voxels: give one slice "
                              "(a 2D image, or a volume one slice thick)")
-        size[thin[-1]] = 0
-        image = sitk.Extract(image, size, [0, 0, 0], sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOSUBMATRIX)
+        image = _in_its_plane(image, thin[-1])
     elif image.GetDimension() != 2:
         raise InputError(f"{name} is {image.GetDimension()}D; a 2D image is needed")
     if min(image.GetSize()) < 8:
         raise InputError(f"{name} is {image.GetSize()[0]} x {image.GetSize()[1]} pixels: too small to register")
     return image
+
+
+# Where a 2D image was a one-slice volume: the LPS directions of its 2D frame's x and y axes (six numbers),
+# kept on the image (SimpleITK metadata) for the figure's orientation letters and Slicer's lift back to 3D.
+PLANE_AXES_KEY = "ACSG_plane_axes_LPS"
+
+
+def _in_its_plane(volume: sitk.Image, thin: int) -> sitk.Image:
+    """A one-slice volume as a 2D image in its slice's plane. The 2D frame's axes are the two LPS axes nearest
+    the plane (made orthonormal within it): a slice along the scan's axes keeps its coordinates (an axial slice
+    x, y; a sagittal one y, z; a coronal one x, z), whatever the order of its array's axes; an oblique slice gets
+    the nearest such frame. (Keeping the volume's direction's 2 x 2 corner instead fails for a sagittal slice
+    whose third index axis is the thin one: that corner is singular.)"""
+    direction = np.asarray(volume.GetDirection()).reshape(3, 3)
+    in_plane = direction[:, [k for k in range(3) if k != thin]]
+    normal = np.cross(in_plane[:, 0], in_plane[:, 1])
+    normal /= np.linalg.norm(normal)
+    axes = []
+    for k in (k for k in range(3) if k != int(np.argmax(np.abs(normal)))):
+        axis = np.eye(3)[k] - normal * normal[k]
+        for other in axes:
+            axis -= other * (other @ axis)
+        axes.append(axis / np.linalg.norm(axis))
+    axes = np.stack(axes, axis=1)  # (3, 2): the 2D frame's x and y in LPS
+    size = list(volume.GetSize())
+    size[thin] = 0
+    image = sitk.Extract(volume, size, [0, 0, 0], sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOIDENTITY)
+    image.SetDirection((axes.T @ in_plane).ravel().tolist())
+    image.SetOrigin((axes.T @ np.asarray(volume.GetOrigin())).tolist())
+    image.SetMetaData(PLANE_AXES_KEY, " ".join(f"{v:.9g}" for v in axes.T.ravel()))
+    return image
+
+
+def plane_axes(image: sitk.Image) -> Optional[np.ndarray]:
+    """(3, 2): the LPS directions of a 2D image's x and y axes where it was a one-slice volume (``as_planar``);
+    None for an image that came as 2D (a PNG, a radiograph: nothing says which plane of the body it shows)."""
+    if not image.HasMetaDataKey(PLANE_AXES_KEY):
+        return None
+    return np.asarray([float(v) for v in image.GetMetaData(PLANE_AXES_KEY).split()]).reshape(2, 3).T
 
 
 def structure_mask(labels: sitk.Image, image: sitk.Image, label: Optional[int], name: str) -> sitk.Image:
@@ -114,6 +154,24 @@ def network_grid(fixed: sitk.Image, spacing: float, centre: Optional[np.ndarray]
     return grid
 
 
+def check_true_field(true_field: sitk.Image, fixed: sitk.Image, name: str) -> None:
+    """A true map must be a 2D displacement field on the fixed image's grid, in its frame (a PNG's frame is not
+    a slice's: the same pixels, other axes)."""
+    from ..validation import check_same_grid
+    if true_field.GetDimension() != 2 or true_field.GetNumberOfComponentsPerPixel() != 2:
+        raise InputError(f"{name} is not a 2D displacement field (2D, two values per pixel)")
+    check_same_grid(true_field, fixed, name)
+
+
+def physical_field(displacement: np.ndarray, grid: sitk.Image) -> sitk.Image:
+    """(2 (y, x), rows, columns) pixel displacements on ``grid`` as a 2D vector image of physical vectors (mm, in
+    ``grid``'s frame: D diag(spacing) (dx, dy)), float64 on ``grid``."""
+    steps = np.stack([displacement[1], displacement[0]], axis=-1) * np.asarray(grid.GetSpacing())
+    vectors = sitk.GetImageFromArray(steps @ np.asarray(grid.GetDirection()).reshape(2, 2).T, isVector=True)
+    vectors.CopyInformation(grid)
+    return vectors
+
+
 @dataclass
 class PlanarResult:
     fixed: sitk.Image
@@ -125,6 +183,27 @@ class PlanarResult:
     seconds: float = 0.0
     notes: List[str] = field(default_factory=list)
     moving: Optional[sitk.Image] = None  # as given (the figure shows it)
+    # The structure's masks (with both label maps): the fixed's, the moving's as given, the moving's warped.
+    fixed_mask: Optional[sitk.Image] = None
+    moving_mask: Optional[sitk.Image] = None
+    warped_mask: Optional[sitk.Image] = None
+
+    def compare_with_true_map(self, true_field: sitk.Image, name: str) -> Dict[str, float]:
+        """How far the map lands from a true one (``true_field``: a 2D displacement field on the fixed image's
+        grid, fixed point p -> moving point p + u(p), mm, as ``field.nii``; example2d's true_field.nii):
+        |u(p) - u_true(p)| over the fixed structure (else the whole image), beside the identity's |u_true(p)|.
+        Added to ``metrics`` as "true_map"."""
+        check_true_field(true_field, self.fixed, name)
+        truth = sitk.GetArrayFromImage(true_field).astype(np.float64)
+        inside = np.ones(truth.shape[:2], bool) if self.fixed_mask is None else \
+            sitk.GetArrayFromImage(self.fixed_mask) > 0
+        error = np.linalg.norm(sitk.GetArrayFromImage(self.forward_field) - truth, axis=-1)[inside]
+        row = {"where": "the fixed structure" if self.fixed_mask is not None else "the whole image",
+               "epe_mean_mm": float(error.mean()), "epe_p95_mm": float(np.percentile(error, 95)),
+               "epe_max_mm": float(error.max()),
+               "identity_epe_mean_mm": float(np.linalg.norm(truth, axis=-1)[inside].mean())}
+        self.metrics = dict(self.metrics or {}, true_map=row)
+        return row
 
     def transform(self) -> sitk.DisplacementFieldTransform:
         return sitk.DisplacementFieldTransform(sitk.Cast(self.forward_field, sitk.sitkVectorFloat64))
@@ -206,9 +285,8 @@ class PlanarRegistrar:
         tensors = [torch.from_numpy(sitk.GetArrayFromImage(x))[None, None].to(self.device) for x in (f, m)]
         displacement = refine_field(self.net, *tensors, self.refine, self.should_stop, self.progress)
         displacement = displacement[0].cpu().numpy().astype(np.float64)  # (2 (y, x), rows, columns)
-        # Pixels of the network grid -> physical vectors: D diag(spacing) (dx, dy), plus the centring offset.
-        steps = np.stack([displacement[1], displacement[0]], axis=-1) * self.spacing
-        physical = steps @ np.asarray(fixed.GetDirection()).reshape(2, 2).T + offset
+        # Pixels of the network grid -> physical vectors, plus the centring offset.
+        physical = sitk.GetArrayFromImage(physical_field(displacement, fixed_grid)) + offset
         on_grid = sitk.GetImageFromArray(physical, isVector=True)
         on_grid.CopyInformation(fixed_grid)
         forward = sitk.Resample(on_grid, fixed, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64,
@@ -228,11 +306,12 @@ class PlanarRegistrar:
                                 f"{len(self.refine.coarsen)} grids")
         if fixed_mask is not None and moving_mask is not None:
             centred = sitk.TranslationTransform(2, offset.tolist())
+            result.fixed_mask, result.moving_mask = fixed_mask, moving_mask
+            result.warped_mask = sitk.Resample(moving_mask, fixed, transform, sitk.sitkNearestNeighbor, 0)
             result.metrics = {
                 "initial": structure_metrics(fixed_mask, sitk.Resample(moving_mask, fixed, centred,
                                                                       sitk.sitkNearestNeighbor, 0)),
-                "final": structure_metrics(fixed_mask, sitk.Resample(moving_mask, fixed, transform,
-                                                                    sitk.sitkNearestNeighbor, 0))}
+                "final": structure_metrics(fixed_mask, result.warped_mask)}
             result.metrics["final"].update(folding(sitk.GetArrayViewFromImage(jac)))
         return result
 

@@ -221,6 +221,14 @@ def turned_about_long_axis(pose: np.ndarray, centre: Sequence[float], degrees: f
     return np.asarray(pose, dtype=float) @ turn
 
 
+def lateral_motion(pose: np.ndarray, centre: Sequence[float], degrees: float = 90.0) -> np.ndarray:
+    """The C-arm's motion from the shot at ``pose`` to the one turned by ``degrees`` about the patient's head-foot
+    axis through ``centre`` (``turned_about_long_axis``; the patient unmoved), source frame to source frame: the
+    second view's pose is this motion @ the first's, its initial pose as well as its true one (the C-arm's motion
+    between the shots is known)."""
+    return turned_about_long_axis(pose, centre, degrees) @ np.linalg.inv(np.asarray(pose, dtype=float))
+
+
 def placed(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     """Points (N, 3) mapped by a 4x4 pose (``ct_to_source``, or its inverse): (N, 3)."""
     p = np.asarray(points, dtype=np.float64).reshape(-1, 3)

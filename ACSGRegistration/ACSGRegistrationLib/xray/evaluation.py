@@ -19,7 +19,7 @@ import SimpleITK as sitk
 import torch
 
 from ..geometry import write_csv, write_text
-from .camera import CArm, moved_pose, placed, turned_about_long_axis
+from .camera import CArm, lateral_motion, moved_pose, placed
 from .drr import Volume
 from .register import DEPTH_PRIOR_MM, PoseSearch, mean_target_error, prepare_field, prepare_xray, register_pose
 from .simulation import Realism, XraySimulator, label_points, random_parameters, random_view
@@ -69,7 +69,7 @@ def lateral_beside(simulator: XraySimulator, detector: CArm, carm: CArm, truth: 
     the target, the patient unmoved): the X-ray, rendered with ``rng``'s noise and on the registration's grid,
     its initial pose, ``start`` moved by the C-arm's (known) motion between the shots, and its exposed field on
     the grid; ``register_case``'s ``other_views`` entry."""
-    motion = turned_about_long_axis(truth, simulator.centre) @ np.linalg.inv(truth)
+    motion = lateral_motion(truth, simulator.centre)
     lateral, exposed = simulator.exposure(detector, motion @ truth, rng, realism)
     return prepare_xray(lateral, carm.size), motion @ start, prepare_field(exposed, carm.size)
 

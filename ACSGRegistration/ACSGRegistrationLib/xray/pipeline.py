@@ -2,15 +2,18 @@
 chosen vertebra is the target: the pivot of the pose search and where errors are measured), the X-ray and its
 geometry, an initial pose; out: ``pose.json``, ``drr.nii.gz`` (the final DRR on the registration's detector
 grid) and ``xray.nii.gz``, both placed where the detector stands in the CT's space, ``projections.json`` (the
-source, the detector's corners and the label centroids projected onto the detector), ``overlay.png`` and
-``metrics.json``, written as one unit (``outputs.OutputFolder``). Several X-rays of the patient (each with its
-geometry and initial pose) are registered together (``register.PoseSearch.add_view``); the second view's files
-end in ``_2`` (``pose_2.json``, ...), and so on."""
+source, the detector's corners and the label centroids projected onto the detector), ``overlay.png``
+(``overlay``) and ``metrics.json``, written as one unit (``outputs.OutputFolder``). Several X-rays of the patient
+(each with its geometry and initial pose) are registered together (``register.PoseSearch.add_view``); the second
+view's files end in ``_2`` (``pose_2.json``, ...), and so on. For a simulated X-ray (``xray-example``) its true
+pose gives the error before and after (``--true-pose``). The stages are printed as they begin, the search's
+progress at least every few seconds (``search_printer``)."""
 
+import functools
 import json
 import os
 import time
-from typing import Dict, Optional, Sequence, Union
+from typing import Callable, Dict, Optional, Sequence, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -20,11 +23,13 @@ from ..errors import InputError
 from ..geometry import write_image, write_text
 from ..io import read_image
 from . import view_outputs
-from .camera import CArm, check_initial_pose, detector_corners, detector_image, placed, pose_json, project_to_detector, read_pose, \
-    source_position
+from .camera import (CArm, check_initial_pose, detector_corners, detector_image, placed, pose_json,
+                     project_to_detector, read_pose, source_position)
 from .drr import Volume
 from .images import carm_of, exposed_field, read_geometry, read_xray, target_centre, target_label
-from .register import DEPTH_PRIOR_MM, DEPTH_PRIOR_WEIGHT, PoseSearch, prepare_field, prepare_xray, register_pose
+from .overlay import SILHOUETTE_PIXELS, OverlayView, silhouette, target_volume, write_overlay
+from .register import (DEPTH_PRIOR_MM, DEPTH_PRIOR_WEIGHT, PoseSearch, mean_target_error, prepare_field, prepare_xray,
+                       register_pose)
 
 # The registration's detector: its longest side in pixels (the X-ray is area-averaged onto it).
 DETECTOR_PIXELS = 96
@@ -32,23 +37,42 @@ DETECTOR_PIXELS = 96
 CT_SPACING = 2.0
 
 
-def overlay_png(xray: np.ndarray, drr: np.ndarray, path: str) -> None:
-    """The X-ray in grey with the final DRR's strongest edges (its top tenth: where the CT's bone lands) in
-    orange, written as an RGB PNG with SimpleITK: no figure library (Slicer does not bundle matplotlib)."""
-    grey = xray.astype(np.float64)
-    low, high = np.percentile(grey, (0.5, 99.5))
-    grey = np.clip((grey - low) / max(high - low, 1e-12), 0.0, 1.0)
-    gy, gx = np.gradient(drr.astype(np.float64))
-    edges = np.hypot(gx, gy)
-    if edges.shape != grey.shape:  # the DRR is on the registration's grid: nearest pixel on the X-ray's
-        rows = np.minimum((np.arange(grey.shape[0]) * edges.shape[0]) // grey.shape[0], edges.shape[0] - 1)
-        columns = np.minimum((np.arange(grey.shape[1]) * edges.shape[1]) // grey.shape[1], edges.shape[1] - 1)
-        edges = edges[np.ix_(rows, columns)]
-    strong = edges >= np.percentile(edges, 90)
-    rgb = np.repeat(grey[..., None], 3, axis=2)
-    rgb[strong] = 0.4 * rgb[strong] + 0.6 * np.array([1.0, 0.55, 0.0])
-    image = sitk.GetImageFromArray(np.round(255 * rgb).astype(np.uint8), isVector=True)
-    write_image(image, path)
+# The search's progress is printed at least this often (seconds), besides when each of its phases begins.
+PROGRESS_SECONDS = 2.0
+
+
+def search_printer(log: Callable[[str], None], seconds: float = PROGRESS_SECONDS) -> Callable:
+    """``register_pose``'s progress (``register.SearchProgress``) as "searching [k/n] phase (t s)" lines, the
+    steps counted across the whole search (the Slicer panel's bar follows the "[k/n]"): when a phase begins, at
+    least every ``seconds`` within it, and at the last step; not one per DRR."""
+    start = time.perf_counter()
+    last = {"time": start, "phase": None}
+
+    def show(done, total, value, phase=""):
+        now = time.perf_counter()
+        if phase != last["phase"] or now - last["time"] >= seconds or done == total:
+            log(f"searching [{done}/{total}] {phase} ({now - start:.0f} s)")
+            last.update(time=now, phase=phase)
+    return show
+
+
+def errors_against_truth(pose: np.ndarray, truth: np.ndarray, centre: np.ndarray, points: np.ndarray,
+                         carm: CArm) -> Dict[str, float]:
+    """A pose's error against the true one, as xray-evaluate measures it (``evaluation.pose_errors``): the mTRE
+    over the target's points, the rotation, the target centre's translation (across the view, along it, and in
+    all), the projection error on the detector."""
+    from .evaluation import pose_errors
+    errors = {"mtre_mm": mean_target_error(pose, truth, points), **pose_errors(pose, truth, centre, points, carm)}
+    errors["translation_mm"] = float(np.hypot(errors["in_plane_mm"], errors["depth_mm"]))
+    return {key: round(value, 3) for key, value in errors.items()}
+
+
+def truth_summary(truth: Dict) -> str:
+    """The error against the truth before -> after, in one line (the command's summary, the overlay's title)."""
+    before, after = truth["initial"], truth["final"]
+    return (f"mTRE {before['mtre_mm']:.1f} -> {after['mtre_mm']:.1f} mm, rotation {before['rotation_deg']:.1f} -> "
+            f"{after['rotation_deg']:.1f} deg, translation {before['translation_mm']:.1f} -> "
+            f"{after['translation_mm']:.1f} mm")
 
 
 def projections(pose: np.ndarray, carm: CArm, ct: sitk.Image, labels: Optional[sitk.Image]) -> Dict:
@@ -88,19 +112,26 @@ def register_files(ct_path: str, xray_path: Union[str, Sequence[str]], init_path
                    out_dir: str, geometry_path: Union[None, str, Sequence[Optional[str]]] = None,
                    seg_path: Optional[str] = None, label=None, method: str = "cmaes+gradient",
                    evaluations: int = 400, refine_steps: int = 60, detector_pixels: int = DETECTOR_PIXELS,
-                   ct_spacing: float = CT_SPACING, device: str = "cpu", seed: int = 0, log=print,
-                   prost_model: Optional[str] = None, depth_prior_mm: Optional[float] = None) -> Dict:
+                   ct_spacing: float = CT_SPACING, device: str = "cpu", seed: int = 0,
+                   log: Callable[[str], None] = functools.partial(print, flush=True),
+                   prost_model: Optional[str] = None, depth_prior_mm: Optional[float] = None,
+                   true_pose_path: Optional[str] = None) -> Dict:
     """Every input is read and checked before any work; returns {"paths", "metrics"}. The ``prost`` methods
     use ``prost_model`` (default: the shipped ProST model), on the first view. Several views: lists of X-rays,
     initial poses and geometries (or one geometry for all), in the same order. ``depth_prior_mm``: the width of
-    the depth prior with one view (default ``register.DEPTH_PRIOR_MM``)."""
+    the depth prior with one view (default ``register.DEPTH_PRIOR_MM``). ``true_pose_path``: the first view's
+    true pose (a simulated X-ray's ``TRUE_POSE.json``): ``metrics["truth"]`` holds the errors against it at the
+    initial and the final pose (``errors_against_truth``; needs the label map). ``log``: each line as it comes
+    (printed and flushed: a background reader sees each stage as it begins)."""
     if depth_prior_mm is not None and not depth_prior_mm > 0:
         raise InputError(f"depth_prior_mm must be positive, got {depth_prior_mm}")
     depth_prior_mm = DEPTH_PRIOR_MM if depth_prior_mm is None else float(depth_prior_mm)
     from ..outputs import OutputFolder
-    from ..progress import stage_line, step_printer
+    from ..progress import stage_line
     views = _views(xray_path, init_path, geometry_path)
-    folder = OutputFolder(out_dir, inputs=(ct_path, seg_path, *[p for view in views for p in view]),
+    if true_pose_path is not None and seg_path is None:
+        raise InputError("--true-pose needs --ct-seg (and --label): the error is measured over the target vertebra")
+    folder = OutputFolder(out_dir, inputs=(ct_path, seg_path, true_pose_path, *[p for view in views for p in view]),
                           kind="X-ray registration")
     log(stage_line(1, 3, f"reading the CT and {'the X-ray' if len(views) == 1 else f'{len(views)} X-rays'}"))
     from ..validation import check_image_values, check_label_grid, check_label_values
@@ -126,6 +157,7 @@ def register_files(ct_path: str, xray_path: Union[str, Sequence[str]], init_path
         exposed.append(exposed_field(xrays[-1], geometry, where=where))
         initials.append(read_pose(init_file))
         check_initial_pose(initials[-1], full_carms[-1], centre, init_file)
+    truth = None if true_pose_path is None else read_pose(true_pose_path)
     net = None
     if method.startswith("prost"):
         from ..resources import PROST_MODEL, shipped_model_path
@@ -153,7 +185,7 @@ def register_files(ct_path: str, xray_path: Union[str, Sequence[str]], init_path
         learned = LearnedSimilarity(net, ct, centre, full_carms[0], xrays[0].pixels, device=device)
     log(stage_line(2, 3, f"searching the pose ({method})"))
     result = register_pose(search, method, evaluations, refine_steps, seed, learned=learned,
-                           progress=step_printer(log, "searching"))
+                           progress=search_printer(log))
     region = "(the refinement's around the target vertebra)" if target_points is not None else "(whole image)"
     if len(views) == 1:
         similarity = f"gradient NCC {region} less the depth prior ({DEPTH_PRIOR_WEIGHT} at {depth_prior_mm:g} mm " \
@@ -167,21 +199,36 @@ def register_files(ct_path: str, xray_path: Union[str, Sequence[str]], init_path
                "polarity": result["polarity"], "detector": carms[0].to_dict(), "target_centre_lps": centre.tolist(),
                "ct_spacing_mm": spacing,
                "shutters": ["known: their shadow left out" if e is not None else "none given" for e in exposed]}
+    if truth is not None:
+        metrics["truth"] = {"file": true_pose_path, **{
+            when: errors_against_truth(pose, truth, centre, np.asarray(target_points), full_carms[0])
+            for when, pose in (("initial", initials[0]), ("final", result["ct_to_source"]))}}
     final = torch.as_tensor(result["parameters"], dtype=volume.mu.dtype, device=volume.mu.device)
     log(stage_line(3, 3, "writing the outputs"))
+    outline = None if labels is None else target_volume(labels, target, spacing)
+    title = f"xray-register, {method}: gradient NCC {metrics['initial_similarity']:.3f} -> " \
+            f"{metrics['final_similarity']:.3f}"
+    if truth is not None:
+        title += f"\nerror against {os.path.basename(true_pose_path)}: {truth_summary(metrics['truth'])}"
     with folder:
         paths = {}
         for number, (view, xray, full, carm) in enumerate(zip(searches, xrays, full_carms, carms), 1):
             with torch.no_grad():
                 pose = view.pose(final).cpu().numpy().astype(np.float64)
-                drr = view.render(final[None])[0].cpu().numpy()
+                drr, drr_initial = view.render(torch.stack((final, torch.zeros_like(final)))).cpu().numpy()
             named = {kind: os.path.join(folder.path, name) for kind, name in view_outputs(number).items()}
             write_text(pose_json(pose), named["pose"])
             # The DRR (registration grid) and the X-ray (its own) placed where the detector stands in the CT's space.
             write_image(detector_image(drr, carm, pose), named["drr"])
             write_image(detector_image(xray.pixels, full, pose), named["xray"])
             write_text(json.dumps(projections(pose, full, ct, labels), indent=2), named["projections"])
-            overlay_png(view.xray.cpu().numpy(), drr, named["overlay"])
+            grid = full.at_most(SILHOUETTE_PIXELS)
+            outlines = [None, None] if outline is None else [silhouette(outline, grid, p) for p in (
+                view.pose(torch.zeros_like(final)).cpu().numpy(), pose)]
+            caption = f"X-ray{f' {number} of {len(views)}' if len(views) > 1 else ''}" + (
+                f" and the target (label {target})" if outline is not None else "")
+            write_overlay(OverlayView(xray.pixels, view.given.cpu().numpy(), view.polarity > 0, drr_initial, drr,
+                                      *outlines, title, caption, full.pixel_spacing_mm), named["overlay"])
             # Keyed by file name less its extension: pose, ..., pose_2, ...
             paths.update({os.path.basename(path).split(".")[0]: path for path in named.values()})
         paths["metrics"] = os.path.join(folder.path, "metrics.json")

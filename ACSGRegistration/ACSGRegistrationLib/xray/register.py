@@ -13,7 +13,7 @@ negative, raw intensities are turned into line integrals (-log, Beer-Lambert) an
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -392,10 +392,46 @@ def refined_best(search: PoseSearch, answers: Sequence[np.ndarray], origins: Seq
     on none, so unrefined a start can lose to a wrong peak it beats refined (simulated two views of the
     TotalSegmentator CT, a start 2.6 mm off: CMA-ES's answer 17 mm off scored 1.18 against the start's 1.07 and
     the truth's 1.32; refined, 1.20 against 1.32, 0.8 mm off). Both runs can end on the same wrong peak, so the
-    two refined are one of each kind, not the two ranked first."""
+    two refined are one of each kind, not the two ranked first. ``progress``: gives each ascent its progress
+    callback (``SearchProgress.next``)."""
     contenders = [answers[preferred(search, answers)], origins[preferred(search, origins)]]
-    climbed = [gradient_ascent(search, c, steps, should_stop=should_stop, progress=progress) for c in contenders]
+    climbed = [gradient_ascent(search, c, steps, should_stop=should_stop, progress=progress and progress())
+               for c in contenders]
     return climbed[preferred(search, climbed)]
+
+
+def search_phases(method: str, evaluations: int, refine_steps: int, runs: int, learned_steps: int
+                  ) -> List[Tuple[str, int]]:
+    """What ``register_pose`` does, in order: (what, its steps) of each phase (DRR evaluations per view for
+    CMA-ES, steps for the descent and the ascents)."""
+    phases = [("ProST's learned descent", learned_steps)] if method.startswith("prost") else []
+    if "cmaes" in method:
+        phases += [(f"CMA-ES run {run} of {runs}", evaluations) for run in range(1, runs + 1)]
+        if "gradient" in method:
+            phases += [("refining CMA-ES's best answer", refine_steps), ("refining the best start", refine_steps)]
+    elif "gradient" in method:
+        phases.append(("refining", refine_steps))
+    return phases
+
+
+class SearchProgress:
+    """The progress of a whole search (its ``search_phases``): each phase in turn takes a callback ``(step, steps,
+    value)`` of its own (``next``), and ``report`` hears ``(done, total, value, phase)``, the steps counted on from
+    the phases before it: one count across the search (the Slicer panel's bar crosses the stage once, not once per
+    phase). A phase that stops early (CMA-ES converged) leaves the count to jump to the next one's start."""
+
+    def __init__(self, phases: Sequence[Tuple[str, int]], report: Optional[Callable] = None):
+        self.phases, self.report, self.started = list(phases), report, 0
+        self.total = sum(steps for _, steps in self.phases)
+
+    def next(self) -> Optional[Callable[[int, int, float], None]]:
+        """The next phase's callback (None without ``report``, or once every phase has had one)."""
+        if self.report is None or self.started >= len(self.phases):
+            return None
+        name, steps = self.phases[self.started]
+        before = sum(count for _, count in self.phases[:self.started])
+        self.started += 1
+        return lambda step, _, value: self.report(before + min(step, steps), self.total, value, name)
 
 
 def register_pose(search: PoseSearch, method: str = "cmaes+gradient", evaluations: int = 400,
@@ -411,18 +447,20 @@ def register_pose(search: PoseSearch, method: str = "cmaes+gradient", evaluation
     run before, chosen against the initial pose: on simulated single views 10 deg / 20 mm off, a learned answer
     the intensity similarity preferred led CMA-ES to a neighbouring vertebra where a run from the initial pose
     found the right one (chest CT, 16 cases: the target's projection 19-37 mm off in 3, within 2 mm in all 16
-    with both runs)."""
+    with both runs). ``progress(done, total, value, phase)``: the steps of the whole search (``SearchProgress``)."""
     if method not in POSE_SEARCH_METHODS:
         raise ValueError(f"method must be one of {', '.join(POSE_SEARCH_METHODS)}")
     if method.startswith("prost") and learned is None:
         raise ValueError(f"method {method} needs a ProST model")
     t0 = time.perf_counter()
     dtype = search.volume.mu.dtype
+    phases = SearchProgress(search_phases(method, evaluations, refine_steps, max(1, restarts), learned_steps),
+                            progress)
     with torch.no_grad():
         initial = search.similarity(torch.zeros(1, 6, dtype=dtype))[0].item()
     origins = [np.zeros(6)]
     if method.startswith("prost"):
-        found = learned_descent(search, learned, learned_steps, should_stop=should_stop, progress=progress)
+        found = learned_descent(search, learned, learned_steps, should_stop=should_stop, progress=phases.next())
         initial_and_found = torch.as_tensor(np.stack([np.zeros(6), found]), dtype=dtype)
         for view in [search] + search.others:  # each view's polarity read again, there as well
             view.detect_polarity(initial_and_found)
@@ -431,15 +469,16 @@ def register_pose(search: PoseSearch, method: str = "cmaes+gradient", evaluation
     parameters = origins[0]
     if "cmaes" in method:
         answers = [cma_es(search, start, evaluations, seed=seed + run, should_stop=should_stop,
-                          progress=progress) for run, start in enumerate(starts)]
+                          progress=phases.next()) for run, start in enumerate(starts)]
         if "gradient" in method:
             parameters = refined_best(search, answers, origins, refine_steps, should_stop=should_stop,
-                                      progress=progress)
+                                      progress=phases.next)
         else:
             candidates = answers + origins
             parameters = candidates[preferred(search, candidates)]
     elif "gradient" in method:
-        parameters = gradient_ascent(search, parameters, refine_steps, should_stop=should_stop, progress=progress)
+        parameters = gradient_ascent(search, parameters, refine_steps, should_stop=should_stop,
+                                     progress=phases.next())
     final = torch.as_tensor(parameters, dtype=dtype)
     with torch.no_grad():
         similarity = search.similarity(final[None])[0].item()
