@@ -8,7 +8,7 @@ import time
 
 from .cli_options import (BATCH, COUNT, DEVICE_HELP, FRACTION, INPUT_FILE, INPUT_FILE_OR_FOLDER, INPUT_FOLDER,
                           INPUT_IMAGE, POSITIVE, PRECISION_HELP, REFINE_STEPS, SEED_HELP, STEPS, add_command,
-                          check_device, number, progress_printer, refine_printer, stage, stop_requests)
+                          check_device, number, progress_printer, stage, stop_requests)
 from .config import METHODS, PRECISIONS
 from .errors import InputError
 from .resources import shipped_model_path
@@ -153,10 +153,12 @@ def _register_outputs(args):
 
 def _registrar(args, checkpoint):
     """The model, loaded (PyTorch imported: ~2 s) while the first pair's files are read."""
+    from .progress import step_printer
     from .registrar import Registrar
     check_device(args)
     return Registrar(checkpoint, device=args.device, precision=args.precision, refine_steps=args.refine_steps,
-                     progress=refine_printer() if args.refine_steps else None)
+                     progress=step_printer(lambda line: print(line, flush=True), "refining")
+                     if args.refine_steps else None)
 
 
 def _single_pair(args):
@@ -370,7 +372,8 @@ def add_commands(sub):
                     "acsgreg register ... --checkpoint runs/finetuned/model.pt --out out/tuned")
     common_training(p)
     p.add_argument("--checkpoint", type=INPUT_FILE,
-                   help=f"model to start from (default: the shipped model, {shipped_model_path()})")
+                   help="model to start from (default: the shipped model, "
+                        f"{shipped_model_path(must_exist=False)})")
     p.set_defaults(func=lambda a: cmd_train(a, finetune=True))
 
     p = add_command(sub, "register", "register a moving vertebra to a fixed one (or many pairs: --pairs)",

@@ -72,13 +72,6 @@ def stage(index: int, total: int, text: str) -> None:
     print(stage_line(index, total, text), flush=True)
 
 
-def refine_printer():
-    def show(step, total):
-        if step == 1 or step % 10 == 0 or step == total:
-            print(f"refining [{step}/{total}]", flush=True)
-    return show
-
-
 def stop_requests():
     """Ctrl+C or SIGTERM ask the training loop to stop after its step and save (also where a shell
     started the run in the background, with SIGINT ignored); so does the file that ``$ACSG_STOP_FILE`` names

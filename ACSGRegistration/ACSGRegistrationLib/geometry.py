@@ -110,6 +110,10 @@ def displacement_transform(field: sitk.Image) -> sitk.DisplacementFieldTransform
 FIELD_STEP = 2.0 ** -10
 
 
+def rounded_to_field_step(values: np.ndarray) -> np.ndarray:
+    return np.round(values / FIELD_STEP) * FIELD_STEP
+
+
 def tapered_field(field: sitk.Image, max_band: int = 32) -> sitk.Image:
     """``field`` extended beyond its grid by a band over which it falls linearly to zero, rounded to FIELD_STEP.
 
@@ -128,7 +132,7 @@ def tapered_field(field: sitk.Image, max_band: int = 32) -> sitk.Image:
     for axis, n in enumerate(u.shape[:3]):
         weights = np.concatenate([rise, np.ones(n), rise[::-1]])
         padded *= weights.reshape([-1 if a == axis else 1 for a in range(3)] + [1])
-    padded = np.round(padded / FIELD_STEP) * FIELD_STEP
+    padded = rounded_to_field_step(padded)
     out = sitk.GetImageFromArray(padded, isVector=True)
     out.SetSpacing(field.GetSpacing())
     out.SetDirection(field.GetDirection())
@@ -295,14 +299,15 @@ def _lean_parts(transform):
     else:
         transforms = [transform]
     names = [t.GetName() for t in transforms]
-    if "DisplacementFieldTransform" not in names or any(name not in _LEAN_TYPES for name in names):
+    if "DisplacementFieldTransform" not in names or any(name not in _LEAN_TYPES for name in names) \
+            or len(names) + 1 > 2 * _GROUP_LEAF_K:  # a group this writer lays out holds up to 8 members
         return None
     for t, name in zip(transforms, names):
         fixed = np.asarray(t.GetFixedParameters(), dtype=np.float64)
         if name == "DisplacementFieldTransform":
             # ITK's parameters are the field's buffer: x fastest, the components of each voxel together.
-            u = sitk.GetArrayViewFromImage(sitk.DisplacementFieldTransform(t).GetDisplacementField())
-            params = (np.round(u.reshape(-1) / FIELD_STEP) * FIELD_STEP).astype(np.float32)
+            field = sitk.DisplacementFieldTransform(t).GetDisplacementField()  # kept alive while viewed
+            params = rounded_to_field_step(sitk.GetArrayViewFromImage(field).reshape(-1)).astype(np.float32)
         else:
             params = np.asarray(t.GetParameters(), dtype=np.float64)
         groups.append({"TransformType": name + suffix, "TransformFixedParameters": fixed,

@@ -109,6 +109,15 @@ def _listing(files: List[str], most: int = 3) -> str:
     return ", ".join(files[:most]) + (f" and {len(files) - most} more" if len(files) > most else "")
 
 
+def beside(out_dir: str, what: str) -> str:
+    """A folder next to ``out_dir`` for what comes of its files (``<out>-registered``): inside it, that output
+    would be another command's in ``out_dir``. "." and ".." are named by the folders they are."""
+    path = os.path.normpath(out_dir)
+    if path in (os.curdir, os.pardir):
+        path = os.path.abspath(path)
+    return f"{path}-{what}"
+
+
 def check_target(target: str, inputs: Iterable[str] = (), option: str = "--out", kind: Optional[str] = None,
                  overwrite: Optional[bool] = None) -> str:
     """The absolute target folder, or an InputError naming ``option`` and what is wrong with it (the module

@@ -18,12 +18,12 @@ def _planar_views(cts, segs, option, offsets=(0.0,), levels=None):
     return views
 
 
-def _levels(text):
+def _levels(text, option="--levels"):
     from ..vertebrae import level_of
     levels = [w.strip() for w in (text or "").split(",") if w.strip()]
     bad = [w for w in levels if not level_of(w)]
     if bad:
-        raise InputError(f"--levels: {', '.join(bad)} are not vertebra levels (T12, L1, ...)")
+        raise InputError(f"{option}: {', '.join(bad)} are not vertebra levels (T12, L1, ...)")
     return levels or None
 
 
@@ -40,7 +40,7 @@ def cmd_train2d(args):
                             balance_kinds=args.balance_kinds, schedule=args.schedule)
     levels = _levels(args.levels)
     views = _planar_views(args.ct, args.ct_seg, "--ct", TRAINING_OFFSETS, levels)
-    held_out = _planar_views(args.val_ct, args.val_ct_seg, "--val-ct", levels=_levels(args.val_levels) or levels)
+    held_out = _planar_views(args.val_ct, args.val_ct_seg, "--val-ct", levels=_levels(args.val_levels, "--val-levels") or levels)
     print(f"{len(views)} training views, {len(held_out)} held-out views", flush=True)
     trainer = PlanarTrainer(views, args.out, cfg, PlanarConfig(diffeomorphic=args.diffeomorphic),
                             validation_views=held_out, resume=not args.restart,
@@ -83,10 +83,8 @@ def cmd_evaluate2d(args):
 
 def cmd_register2d(args):
     from ..batch import parse_outputs
-    from ..outputs import OutputFolder
-    import SimpleITK as sitk
     from ..io import read_whole
-    from ..metrics import folding
+    from ..outputs import OutputFolder
     from .register import (DEFAULT_PLANAR_OUTPUTS, PLANAR_OUTPUTS, PlanarRegistrar, check_true_field, read_planar,
                            structure_mask)
     outputs = parse_outputs(args.outputs, known=tuple(PLANAR_OUTPUTS), default=DEFAULT_PLANAR_OUTPUTS)
@@ -124,7 +122,7 @@ def cmd_register2d(args):
         print(f"error against the true map, inside {row['where']}: mean {row['epe_mean_mm']:.2f} mm, 95 % "
               f"{row['epe_p95_mm']:.2f} mm, max {row['epe_max_mm']:.2f} mm (unregistered: mean "
               f"{row['identity_epe_mean_mm']:.2f} mm)")
-    print(f"det J <= 0: {folding(sitk.GetArrayViewFromImage(result.jacobian))['nonpositive_jacobian_percent']:.2f} %")
+    print(f"det J <= 0: {result.folding_stats['nonpositive_jacobian_percent']:.2f} %")
     for key, path in folder.final_paths(paths).items():
         print(f"  {key}: {path}")
     return 0
@@ -149,7 +147,8 @@ def cmd_example2d(args):
           f"(label {example.fixed_label})")
     for key, path in folder.final_paths(paths).items():
         print(f"  {key}: {path}")
-    registered = args.out.rstrip("/\\") + "-registered"
+    from ..outputs import beside
+    registered = beside(args.out, "registered")
     print("register it (a few seconds on a CPU)" + (", measured against the true map" if example.true_field
                                                      is not None else "") + ":")
     print(f"  {register_command(example, args.out, registered)}")

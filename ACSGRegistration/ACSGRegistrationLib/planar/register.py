@@ -14,6 +14,7 @@
 """
 
 import json
+from functools import cached_property
 import os
 import time
 from dataclasses import dataclass, field
@@ -188,6 +189,11 @@ class PlanarResult:
     moving_mask: Optional[sitk.Image] = None
     warped_mask: Optional[sitk.Image] = None
 
+    @cached_property
+    def folding_stats(self) -> Dict[str, float]:
+        """Where det J <= 0: count and share of the pixels (computed once, with or without labels)."""
+        return folding(sitk.GetArrayViewFromImage(self.jacobian))
+
     def compare_with_true_map(self, true_field: sitk.Image, name: str) -> Dict[str, float]:
         """How far the map lands from a true one (``true_field``: a 2D displacement field on the fixed image's
         grid, fixed point p -> moving point p + u(p), mm, as ``field.nii``; example2d's true_field.nii):
@@ -231,7 +237,7 @@ class PlanarResult:
             paths["figure"] = os.path.join(folder, "figure.png")
             planar_figure(self, paths["figure"])
         summary = {"seconds": self.seconds, "notes": self.notes,
-                   "folding": folding(sitk.GetArrayViewFromImage(self.jacobian))}
+                   "folding": self.folding_stats}
         paths["summary"] = os.path.join(folder, "summary.json")
         write_text(json.dumps(summary, indent=2), paths["summary"])
         return paths
@@ -312,7 +318,7 @@ class PlanarRegistrar:
                 "initial": structure_metrics(fixed_mask, sitk.Resample(moving_mask, fixed, centred,
                                                                       sitk.sitkNearestNeighbor, 0)),
                 "final": structure_metrics(fixed_mask, result.warped_mask)}
-            result.metrics["final"].update(folding(sitk.GetArrayViewFromImage(jac)))
+            result.metrics["final"].update(result.folding_stats)
         return result
 
 

@@ -16,5 +16,9 @@ VIEW_OUTPUTS = (("pose", ".json"), ("drr", ".nii.gz"), ("xray", ".nii.gz"), ("pr
 
 def view_outputs(view: int = 1) -> dict:
     """{kind: file name} of the ``view``-th X-ray's outputs (1: ``pose.json``, ...; 2: ``pose_2.json``, ...)."""
-    suffix = "" if view == 1 else f"_{view}"
-    return {kind: kind + suffix + extension for kind, extension in VIEW_OUTPUTS}
+    return {kind: kind + view_suffix(view) + extension for kind, extension in VIEW_OUTPUTS}
+
+
+def view_suffix(view: int) -> str:
+    """What the ``view``-th X-ray's file names add before their extension: nothing for the first, ``_2``, ..."""
+    return "" if view == 1 else f"_{view}"

@@ -19,6 +19,8 @@ import SimpleITK as sitk
 
 from ..geometry import write_image, write_text
 from ..io import read_image
+from ..outputs import beside
+from . import view_suffix
 from .camera import CArm, lateral_motion, moved_pose, pose_json
 from .images import target_label
 from .register import mean_target_error
@@ -38,7 +40,7 @@ def example_files(views: int) -> List[Dict[str, str]]:
     ``GEOMETRY_2.json``, ``POSE_2.json``); one ``TRUE_POSE.json`` (the first view's: the views move together)."""
     names = []
     for view in range(1, views + 1):
-        suffix = "" if view == 1 else f"_{view}"
+        suffix = view_suffix(view)
         names.append({"xray": f"xray{suffix}.png", "geometry": f"GEOMETRY{suffix}.json", "init": f"POSE{suffix}.json"})
     names[0]["truth"] = "TRUE_POSE.json"
     return names
@@ -91,24 +93,18 @@ def write_example(ct_path: str, seg_path: str, label: int, out_dir: str, views: 
             write_text(pose_json(motion @ start), files["init"])
             if "truth" in files:
                 write_text(pose_json(truth), files["truth"])
-            ending = "" if number == 1 else f"_{number}"
+            ending = view_suffix(number)
             paths.update({kind + ending: path for kind, path in files.items()})
     # The paths as the user gave the folder (relative stays relative): the command to copy reads well.
     paths = {kind: os.path.join(out_dir, os.path.basename(path)) for kind, path in paths.items()}
     points = label_points(labels, label, count=500, seed=seed)
     command = ["acsgreg", "xray-register", "--ct", ct_path, "--ct-seg", seg_path, "--label", str(label)]
     for number in range(1, views + 1):
-        ending = "" if number == 1 else f"_{number}"
+        ending = view_suffix(number)
         command += ["--xray", paths["xray" + ending], "--geometry", paths["geometry" + ending],
                     "--init", paths["init" + ending]]
-    command += ["--true-pose", paths["truth"], "--out", registration_folder(out_dir)]
+    command += ["--true-pose", paths["truth"], "--out", beside(out_dir, "registered")]
     return {"paths": paths, "initial_mtre_mm": mean_target_error(start, truth, points), "xray_register": command}
-
-
-def registration_folder(out_dir: str) -> str:
-    """Where the suggested ``xray-register`` writes: beside the example's folder (inside it, its files would be
-    another command's in the example's output folder), ``<out>-registered``."""
-    return os.path.normpath(out_dir) + "-registered"
 
 
 def shown_command(arguments: List[str], width: int = 100) -> str:
