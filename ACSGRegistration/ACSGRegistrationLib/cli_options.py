@@ -3,6 +3,8 @@ parsed (before PyTorch is imported), help texts, examples, progress lines and st
 
 import argparse
 import os
+import shlex
+import subprocess
 import time
 
 from .errors import InputError
@@ -142,3 +144,21 @@ def add_command(sub, name: str, summary: str, example: str, description: str = "
     lines = "\n".join(f"  {line}" for line in example.strip().splitlines())
     return sub.add_parser(name, help=summary, description=description or summary[:1].upper() + summary[1:] + ".",
                           epilog=f"example:\n{lines}", formatter_class=HelpFormatter)
+
+
+def copyable_command(arguments, width: int = 100) -> str:
+    """A command line for the user to copy and run: quoted for the shell of this OS; on POSIX shells each option
+    with its value on a line of its own (continued by a backslash) once the whole is longer than ``width``."""
+    if os.name == "nt":  # cmd and PowerShell take neither POSIX quoting nor backslash continuations
+        return subprocess.list2cmdline(arguments)
+    line = shlex.join(arguments)
+    if len(line) <= width:
+        return line
+    parts, current = [], shlex.join(arguments[:2])
+    for word in arguments[2:]:
+        if word.startswith("--"):
+            parts.append(current)
+            current = shlex.quote(word)
+        else:
+            current += " " + shlex.quote(word)
+    return " \\\n    ".join(parts + [current])

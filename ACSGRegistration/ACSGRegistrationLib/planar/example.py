@@ -19,7 +19,6 @@ scan: one cut by the scan's edge makes a misleading example.
 
 import json
 import os
-import shlex
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -144,12 +143,13 @@ def write_example(example: Example, folder: str) -> Dict[str, str]:
 
 def register_command(example: Example, folder: str, out: str, extension: str = "nii.gz") -> str:
     """The register2d command line for the example written in ``folder`` (as the user named it)."""
-    files = {name: shlex.quote(os.path.join(folder, f"{name}.{extension}")) for name in IMAGES}
-    labels = (f"--label {example.fixed_label}" if example.fixed_label == example.moving_label else
-              f"--fixed-label {example.fixed_label} --moving-label {example.moving_label}")
+    from ..cli_options import copyable_command
+    files = {name: os.path.join(folder, f"{name}.{extension}") for name in IMAGES}
+    arguments = ["acsgreg", "register2d", "--fixed", files["fixed"], "--moving", files["moving"],
+                 "--fixed-seg", files["fixed_seg"], "--moving-seg", files["moving_seg"]]
+    arguments += (["--label", str(example.fixed_label)] if example.fixed_label == example.moving_label else
+                  ["--fixed-label", str(example.fixed_label), "--moving-label", str(example.moving_label)])
     # The true map is in the frame of the slice as register2d reads the NIfTI file; a PNG has another frame.
-    truth = f" --true-field {shlex.quote(os.path.join(folder, TRUE_FIELD + '.nii'))}" \
-        if example.true_field is not None and extension == "nii.gz" else ""
-    return (f"acsgreg register2d --fixed {files['fixed']} --moving {files['moving']} "
-            f"--fixed-seg {files['fixed_seg']} --moving-seg {files['moving_seg']} {labels}{truth} "
-            f"--outputs default,figure --out {shlex.quote(out)}")
+    if example.true_field is not None and extension == "nii.gz":
+        arguments += ["--true-field", os.path.join(folder, TRUE_FIELD + ".nii")]
+    return copyable_command(arguments + ["--outputs", "default,figure", "--out", out], width=1000)

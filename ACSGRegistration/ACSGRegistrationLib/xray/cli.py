@@ -29,7 +29,8 @@ def cmd_xray_register(args):
 
 
 def cmd_xray_example(args):
-    from .example import shown_command, write_example
+    from ..cli_options import copyable_command
+    from .example import write_example
     done = write_example(args.ct, args.ct_seg, args.label, args.out, views=args.views, offset_deg=args.offset_deg,
                          offset_mm=args.offset_mm, detector_pixels=args.detector_pixels, seed=args.seed)
     print(f"wrote {args.out}:")
@@ -38,7 +39,7 @@ def cmd_xray_example(args):
     print(f"the initial pose is {args.offset_deg:g} deg and {args.offset_mm:g} mm off the true one: the target "
           f"{done['initial_mtre_mm']:.1f} mm off on average (mTRE)")
     print("next, register it (it prints its progress; then see overlay.png and the error against the truth):")
-    print("  " + shown_command(done["xray_register"]))
+    print("  " + copyable_command(done["xray_register"]))
     return 0
 
 

@@ -11,18 +11,16 @@ initial pose moved by the C-arm's known motion between the shots)."""
 import functools
 import json
 import os
-import shlex
 from typing import Callable, Dict, List
 
 import numpy as np
 import SimpleITK as sitk
 
 from ..geometry import write_image, write_text
-from ..io import read_image
 from ..outputs import beside
 from . import view_suffix
 from .camera import CArm, lateral_motion, moved_pose, pose_json
-from .images import target_label
+from .images import read_ct, target_label
 from .register import mean_target_error
 from .simulation import Realism, XraySimulator, fixed_size_offset, label_points, random_view
 
@@ -61,15 +59,10 @@ def write_example(ct_path: str, seg_path: str, label: int, out_dir: str, views: 
     "xray_register": the arguments of the command that registers it (for ``shlex.join``)}. The random draws (the
     view, the offset's directions, the X-ray's noise and shutters) follow ``seed``."""
     from ..outputs import OutputFolder
-    from ..validation import check_image_values, check_label_grid, check_label_values
     if views not in (1, 2):
         raise ValueError(f"views must be 1 or 2, not {views}")
     folder = OutputFolder(out_dir, inputs=(ct_path, seg_path), kind=EXAMPLE_KIND)
-    ct = read_image(ct_path, "CT")
-    check_image_values(ct, f"the CT {ct_path}")
-    labels = read_image(seg_path, "CT label map")
-    check_label_values(labels, f"the CT label map {seg_path}")
-    check_label_grid(ct, labels, "the CT label map", seg_path)
+    ct, labels = read_ct(ct_path, seg_path)
     label, _ = target_label(labels, label, seg_path)
     log(f"simulating {'an AP X-ray' if views == 1 else 'an AP and a lateral X-ray'} of {ct_path} "
         f"around label {label}")
@@ -105,21 +98,3 @@ def write_example(ct_path: str, seg_path: str, label: int, out_dir: str, views: 
                     "--init", paths["init" + ending]]
     command += ["--true-pose", paths["truth"], "--out", beside(out_dir, "registered")]
     return {"paths": paths, "initial_mtre_mm": mean_target_error(start, truth, points), "xray_register": command}
-
-
-def shown_command(arguments: List[str], width: int = 100) -> str:
-    """A command line to copy: quoted for a POSIX shell, each option with its value on a line of its own once
-    the whole would be longer than ``width``."""
-    line = shlex.join(arguments)
-    if len(line) <= width:
-        return line
-    parts, current = [], shlex.join(arguments[:2])
-    for index in range(2, len(arguments)):
-        word = shlex.quote(arguments[index])
-        if arguments[index].startswith("--"):
-            parts.append(current)
-            current = word
-        else:
-            current += " " + word
-    return " \\\n    ".join(parts + [current])
-

@@ -195,6 +195,21 @@ def check_plausible_carm(carm: CArm, where: str) -> None:
                          f"{PIXEL_SPACING_MM[0]:g}-{PIXEL_SPACING_MM[1]:g} mm (is it in mm?)")
 
 
+def read_ct(ct_path: str, seg_path: Optional[str] = None) -> Tuple[sitk.Image, Optional[sitk.Image]]:
+    """The CT and its label map (None without ``seg_path``), each read whole and checked (finite values; labels
+    whole numbers on the CT's grid): every command that reads a CT for the X-ray wing reads it here."""
+    from ..io import read_image
+    from ..validation import check_image_values, check_label_grid, check_label_values
+    ct = read_image(ct_path, "CT")
+    check_image_values(ct, f"the CT {ct_path}")
+    if seg_path is None:
+        return ct, None
+    labels = read_image(seg_path, "CT label map")
+    check_label_values(labels, f"the CT label map {seg_path}")
+    check_label_grid(ct, labels, "the CT label map", seg_path)
+    return ct, labels
+
+
 def target_label(labels: sitk.Image, label, where: str) -> Tuple[int, np.ndarray]:
     """The target's label value and centroid (LPS mm): ``label``, or the label map's only label."""
     from ..preprocessing import label_centroids

@@ -21,12 +21,11 @@ import torch
 
 from ..errors import InputError
 from ..geometry import write_image, write_text
-from ..io import read_image
 from . import view_outputs
 from .camera import (CArm, check_initial_pose, detector_corners, detector_image, placed, pose_json,
                      project_to_detector, read_pose, source_position)
 from .drr import Volume
-from .images import carm_of, exposed_field, read_geometry, read_xray, target_centre, target_label
+from .images import carm_of, exposed_field, read_ct, read_geometry, read_xray, target_centre, target_label
 from .overlay import SILHOUETTE_PIXELS, OverlayView, silhouette, target_volume, write_overlay
 from .register import (DEPTH_PRIOR_MM, DEPTH_PRIOR_WEIGHT, PoseSearch, mean_target_error, prepare_field, prepare_xray,
                        register_pose)
@@ -134,13 +133,7 @@ def register_files(ct_path: str, xray_path: Union[str, Sequence[str]], init_path
     folder = OutputFolder(out_dir, inputs=(ct_path, seg_path, true_pose_path, *[p for view in views for p in view]),
                           kind="X-ray registration")
     log(stage_line(1, 3, f"reading the CT and {'the X-ray' if len(views) == 1 else f'{len(views)} X-rays'}"))
-    from ..validation import check_image_values, check_label_grid, check_label_values
-    ct = read_image(ct_path, "CT")
-    check_image_values(ct, f"the CT {ct_path}")
-    labels = read_image(seg_path, "CT label map") if seg_path else None
-    if labels is not None:
-        check_label_values(labels, f"the CT label map {seg_path}")
-        check_label_grid(ct, labels, "the CT label map", seg_path)
+    ct, labels = read_ct(ct_path, seg_path)
     # With a label map, the refinement looks at the target vertebra's neighbourhood on the X-ray (the
     # per-vertebra mode): over the whole image its optimum drifts along the ray (register.TARGET_MARGIN_MM).
     if labels is None:
